@@ -1,0 +1,218 @@
+"""Capture: any model -> a GraphModule in the ATen training IR (DESIGN §3).
+
+Every front end of tedfx ends here. The IR is what
+`torch.export.export(..., strict=False)` produces: `aten.linear`/`aten.addmm`
+nodes, parameters read through `get_attr`, `nn_module_stack` and `val` in
+`node.meta`. Batch and sequence dims are captured dynamic when export allows
+it; a dim that export had to fix is checked on every call, so a wrong shape is
+an error, never a silently wrong result.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import logging
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from ._compat import dropout_targets, export_dim_auto, is_symbolic, pytree, sdpa_target
+
+__all__ = ["CaptureError", "TedGraphModule", "capture"]
+
+log = logging.getLogger(__name__)
+
+
+class CaptureError(RuntimeError):
+    """The model could not be captured as a graph."""
+
+
+class TedGraphModule(fx.GraphModule):
+    """A captured (and possibly rewritten) model.
+
+    Behaves like the model it came from: same call signature, same outputs
+    (including HF `ModelOutput`s), `train()`/`eval()` switch dropout, and the
+    state dict keeps the model's keys (MoE blocks replace their FFN's keys).
+    """
+
+    def train(self, mode: bool = True) -> "TedGraphModule":
+        super().train(mode)
+        if "_graph" in self.__dict__ and _set_dropout_mode(self.graph, mode):
+            self.recompile()
+        return self
+
+
+def capture(
+    model: nn.Module,
+    example_inputs: tuple[Any, ...],
+    example_kwargs: dict[str, Any] | None = None,
+    *,
+    dynamic: bool = True,
+) -> TedGraphModule:
+    """Capture `model` as a `TedGraphModule` in the ATen training IR.
+
+    The model itself is not modified: tedfx captures a deep copy, on which it
+    sets what export needs (HF models: `config.use_cache = False`).
+
+    Args:
+        model: any `nn.Module` that `torch.export(strict=False)` can trace.
+        example_inputs: positional inputs of one call.
+        example_kwargs: keyword inputs of one call.
+        dynamic: capture dims 0 and 1 of every input tensor (batch, sequence) as
+            dynamic where export allows; dims it fixes are checked at call time.
+
+    Returns:
+        A `TedGraphModule` that owns its own copy of the parameters.
+
+    Example:
+        >>> gm = capture(model, (tokens,))
+        >>> torch.testing.assert_close(gm(tokens), model(tokens))
+    """
+    if not isinstance(example_inputs, tuple):
+        example_inputs = (example_inputs,)
+    example_kwargs = dict(example_kwargs or {})
+    was_training = model.training
+    model = copy.deepcopy(model)
+    _prepare_hf_model(model)
+    model.train()  # capture dropout as train=True; TedGraphModule.train/eval flips it
+
+    ep, dynamic_used = None, False
+    if dynamic:
+        try:
+            shapes = _auto_dynamic_shapes(model, example_inputs, example_kwargs)
+            ep = torch.export.export(model, example_inputs, example_kwargs, dynamic_shapes=shapes, strict=False)
+            dynamic_used = True
+        except Exception as e:  # noqa: BLE001 - retried statically below, with the reason logged
+            log.info("dynamic capture of %s failed (%s); capturing with static shapes", type(model).__name__, e)
+    if ep is None:
+        try:
+            ep = torch.export.export(model, example_inputs, example_kwargs, strict=False)
+        except Exception as e:
+            raise CaptureError(_explain_export_failure(model, e)) from e
+
+    exported = ep.module()
+    gm = TedGraphModule(exported, exported.graph, class_name=type(model).__name__)
+    for name in ("_in_spec", "_out_spec"):
+        if hasattr(exported, name):
+            setattr(gm, name, getattr(exported, name))
+    _restore_non_persistent_buffers(gm, model)
+    gm.meta["tedfx_input_dims"] = _input_dims(gm.graph)
+    gm.meta["tedfx_dynamic"] = dynamic_used
+    gm.register_forward_pre_hook(_check_input_shapes, with_kwargs=True)
+    gm.train(was_training)
+    return gm
+
+
+def _prepare_hf_model(model: nn.Module) -> None:
+    """Set on tedfx's own copy what export needs from HF transformers models."""
+    config = getattr(model, "config", None)
+    if config is not None and getattr(config, "use_cache", False):
+        config.use_cache = False
+        log.warning("tedfx: set config.use_cache=False on its copy of %s (a KV cache cannot be exported)",
+                    type(model).__name__)
+
+
+def _auto_dynamic_shapes(model: nn.Module, args: tuple, kwargs: dict) -> Any:
+    """Dims 0 and 1 of every tensor input marked AUTO: batch and sequence."""
+
+    def spec(x: Any) -> Any:
+        if isinstance(x, torch.Tensor) and x.dim() >= 1:
+            return {d: export_dim_auto() for d in range(min(x.dim(), 2))}
+        return None
+
+    if not kwargs:
+        return tuple(pytree.tree_map(spec, a) for a in args)
+    bound = inspect.signature(model.forward).bind(*args, **kwargs)
+    return {name: pytree.tree_map(spec, value) for name, value in bound.arguments.items()}
+
+
+def _explain_export_failure(model: nn.Module, error: Exception) -> str:
+    reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    text = str(error)
+    if "data-dependent" in text or "GuardOnDataDependentSymNode" in text:
+        hint = ("the model branches on tensor values; make control flow depend on shapes only, "
+                "or use torch.cond")
+    elif "not supported" in text.lower() or "Unsupported" in text:
+        hint = "rewrite the unsupported construct in plain torch ops"
+    else:
+        hint = ("check that the model runs on example_inputs, and that it avoids Python side effects "
+                "that depend on tensor values")
+    return (f"tedfx could not capture {type(model).__name__} with torch.export(strict=False): "
+            f"{type(error).__name__}: {reason}\nHint: {hint}.")
+
+
+def _set_dropout_mode(graph: fx.Graph, training: bool) -> bool:
+    """Switch every dropout in `graph` on or off; True when anything changed.
+
+    Capture runs in train mode, so dropout nodes carry train=True and attention
+    carries its dropout_p; eval mode sets train=False and dropout_p=0 (the
+    captured p is kept in node.meta to switch back).
+    """
+    changed = False
+    for node in graph.nodes:
+        if node.op != "call_function":
+            continue
+        if node.target in dropout_targets and len(node.args) >= 3 and node.args[2] != training:
+            node.args = (*node.args[:2], training, *node.args[3:])
+            changed = True
+        elif node.target is sdpa_target:
+            p = node.meta.setdefault("tedfx_dropout_p", _sdpa_dropout_p(node))
+            want = p if training else 0.0
+            if _sdpa_dropout_p(node) != want:
+                if len(node.args) > 4:
+                    node.args = (*node.args[:4], want, *node.args[5:])
+                else:
+                    node.kwargs = {**node.kwargs, "dropout_p": want}
+                changed = True
+    return changed
+
+
+def _sdpa_dropout_p(node: fx.Node) -> float:
+    return node.args[4] if len(node.args) > 4 else node.kwargs.get("dropout_p", 0.0)
+
+
+def _restore_non_persistent_buffers(gm: nn.Module, model: nn.Module) -> None:
+    """GraphModule registers every copied buffer as persistent; keep the model's choice."""
+    for mod_name, mod in model.named_modules():
+        for buf_name in getattr(mod, "_non_persistent_buffers_set", ()):
+            owner_path = mod_name
+            try:
+                owner = gm.get_submodule(owner_path) if owner_path else gm
+            except AttributeError:
+                continue
+            if buf_name in owner._buffers:
+                owner._non_persistent_buffers_set.add(buf_name)
+
+
+def _input_dims(graph: fx.Graph) -> list[tuple[str, tuple[int | None, ...] | None]]:
+    """Per flattened input: its name and each dim's fixed size (None where dynamic)."""
+    dims = []
+    for node in graph.find_nodes(op="placeholder"):
+        val = node.meta.get("val")
+        if isinstance(val, torch.Tensor):
+            dims.append((node.name, tuple(None if is_symbolic(s) else int(s) for s in val.shape)))
+        else:
+            dims.append((node.name, None))
+    return dims
+
+
+def _check_input_shapes(module: nn.Module, args: tuple, kwargs: dict) -> None:
+    expected = module.meta.get("tedfx_input_dims")
+    if not expected:
+        return
+    flat = pytree.tree_leaves((args, kwargs))
+    if len(flat) != len(expected):
+        return  # the pytree spec check in forward gives the precise error
+    for i, (value, (name, dims)) in enumerate(zip(flat, expected)):
+        if dims is None or not isinstance(value, torch.Tensor):
+            continue
+        if value.dim() != len(dims) or any(d is not None and d != s for d, s in zip(dims, value.shape)):
+            shown = tuple("*" if d is None else d for d in dims)
+            raise ValueError(
+                f"input {i} ({name}) has shape {tuple(value.shape)}, but the captured graph expects {shown} "
+                f"('*' = any size). Export fixed the other dims while capturing; capture again with an "
+                f"example of this shape, or pad the input."
+            )

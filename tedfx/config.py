@@ -1,0 +1,170 @@
+"""Configuration: small frozen keyword-only dataclasses, one per concern.
+
+Configs hold numbers and choices only — never a process group, a device or a
+tensor — so they can be hashed, printed, compared and sent between ranks.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields
+from typing import Callable, Literal, Sequence, Union
+
+__all__ = ["MoEConfig", "ParallelConfig"]
+
+LayerSelection = Union[Literal["all", "every_other"], Sequence[int], Callable[[str], bool]]
+
+
+def _fail(cls: str, name: str, value: object, expected: str) -> None:
+    raise ValueError(f"{cls}.{name}={value!r} is invalid: expected {expected}.")
+
+
+@dataclass(frozen=True, kw_only=True)
+class MoEConfig:
+    """How dense FFN blocks become Mixture-of-Experts blocks (DESIGN §2)."""
+
+    num_experts: int = 8
+    """E: experts per MoE block."""
+    top_k: int = 2
+    """k: experts each token is sent to (1 <= k <= E)."""
+    normalize_gates: bool | None = None
+    """Renormalise the kept k gate values to sum to 1. None: True for k >= 2, False for k = 1 (Switch)."""
+    capacity_factor: float = 1.25
+    """Training capacity: C = max(ceil(k * capacity_factor * S / E), min_capacity)."""
+    eval_capacity_factor: float = 2.0
+    """Capacity factor used in eval mode."""
+    min_capacity: int = 4
+    """Lower bound on the capacity of each expert."""
+    drop_tokens: bool = True
+    """False: dropless, the capacity is the largest expert load of the step."""
+    drop_policy: Literal["probs", "position"] = "probs"
+    """Which assignments an over-full expert keeps: the highest router probabilities, or the earliest."""
+    aux_loss_coef: float = 0.01
+    """Weight of the GShard load-balancing loss in the backward."""
+    z_loss_coef: float = 0.0
+    """Weight of the router z-loss in the backward."""
+    noisy_gate: Literal["jitter", "rsample"] | None = None
+    """Routing noise: multiplicative jitter on the router input, or Gumbel noise on the logits."""
+    jitter_eps: float = 0.01
+    """Jitter draws the router input scale from U(1 - eps, 1 + eps)."""
+    layers: LayerSelection = "all"
+    """Which FFNs to convert: "all", "every_other" (1, 3, 5, ...), FFN indices, or a predicate on the module path."""
+    upcycle: bool = True
+    """Experts start as copies of the dense FFN. False: fresh seeded initialisation."""
+    expert_noise: float = 0.0
+    """Relative std of seeded Gaussian noise added to each upcycled expert (breaks expert symmetry)."""
+    seed: int = 0
+    """Seed of every random choice tedfx makes (router init, expert noise, routing noise)."""
+
+    def __post_init__(self) -> None:
+        cls = "MoEConfig"
+        if not isinstance(self.num_experts, int) or self.num_experts < 1:
+            _fail(cls, "num_experts", self.num_experts, "an int >= 1")
+        if not isinstance(self.top_k, int) or not 1 <= self.top_k <= self.num_experts:
+            _fail(cls, "top_k", self.top_k, f"an int in [1, num_experts={self.num_experts}]")
+        if not self.capacity_factor > 0:
+            _fail(cls, "capacity_factor", self.capacity_factor, "a number > 0")
+        if not self.eval_capacity_factor > 0:
+            _fail(cls, "eval_capacity_factor", self.eval_capacity_factor, "a number > 0")
+        if not isinstance(self.min_capacity, int) or self.min_capacity < 0:
+            _fail(cls, "min_capacity", self.min_capacity, "an int >= 0")
+        if self.drop_policy not in ("probs", "position"):
+            _fail(cls, "drop_policy", self.drop_policy, '"probs" or "position"')
+        if self.noisy_gate not in (None, "jitter", "rsample"):
+            _fail(cls, "noisy_gate", self.noisy_gate, 'None, "jitter" or "rsample"')
+        if not 0 <= self.jitter_eps < 1:
+            _fail(cls, "jitter_eps", self.jitter_eps, "a number in [0, 1)")
+        for name in ("aux_loss_coef", "z_loss_coef", "expert_noise"):
+            if getattr(self, name) < 0:
+                _fail(cls, name, getattr(self, name), "a number >= 0")
+        layers = self.layers
+        if isinstance(layers, str):
+            if layers not in ("all", "every_other"):
+                _fail(cls, "layers", layers, '"all", "every_other", a list of FFN indices or a predicate')
+        elif not callable(layers):
+            if not all(isinstance(i, int) and i >= 0 for i in layers):
+                _fail(cls, "layers", layers, "FFN indices as non-negative ints")
+            object.__setattr__(self, "layers", tuple(layers))
+        if self.normalize_gates is None:
+            object.__setattr__(self, "normalize_gates", self.top_k >= 2)
+
+    def capacity(self, num_tokens: int, *, training: bool = True) -> int:
+        """C for a token group of `num_tokens` tokens (before any padding to a multiple of T)."""
+        cf = self.capacity_factor if training else self.eval_capacity_factor
+        return max(math.ceil(self.top_k * cf * num_tokens / self.num_experts), self.min_capacity)
+
+    def selects(self, index: int, path: str, num_ffns: int) -> bool:
+        """Whether FFN number `index` (at module `path`, of `num_ffns`) becomes an MoE block."""
+        layers = self.layers
+        if layers == "all":
+            return True
+        if layers == "every_other":
+            return index % 2 == 1
+        if callable(layers):
+            return bool(layers(path))
+        bad = [i for i in layers if i >= num_ffns]
+        if bad:
+            raise ValueError(
+                f"MoEConfig.layers={list(layers)!r} names FFN indices {bad}, but the model has "
+                f"{num_ffns} FFNs (valid indices 0..{num_ffns - 1})."
+            )
+        return index in layers
+
+
+@dataclass(frozen=True, kw_only=True)
+class ParallelConfig:
+    """The TED layout and what the runtime does on top of it (DESIGN §2)."""
+
+    tensor: int = 1
+    """T: tensor-parallel degree (mesh axis "tp", consecutive ranks)."""
+    expert: int = 1
+    """X: expert-parallel degree (mesh axis "ep")."""
+    data: int | None = None
+    """D: expert-data-parallel degree (mesh axis "edp"); None = world_size // (T * X)."""
+    dtd: bool = True
+    """Duplicate token dropping: all-to-all bytes fall by T."""
+    cac: bool = True
+    """Communication-aware activation checkpointing: recomputation reuses saved all-to-all outputs."""
+    activation_checkpointing: Literal["none", "block", "moe"] = "none"
+    """Recompute activations per transformer block, per MoE layer, or not at all."""
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """Compute precision of the ranks' graphs."""
+    zero: bool = False
+    """Shard optimizer state over each parameter's data-parallel group."""
+    timeout: float = 300.0
+    """Seconds a collective may wait before the run fails instead of hanging."""
+    bucket_mb: float = 25.0
+    """Gradient all-reduce bucket size in MiB."""
+
+    def __post_init__(self) -> None:
+        cls = "ParallelConfig"
+        for name in ("tensor", "expert"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                _fail(cls, name, value, "an int >= 1")
+        if self.data is not None and (not isinstance(self.data, int) or self.data < 1):
+            _fail(cls, "data", self.data, "None or an int >= 1")
+        if self.activation_checkpointing not in ("none", "block", "moe"):
+            _fail(cls, "activation_checkpointing", self.activation_checkpointing, '"none", "block" or "moe"')
+        if self.precision not in ("fp32", "bf16", "fp16"):
+            _fail(cls, "precision", self.precision, '"fp32", "bf16" or "fp16"')
+        if not self.timeout > 0:
+            _fail(cls, "timeout", self.timeout, "a number of seconds > 0")
+        if not self.bucket_mb > 0:
+            _fail(cls, "bucket_mb", self.bucket_mb, "a number of MiB > 0")
+
+    def data_degree(self, world_size: int) -> int:
+        """D for `world_size` ranks; raises when T * X * D != world_size."""
+        tx = self.tensor * self.expert
+        if world_size % tx:
+            raise ValueError(
+                f"world size {world_size} is not divisible by tensor * expert = "
+                f"{self.tensor} * {self.expert} = {tx}; choose T and X whose product divides {world_size}."
+            )
+        d = world_size // tx
+        if self.data is not None and self.data != d:
+            raise ValueError(
+                f"ParallelConfig.data={self.data} but world size {world_size} / (tensor {self.tensor} * "
+                f"expert {self.expert}) = {d}; leave data=None to infer it."
+            )
+        return d
