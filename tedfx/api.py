@@ -1,0 +1,124 @@
+"""The public entry points that run in one process: to_moe and moe_losses."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import torch
+from torch import nn
+
+from .capture import TedGraphModule, capture
+from .config import MoEConfig, ParallelConfig
+from .moe.routing import Router
+from .passes.ffn_to_moe import ffn_to_moe_pass
+from .passes.find_ffns import find_ffns_pass
+from .passes.runner import PassContext, run_passes
+from .report import Report
+
+__all__ = ["explain", "moe_losses", "to_moe"]
+
+
+def to_moe(
+    model: nn.Module,
+    example_inputs: tuple[Any, ...],
+    *,
+    moe: MoEConfig,
+    example_kwargs: dict[str, Any] | None = None,
+    debug: bool = False,
+) -> TedGraphModule:
+    """Capture a dense model and rewrite its FFNs into upcycled MoE blocks, in one process.
+
+    Args:
+        model: the dense model (not modified).
+        example_inputs: positional inputs of one call; batch and sequence dims
+            stay dynamic where export allows.
+        moe: which FFNs to convert and how to route.
+        example_kwargs: keyword inputs of one call.
+        debug: keep each pass's code before and after in `module.meta["tedfx_ctx"].dumps`.
+
+    Returns:
+        A module with the model's call signature that trains with any torch
+        optimizer. Its state dict has the model's keys, except that each
+        converted FFN's keys are replaced by `<path>.router.weight` and
+        `<path>.experts.{w1,b1,w3,b3,w2,b2}` (see ExpertWeights).
+
+    Example:
+        >>> moe_model = tedfx.to_moe(model, (tokens,), moe=tedfx.MoEConfig(num_experts=8, top_k=2))
+        >>> loss = F.cross_entropy(moe_model(tokens).flatten(0, 1), targets.flatten())
+        >>> loss.backward()  # the MoE aux and z losses are included
+    """
+    gm = capture(model, example_inputs, example_kwargs)
+    ctx = PassContext(moe=moe, debug=debug)
+    gm = run_passes(gm, [find_ffns_pass, ffn_to_moe_pass], ctx=ctx)
+    gm.meta["tedfx_ctx"] = ctx
+    return gm
+
+
+def moe_losses(module: nn.Module) -> dict[str, float]:
+    """The last forward's MoE losses, unweighted and summed over the MoE blocks.
+
+    Returns:
+        {"aux_loss": ..., "z_loss": ..., "blocks": number of MoE blocks}
+    """
+    routers = [m for m in module.modules() if isinstance(m, Router)]
+    totals = {"aux_loss": 0.0, "z_loss": 0.0}
+    for r in routers:
+        for key, value in r.last_losses.items():
+            totals[key] += float(value)
+    totals["blocks"] = len(routers)
+    return totals
+
+
+def explain(
+    model: nn.Module,
+    example_inputs: tuple[Any, ...],
+    *,
+    moe: MoEConfig,
+    parallel: ParallelConfig | None = None,
+    world_size: int = 1,
+    example_kwargs: dict[str, Any] | None = None,
+) -> Report:
+    """What tedfx does to `model`, computed in this process without starting any others.
+
+    Args:
+        model: the dense model (not modified).
+        example_inputs: positional inputs of one call.
+        moe: the MoE rewrite.
+        parallel: the layout; its factorisation of `world_size` is validated.
+        world_size: ranks to predict for.
+
+    Returns:
+        A Report: converted FFNs with paths and dims, parameter counts before
+        and after (total and active per token), pass timings.
+
+    Example:
+        >>> print(tedfx.explain(model, (tokens,), moe=tedfx.MoEConfig(num_experts=8)))
+    """
+    if parallel is not None:
+        parallel.data_degree(world_size)
+    params_dense = _count_params(model)
+    moe_model = to_moe(model, example_inputs, moe=moe, example_kwargs=example_kwargs)
+    ctx: PassContext = moe_model.meta["tedfx_ctx"]
+    blocks = ctx.records["ffn_to_moe"]
+    params_moe = _count_params(moe_model)
+    params_active = params_moe - sum(b.moe_params - b.active_params for b in blocks)
+    found = [
+        {"index": m.index, "path": m.path, "kind": m.kind, "activation": m.activation,
+         "hidden_dim": m.hidden_dim, "ffn_dim": m.ffn_dim}
+        for m in ctx.records["find_ffns"]
+    ]
+    return Report(
+        model=type(model).__name__,
+        moe={f: getattr(moe, f) if not callable(getattr(moe, f)) else "<predicate>"
+             for f in moe.__dataclass_fields__},
+        blocks=list(blocks), ffns_found=found, params_dense=params_dense, params_moe=params_moe,
+        params_active=params_active, pass_timings=[(r.name, r.seconds) for r in ctx.timings],
+        parallel=None if parallel is None else {f: getattr(parallel, f) for f in parallel.__dataclass_fields__},
+        world_size=world_size,
+    )
+
+
+def _count_params(module: nn.Module) -> int:
+    """Distinct parameters (a tied weight counts once)."""
+    return sum(p.numel() for p in module.parameters())

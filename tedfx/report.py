@@ -1,0 +1,90 @@
+"""Report: what tedfx did (or would do) to a model, readable by people and programs."""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import asdict, dataclass, field, is_dataclass
+from typing import Any
+
+__all__ = ["Report"]
+
+
+def _fmt_count(n: int) -> str:
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return str(n)
+
+
+@dataclass
+class Report:
+    """Returned by `tedfx.explain`; prints as tables.
+
+    Attributes:
+        model: the model's class name.
+        moe: the MoEConfig as a dict.
+        blocks: one MoEBlockRecord per converted FFN.
+        ffns_found: every FFN found (index, path, kind, activation, H, F), converted or not.
+        params_dense: parameters of the dense model.
+        params_moe: parameters of the MoE model.
+        params_active: parameters one token uses in the MoE model (router + top_k experts per block).
+        pass_timings: (pass name, seconds) of the rewrite.
+        parallel: the ParallelConfig as a dict, None for a single process.
+        world_size: ranks the prediction is for.
+    """
+
+    model: str
+    moe: dict[str, Any]
+    blocks: list[Any]
+    ffns_found: list[dict[str, Any]]
+    params_dense: int
+    params_moe: int
+    params_active: int
+    pass_timings: list[tuple[str, float]] = field(default_factory=list)
+    parallel: dict[str, Any] | None = None
+    world_size: int = 1
+
+    def to_dict(self) -> dict[str, Any]:
+        def plain(x: Any) -> Any:
+            if is_dataclass(x) and not isinstance(x, type):
+                return {k: plain(v) for k, v in asdict(x).items()}
+            if isinstance(x, dict):
+                return {str(k): plain(v) for k, v in x.items()}
+            if isinstance(x, (list, tuple)):
+                return [plain(v) for v in x]
+            if isinstance(x, (int, float, str, bool)) or x is None:
+                return x
+            return repr(x)
+
+        return plain({f: getattr(self, f) for f in self.__dataclass_fields__})
+
+    def to_json(self, indent: int = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent)
+
+    def __str__(self) -> str:
+        from rich.console import Console
+        from rich.table import Table
+
+        buf = io.StringIO()
+        console = Console(file=buf, width=120, force_terminal=False, color_system=None)
+        moe = self.moe
+        console.print(f"tedfx: {self.model} -> MoE (E={moe['num_experts']}, k={moe['top_k']}, "
+                      f"capacity_factor={moe['capacity_factor']}, layers={moe['layers']!r})")
+        converted = {b.index for b in self.blocks}
+        t = Table(title="FFNs", title_justify="left")
+        for col in ("#", "module path", "kind", "activation", "H", "F", "MoE"):
+            t.add_column(col)
+        for f in self.ffns_found:
+            t.add_row(str(f["index"]), f["path"], f["kind"], f["activation"], str(f["hidden_dim"]),
+                      str(f["ffn_dim"]), "yes" if f["index"] in converted else "-")
+        console.print(t)
+        p = Table(title="Parameters", title_justify="left")
+        for col in ("", "total", "active per token"):
+            p.add_column(col, justify="right")
+        p.add_row("dense", _fmt_count(self.params_dense), _fmt_count(self.params_dense))
+        p.add_row("MoE", _fmt_count(self.params_moe), _fmt_count(self.params_active))
+        console.print(p)
+        if self.pass_timings:
+            console.print("passes: " + ", ".join(f"{name} {sec * 1e3:.0f} ms" for name, sec in self.pass_timings))
+        return buf.getvalue()
