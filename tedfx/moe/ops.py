@@ -35,6 +35,8 @@ __all__ = [
     "expert_bias",
     "expert_fc1",
     "expert_fc2",
+    "experts_in",
+    "experts_out",
     "flatten_tokens",
     "padded_capacity",
     "unflatten_tokens",
@@ -156,8 +158,25 @@ def expert_fc2(h_ECF: torch.Tensor, w2_EFH: torch.Tensor) -> torch.Tensor:
 
 
 def expert_bias(y_ECH: torch.Tensor, b2_EH: torch.Tensor) -> torch.Tensor:
-    """Add the second projection's bias, after any row-parallel reduction."""
-    return y_ECH + b2_EH.unsqueeze(1)
+    """Add the second projection's bias, after any row-parallel reduction.
+
+    y's leading dim may hold several blocks of the E experts of b2 (the
+    source-major [X * E_local, C, H] buffer of expert parallelism).
+    """
+    E = b2_EH.shape[0]
+    return (y_ECH.unflatten(0, (-1, E)) + b2_EH[:, None, :]).flatten(0, 1)
+
+
+def experts_in(x_GECH: torch.Tensor, groups: int) -> torch.Tensor:
+    """[G * E_local, C, H] as received from G ranks -> [E_local, G * C, H], one batch per local expert."""
+    GE, C, H = x_GECH.shape
+    return x_GECH.view(groups, GE // groups, C, H).transpose(0, 1).reshape(GE // groups, groups * C, H)
+
+
+def experts_out(y_EGCH: torch.Tensor, groups: int) -> torch.Tensor:
+    """Inverse of experts_in: [E_local, G * C, H] -> [G * E_local, C, H], ready to send back."""
+    E, GC, H = y_EGCH.shape
+    return y_EGCH.view(E, groups, GC // groups, H).transpose(0, 1).reshape(groups * E, GC // groups, H)
 
 
 class _AuxLossScaler(torch.autograd.Function):

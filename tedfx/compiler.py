@@ -1,0 +1,84 @@
+"""The pass pipeline: dense model -> one rank's sharded MoE graph, in one process.
+
+`parallelize` runs it on every rank for that rank's coordinates; `explain` runs
+it for any coordinates without starting processes. Both use this one list.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+from typing import Any
+
+import torch.fx as fx
+from torch import nn
+
+from .capture import capture
+from .config import MoEConfig, ParallelConfig
+from .passes.ffn_to_moe import ffn_to_moe_pass
+from .passes.find_ffns import find_ffns_pass
+from .passes.runner import PassContext, run_passes
+from .passes.shard_experts import EXPERT_RECORD, shard_experts_pass
+from .passes.shard_tensor_parallel import TP_RECORD, shard_tensor_parallel_pass
+from .passes.sharding import ParamShard
+
+__all__ = ["MOE_PASSES", "PARALLEL_PASSES", "build_moe_graph", "shard_for_rank", "param_shards"]
+
+MOE_PASSES = [find_ffns_pass, ffn_to_moe_pass]
+"""Dense graph -> MoE graph (what to_moe runs)."""
+PARALLEL_PASSES = [shard_tensor_parallel_pass, shard_experts_pass]
+"""MoE graph -> one rank's TED graph."""
+
+
+def build_moe_graph(
+    model: nn.Module,
+    example_inputs: tuple[Any, ...],
+    *,
+    moe: MoEConfig,
+    example_kwargs: dict[str, Any] | None = None,
+    debug: bool = False,
+) -> tuple[fx.GraphModule, PassContext]:
+    """Capture and convert FFNs to MoE blocks: the single-process reference graph."""
+    gm = capture(model, example_inputs, example_kwargs)
+    ctx = PassContext(moe=moe, debug=debug)
+    gm = run_passes(gm, MOE_PASSES, ctx=ctx)
+    gm.meta["tedfx_ctx"] = ctx
+    return gm, ctx
+
+
+def shard_for_rank(
+    moe_gm: fx.GraphModule,
+    moe_ctx: PassContext,
+    *,
+    parallel: ParallelConfig,
+    coords: dict[str, int],
+    skip: tuple[str, ...] = (),
+) -> tuple[fx.GraphModule, PassContext]:
+    """One rank's graph: a deep copy of the MoE graph, sharded for `coords`."""
+    gm = copy.deepcopy(moe_gm)
+    ctx = PassContext(moe=moe_ctx.moe, parallel=parallel, coords=dict(coords),
+                      records=dict(moe_ctx.records), debug=moe_ctx.debug)
+    gm = run_passes(gm, PARALLEL_PASSES, ctx=ctx, skip=skip)
+    gm.meta["tedfx_ctx"] = ctx
+    return gm, ctx
+
+
+def param_shards(gm: nn.Module, ctx: PassContext) -> dict[str, ParamShard]:
+    """Every state-dict tensor of the rank graph with its split (replicated ones have none)."""
+    shards = {**ctx.records.get(TP_RECORD, {}).get("params", {}),
+              **ctx.records.get(EXPERT_RECORD, {}).get("params", {})}
+    out = {}
+    for name, t in gm.state_dict(keep_vars=True).items():
+        spec = shards.get(name)
+        if spec is None:
+            # A tied alias (wte.weight = lm_head.weight) shares its owner's split.
+            spec = next((s for n, s in shards.items() if _get(gm, n) is t), None)
+            spec = ParamShard(name, spec.splits, spec.chunks, spec.full_shape) if spec else \
+                ParamShard(name, (), None, tuple(t.shape))
+        out[name] = spec
+    return out
+
+
+def _get(gm: nn.Module, target: str):
+    owner, _, name = target.rpartition(".")
+    return getattr(gm.get_submodule(owner) if owner else gm, name)

@@ -1,0 +1,122 @@
+"""shard_experts: expert parallelism over "ep", each expert tensor-sliced over "tp" (DESIGN §2).
+
+For every MoE block, for the rank at (x, t):
+1. Keep E/X experts (block x of the expert dim) and, of each, its 1/T slice
+   of F: w1/w3 [E/X, H, F/T], b1/b3 [E/X, F/T], w2 [E/X, F/T, H]; b2 [E/X, H]
+   stays whole and is added after the tensor-parallel sum.
+2. Rewrite the block into the baseline TED layer:
+       dispatch -> all_to_all(ep) -> experts_in -> f(tp) -> expert_fc1 -> expert_fc2
+       -> all_reduce(tp) -> experts_out -> expert_bias -> all_to_all(ep) -> combine
+   where f is identity forward / all-reduce backward (fc1 is column-parallel).
+   Collectives on an axis of size 1 are not emitted.
+
+The inserted nodes carry node.meta["tedfx_moe"]["role"] so that
+drop_duplicate_tokens and cache_all_to_all can find them.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from .. import collectives
+from ..moe import ops
+from .ffn_to_moe import MOE_META
+from .runner import PassContext
+from .sharding import ParamShard, shard_tensor
+
+__all__ = ["shard_experts_pass", "EXPERT_RECORD", "expert_splits"]
+
+EXPERT_RECORD = "shard_experts"
+"""ctx.records key: {"params": {name: ParamShard}}"""
+
+# (axis, dim) splits of each stacked expert tensor, before dropping size-1 axes.
+_SPLITS = {
+    "w1": (("ep", 0), ("tp", 2)), "b1": (("ep", 0), ("tp", 1)),
+    "w3": (("ep", 0), ("tp", 2)), "b3": (("ep", 0), ("tp", 1)),
+    "w2": (("ep", 0), ("tp", 1)), "b2": (("ep", 0),),
+}
+
+
+def expert_splits(name: str, sizes: dict[str, int]) -> tuple[tuple[str, int], ...]:
+    """The splits of expert tensor `name` ("w1", ...) on a mesh with these axis sizes."""
+    return tuple((axis, dim) for axis, dim in _SPLITS[name] if sizes[axis] > 1)
+
+
+def shard_experts_pass(gm: fx.GraphModule, *, ctx: PassContext) -> fx.GraphModule:
+    """Shard every MoE block's experts for the rank at ctx.coords."""
+    T, X = ctx.parallel.tensor, ctx.parallel.expert
+    E = ctx.moe.num_experts
+    if E % X:
+        raise ValueError(f"MoEConfig.num_experts={E} is not divisible by ParallelConfig.expert={X}; "
+                         f"each expert-parallel rank must hold the same number of experts.")
+    sizes = {"ep": X, "tp": T}
+    coords = {"ep": ctx.coords.get("ep", 0), "tp": ctx.coords.get("tp", 0)}
+    record = {"params": {}}
+    ctx.records[EXPERT_RECORD] = record
+
+    blocks: dict[str, dict[str, fx.Node]] = {}
+    for node in gm.graph.nodes:
+        meta = node.meta.get(MOE_META)
+        if meta:
+            roles = blocks.setdefault(meta["path"], {})
+            roles.setdefault(meta["role"] if node.op != "get_attr" else node.target.rsplit(".", 1)[1], node)
+
+    for path, roles in blocks.items():
+        for name in ("w1", "b1", "w3", "b3", "w2", "b2"):
+            if name in roles:
+                _slice_expert_param(gm, roles[name].target, name, sizes, coords, record)
+        _rewrite_block(gm, path, roles, T, X)
+    return gm
+
+
+def _slice_expert_param(gm, target, name, sizes, coords, record) -> None:
+    owner, _, attr = target.rpartition(".")
+    module = gm.get_submodule(owner)
+    full = getattr(module, attr)
+    F_dim = dict(_SPLITS[name]).get("tp")
+    if F_dim is not None and full.shape[F_dim] % sizes["tp"]:
+        raise ValueError(f"{target}: FFN width {full.shape[F_dim]} is not divisible by ParallelConfig.tensor="
+                         f"{sizes['tp']}; choose T dividing the FFN width.")
+    spec = ParamShard(target, expert_splits(name, sizes), None, tuple(full.shape))
+    local = shard_tensor(full.detach(), spec, coords, sizes)
+    setattr(module, attr, nn.Parameter(local, requires_grad=full.requires_grad))
+    record["params"][target] = spec
+
+
+def _rewrite_block(gm: fx.GraphModule, path: str, roles: dict[str, fx.Node], T: int, X: int) -> None:
+    graph = gm.graph
+    dispatch, fc1, fc2, combine = roles["dispatch"], roles["expert_fc1"], roles["expert_fc2"], roles["combine"]
+    index = dispatch.meta[MOE_META]["index"]
+
+    def emit(after: fx.Node, target, args, role: str) -> fx.Node:
+        with graph.inserting_after(after):
+            node = graph.call_function(target, tuple(args))
+        node.meta["nn_module_stack"] = dict(after.meta.get("nn_module_stack", {}))
+        node.meta[MOE_META] = {"path": path, "role": role, "index": index}
+        return node
+
+    # Into the experts: dispatch -> all_to_all(ep) -> experts_in -> f(tp) -> fc1.
+    x = dispatch
+    if X > 1:
+        x = emit(x, collectives.all_to_all, [x, "ep"], "a2a_dispatch")
+        x = emit(x, ops.experts_in, [x, X], "experts_in")
+    if T > 1:
+        x = emit(x, collectives.identity_fwd_all_reduce_bwd, [x, "tp"], "tp_f")
+    fc1.replace_input_with(dispatch, x)
+
+    # Out of the experts: fc2 -> all_reduce(tp) -> experts_out -> bias -> all_to_all(ep) -> combine.
+    bias = roles.get("expert_bias")
+    y = fc2
+    if T > 1:
+        y = emit(y, collectives.all_reduce, [y, "tp"], "tp_reduce")
+    if X > 1:
+        y = emit(y, ops.experts_out, [y, X], "experts_out")
+    if bias is not None:
+        # The bias sits right after fc2, so it follows every node emitted above: read the reduced output.
+        bias.replace_input_with(fc2, y)
+        y = bias
+    if X > 1:
+        y = emit(y, collectives.all_to_all, [y, "ep"], "a2a_combine")
+    combine.replace_input_with(combine.args[0], y)

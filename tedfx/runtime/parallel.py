@@ -1,0 +1,183 @@
+"""ParallelModule: one rank's TED graph, run with its process groups (DESIGN §1).
+
+`parallelize` builds it on every rank, in order:
+1. Build the mesh (D, X, T) and its process groups.
+2. Check that every rank was handed the same dense weights (one small all-gather).
+3. Capture and convert to MoE (identical on every rank: seeded by MoEConfig.seed),
+   then shard for this rank's coordinates (tedfx.compiler).
+4. Register bucketed gradient sync over each parameter's data-parallel group.
+"""
+
+from __future__ import annotations
+
+import datetime
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .. import collectives
+from ..api import moe_losses
+from ..compiler import build_moe_graph, param_shards, shard_for_rank
+from ..config import MoEConfig, ParallelConfig
+from ..passes.sharding import ParamShard, unshard_tensor
+from .._compat import pytree
+from .grad_sync import GradSync
+from .mesh import TedMesh
+
+__all__ = ["ParallelModule", "parallelize"]
+
+
+class ParallelModule(nn.Module):
+    """One rank's part of a TED-parallel MoE model.
+
+    `pm(*inputs)` works like the model on this rank's micro-batch. After
+    `loss.backward()` every local `.grad` holds the data-parallel average, so
+    any torch optimizer on `pm.parameters()` works.
+
+    Attributes:
+        module: this rank's GraphModule (also `pm.graph`).
+        mesh: the TedMesh (layout, coordinates, process groups).
+        shards: {state-dict key: ParamShard}, how each tensor is split over the mesh.
+    """
+
+    def __init__(self, gm: torch.fx.GraphModule, mesh: TedMesh, shards: dict[str, ParamShard],
+                 parallel: ParallelConfig, check_inputs: bool = True) -> None:
+        super().__init__()
+        self.module = gm
+        self.mesh = mesh
+        self.shards = shards
+        self.parallel = parallel
+        self.check_inputs = check_inputs
+        self._stats = collectives.CommStats()
+        expert_names = {n for n, s in shards.items() if any(axis == "ep" for axis, _ in s.splits)
+                        or ".experts." in f".{n}"}
+        params = [(n, p, "edp" if n in expert_names else "dp") for n, p in gm.named_parameters()]
+        world = mesh.layout.world_size
+        self._grad_sync = GradSync(params, mesh.groups(), world // parallel.tensor, parallel.bucket_mb, self._stats)
+
+    @property
+    def graph(self) -> torch.fx.GraphModule:
+        """This rank's rewritten GraphModule."""
+        return self.module
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self.check_inputs:
+            self._check_same_shapes(args, kwargs)
+        with collectives.bind_axes(self.mesh.groups(), self._stats):
+            return self.module(*args, **kwargs)
+
+    def comm_stats(self) -> collectives.CommStats:
+        """The collectives this rank issued since the last `comm_stats().reset()` (kind, axis, phase, calls, bytes)."""
+        return self._stats
+
+    def aux_loss(self) -> dict[str, float]:
+        """The last forward's MoE losses on this rank: {"aux_loss", "z_loss", "blocks"}."""
+        return moe_losses(self.module)
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """The unsharded state dict, with exactly the keys of `tedfx.to_moe(...)`'s; a collective on every rank."""
+        layout = self.mesh.layout
+        sizes = {"tp": layout.tensor, "ep": layout.expert, "edp": layout.data}
+        out = {}
+        for name, local in self.module.state_dict().items():
+            spec = self.shards[name]
+            if not spec.splits:
+                out[name] = local.detach().clone()
+                continue
+            gathered = [torch.empty_like(local) for _ in range(layout.world_size)]
+            dist.all_gather(gathered, local.detach().contiguous())
+            pieces = {}
+            for rank, t in enumerate(gathered):
+                c = layout.coords(rank)
+                pieces.setdefault(tuple(c[axis] for axis, _ in spec.splits), t)
+            out[name] = unshard_tensor(pieces, spec, sizes)
+        return out
+
+    def _check_same_shapes(self, args: tuple, kwargs: dict) -> None:
+        """Every rank must call with the same input shapes: the all-to-alls exchange equal buffers."""
+        shapes = [tuple(x.shape) if isinstance(x, torch.Tensor) else None for x in pytree.tree_leaves((args, kwargs))]
+        mine = [shapes]
+        everyone: list[Any] = [None] * self.mesh.layout.world_size
+        dist.all_gather_object(everyone, mine[0])
+        bad = [r for r, s in enumerate(everyone) if s != shapes]
+        if bad:
+            detail = "; ".join(f"rank {r}: {everyone[r]}" for r in [self.mesh.rank, *bad])
+            raise ValueError(
+                f"ranks called the ParallelModule with different input shapes ({detail}). Every rank must "
+                f"pass a micro-batch of the same shape (the expert all-to-alls exchange equal-size buffers); "
+                f"pad or drop the last batch."
+            )
+
+
+def parallelize(
+    model: nn.Module,
+    example_inputs: tuple[Any, ...],
+    *,
+    moe: MoEConfig,
+    parallel: ParallelConfig,
+    example_kwargs: dict[str, Any] | None = None,
+    check_inputs: bool = True,
+) -> ParallelModule:
+    """Turn a dense model into this rank's part of a TED-parallel MoE model. Call on every rank.
+
+    Args:
+        model: the dense model, with the same weights on every rank (checked).
+        example_inputs: one micro-batch's positional inputs.
+        moe: the MoE rewrite.
+        parallel: the layout (T, X; D inferred) and runtime options.
+        example_kwargs: one micro-batch's keyword inputs.
+        check_inputs: check every call that all ranks pass the same input shapes
+            (one small all-gather per forward); a mismatch is an error, not a hang.
+
+    Returns:
+        The rank's ParallelModule.
+
+    Example:
+        >>> def main():
+        ...     pm = tedfx.parallelize(model, (tokens,), moe=moe, parallel=tedfx.ParallelConfig(tensor=2, expert=2))
+        ...     loss = F.cross_entropy(pm(tokens).flatten(0, 1), targets.flatten())
+        ...     loss.backward(); opt.step()
+        >>> tedfx.launch(main, nprocs=4)
+    """
+    if not dist.is_initialized():
+        raise RuntimeError("tedfx.parallelize needs torch.distributed: run it inside tedfx.launch(...) or "
+                           "under torchrun after tedfx.runtime.init_distributed().")
+    _set_timeout(parallel.timeout)
+    mesh = TedMesh.build(parallel)
+    _check_same_weights(model, mesh)
+    moe_gm, moe_ctx = build_moe_graph(model, example_inputs, moe=moe, example_kwargs=example_kwargs)
+    gm, ctx = shard_for_rank(moe_gm, moe_ctx, parallel=parallel, coords=mesh.coords)
+    del moe_gm
+    return ParallelModule(gm, mesh, param_shards(gm, ctx), parallel, check_inputs)
+
+
+def _set_timeout(seconds: float) -> None:
+    # Groups made from here on (the mesh's) use ParallelConfig.timeout.
+    from torch.distributed import distributed_c10d as c10d
+
+    pg = c10d._get_default_group()
+    if hasattr(c10d, "_set_pg_timeout"):
+        c10d._set_pg_timeout(datetime.timedelta(seconds=seconds), pg)
+
+
+def _check_same_weights(model: nn.Module, mesh: TedMesh) -> None:
+    """One all-gather of a (sum, sum of squares) fingerprint per tensor; any difference is an error."""
+    names, rows = [], []
+    for name, t in model.state_dict().items():
+        if torch.is_floating_point(t):
+            t64 = t.detach().double()
+            names.append(name)
+            rows.append(torch.stack([t64.sum(), t64.square().sum()]))
+    mine = torch.stack(rows) if rows else torch.zeros(0, 2, dtype=torch.float64)
+    everyone = [torch.empty_like(mine) for _ in range(mesh.layout.world_size)]
+    dist.all_gather(everyone, mine)
+    for rank, theirs in enumerate(everyone):
+        if not torch.equal(theirs, everyone[0]):
+            bad = [names[i] for i in range(len(names)) if not torch.equal(theirs[i], everyone[0][i])]
+            raise ValueError(
+                f"rank {rank} holds different weights from rank 0 for {bad[:5]}{' ...' if len(bad) > 5 else ''}. "
+                f"Every rank must start from the same dense model: seed the initialisation identically "
+                f"(torch.manual_seed before building it) or load the same checkpoint on every rank."
+            )
