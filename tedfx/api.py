@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
-import torch
 from torch import nn
 
-from .capture import TedGraphModule, capture
+from .capture import TedGraphModule
+from .compiler import build_moe_graph
 from .config import MoEConfig, ParallelConfig
 from .moe.routing import Router
-from .passes.ffn_to_moe import ffn_to_moe_pass
-from .passes.find_ffns import find_ffns_pass
-from .passes.runner import PassContext, run_passes
+from .passes.runner import PassContext
 from .report import Report
 
 __all__ = ["explain", "moe_losses", "to_moe"]
@@ -48,9 +45,7 @@ def to_moe(
         >>> loss = F.cross_entropy(moe_model(tokens).flatten(0, 1), targets.flatten())
         >>> loss.backward()  # the MoE aux and z losses are included
     """
-    gm = capture(model, example_inputs, example_kwargs)
-    ctx = PassContext(moe=moe, debug=debug)
-    gm = run_passes(gm, [find_ffns_pass, ffn_to_moe_pass], ctx=ctx)
+    gm, ctx = build_moe_graph(model, example_inputs, moe=moe, example_kwargs=example_kwargs, debug=debug)
     gm.meta["tedfx_ctx"] = ctx
     return gm
 

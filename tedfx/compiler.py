@@ -42,7 +42,6 @@ def build_moe_graph(
     gm = capture(model, example_inputs, example_kwargs)
     ctx = PassContext(moe=moe, debug=debug)
     gm = run_passes(gm, MOE_PASSES, ctx=ctx)
-    gm.meta["tedfx_ctx"] = ctx
     return gm, ctx
 
 
@@ -55,7 +54,12 @@ def shard_for_rank(
     skip: tuple[str, ...] = (),
 ) -> tuple[fx.GraphModule, PassContext]:
     """One rank's graph: a deep copy of the MoE graph, sharded for `coords`."""
-    gm = copy.deepcopy(moe_gm)
+    saved = moe_gm.meta.pop("tedfx_ctx", None)  # match records hold nodes of this graph: not copied
+    try:
+        gm = copy.deepcopy(moe_gm)
+    finally:
+        if saved is not None:
+            moe_gm.meta["tedfx_ctx"] = saved
     ctx = PassContext(moe=moe_ctx.moe, parallel=parallel, coords=dict(coords),
                       records=dict(moe_ctx.records), debug=moe_ctx.debug)
     gm = run_passes(gm, PARALLEL_PASSES, ctx=ctx, skip=skip)

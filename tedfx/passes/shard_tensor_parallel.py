@@ -400,13 +400,13 @@ def shard_tensor_parallel_pass(gm: fx.GraphModule, *, ctx: PassContext) -> fx.Gr
         lin = _as_linear(node)
         slice_param(lin.weight.target, 0 if lin.transposed else 1, None)
         with graph.inserting_after(node):
-            if lin.transposed:
-                partial = graph.call_function(aten.mm.default, (lin.x, lin.weight))
-            else:
-                partial = graph.call_function(aten.linear.default, (lin.x, lin.weight))
+            partial = graph.call_function(aten.mm.default if lin.transposed else aten.linear.default,
+                                          (lin.x, lin.weight))
+        with graph.inserting_after(partial):
             reduced = graph.call_function(collectives.all_reduce, (partial, "tp"))
-            out = reduced
-            if isinstance(lin.bias, fx.Node):
+        out = reduced
+        if isinstance(lin.bias, fx.Node):
+            with graph.inserting_after(reduced):
                 out = graph.call_function(aten.add.Tensor, (reduced, lin.bias))
         for n in (partial, reduced, out):
             n.meta.update({k: v for k, v in node.meta.items() if k in ("nn_module_stack", "val")})
