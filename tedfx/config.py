@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, fields
+from fractions import Fraction
 from typing import Callable, Literal, Sequence, Union
 
 __all__ = ["MoEConfig", "ParallelConfig"]
@@ -91,6 +92,8 @@ class MoEConfig:
     def capacity(self, num_tokens: int, *, training: bool = True) -> int:
         """C for a token group of `num_tokens` tokens (before any padding to a multiple of T)."""
         cf = self.capacity_factor if training else self.eval_capacity_factor
+        # Exact arithmetic on the factor as written: in floats 1 * 1.1 * 100 / 10 rounds up to 12, not 11.
+        cf = Fraction(str(float(cf)))
         return max(math.ceil(self.top_k * cf * num_tokens / self.num_experts), self.min_capacity)
 
     def selects(self, index: int, path: str, num_ffns: int) -> bool:

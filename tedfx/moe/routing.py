@@ -18,6 +18,7 @@ tensor rank of a token group draws the same numbers: DTD stays exact.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import torch
@@ -106,10 +107,12 @@ def route(
     probs_SE = torch.softmax(logits_SE, dim=-1)
     choice_SE = logits_SE if choice_noise_SE is None else logits_SE + choice_noise_SE
     expert_SK = torch.topk(choice_SE, top_k, dim=-1).indices
-    gate_SK = probs_SE.gather(1, expert_SK)
+    prob_SK = probs_SE.gather(1, expert_SK)
+    gate_SK = prob_SK
     if normalize_gates:
         gate_SK = gate_SK / gate_SK.sum(-1, keepdim=True).clamp_min(torch.finfo(gate_SK.dtype).eps)
-    slot_SK, capacity = assign_slots(expert_SK, gate_SK.detach(), logits_SE.shape[-1], capacity, drop_policy)
+    # "probs" ranks by router probability: normalised gates would all be 1 for k = 1 and reorder tokens for k >= 2.
+    slot_SK, capacity = assign_slots(expert_SK, prob_SK.detach(), logits_SE.shape[-1], capacity, drop_policy)
     return RoutePlan(expert_SK, slot_SK, gate_SK, capacity, probs_SE)
 
 
@@ -133,9 +136,11 @@ class Router(nn.Module):
             self.weight.copy_(torch.randn(self.weight.shape, generator=generator) * 0.02)
 
     def _noise_generator(self, device: torch.device) -> torch.Generator:
-        # The same (seed, layer, call) on every rank of a token group: same noise.
+        # The same (seed, layer, call) on every rank of a token group: same noise. Hashed, not summed:
+        # a linear mix would replay layer l's noise as layer l + 1's, 10_007 calls later.
+        key = hashlib.blake2b(f"{self.moe.seed}/{self.layer}/{self.calls}".encode(), digest_size=8).digest()
         g = torch.Generator(device=device)
-        g.manual_seed((self.moe.seed * 1_000_003 + self.layer * 10_007 + self.calls) % (2**63))
+        g.manual_seed(int.from_bytes(key, "little") >> 1)
         return g
 
     def forward(self, x_SH: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, torch.Tensor]:

@@ -102,6 +102,11 @@ def run_passes(
             gm = p(gm, ctx=ctx)
             gm.graph.lint()
             gm.recompile()
+        except ValueError as e:
+            # A config that does not fit this model (e.g. MoEConfig.layers naming a missing FFN): the
+            # user's error keeps its type and message; the note says where it surfaced.
+            e.add_note(f"raised by pass {name} after {done}")
+            raise
         except Exception as e:
             raise PassError(f"pass {name} failed after {done}: {type(e).__name__}: {e}") from e
         seconds = time.perf_counter() - start

@@ -1,0 +1,325 @@
+"""to_moe and explain end to end, in one process (DESIGN §1-2).
+
+Tier (c) of STYLE §9: the upcycled MoE equals the dense model at step 0 (for
+every E, k with normalised gates, no dropping, no noise), on the test GPT and
+on HF GPT-2 and Llama; plus the state-dict contract, training, seeding, the
+layer selection, errors and the report.
+
+Capturing a model is the slow step (seconds per HF model) and does not depend
+on the MoEConfig, so every dense model is captured once per session and each
+to_moe call rewrites a fresh deep copy of that capture; only the pass pipeline
+under test runs per case.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import json
+import math
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import tedfx
+from tedfx import MoEConfig
+from tedfx.moe.routing import Router
+
+from models import VOCAB, tiny_gpt, tiny_gpt2, tiny_llama
+
+BUILDERS = {
+    "gpt-gelu": lambda: tiny_gpt("gelu", n_layer=4),  # 4 FFNs, so "every_other" has two to pick
+    "gpt-swiglu": lambda: tiny_gpt("swiglu"),
+    "hf-gpt2": tiny_gpt2,
+    "hf-llama": tiny_llama,
+}
+# Per model: its FFN count, the FFNs' module path, the dense parameters under it, the expert tensors
+# replacing them, and F.
+MLP_PARAMS = ("c_fc.weight", "c_fc.bias", "c_proj.weight", "c_proj.bias")
+GLU_PARAMS = ("gate_proj.weight", "up_proj.weight", "down_proj.weight")
+LAYOUT = {
+    "gpt-gelu": (4, "h.{}.mlp", MLP_PARAMS, ("w1", "b1", "w2", "b2"), 128),
+    "gpt-swiglu": (2, "h.{}.mlp", GLU_PARAMS, ("w1", "w3", "w2"), 128),
+    "hf-gpt2": (2, "transformer.h.{}.mlp", MLP_PARAMS, ("w1", "b1", "w2", "b2"), 128),
+    "hf-llama": (2, "model.layers.{}.mlp", GLU_PARAMS, ("w1", "w3", "w2"), 64),
+}
+HIDDEN = 32
+EK = [(2, 1), (2, 2), (4, 1), (4, 2), (4, 3)]
+
+
+@functools.cache
+def dense(name: str) -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
+    """The dense model, in eval mode (HF models carry dropout), built once per session."""
+    model, inputs = BUILDERS[name]()
+    return model.eval(), inputs
+
+
+_captures: dict[tuple, tuple[nn.Module, nn.Module]] = {}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """The models are tiny: intra-op threads only add overhead (and contention on a busy machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def capture_once(monkeypatch):
+    """Every pipeline that captures gets a deep copy of a cached capture of the same model and input shapes."""
+    real = tedfx.capture
+
+    def cached(model, example_inputs, example_kwargs=None, **kwargs):
+        shapes = tuple(tuple(t.shape) if isinstance(t, torch.Tensor) else t for t in example_inputs)
+        key = (id(model), model.training, shapes, repr(example_kwargs), repr(kwargs))
+        if key not in _captures:  # the model is kept with its capture, so its id stays unique
+            _captures[key] = (model, real(model, example_inputs, example_kwargs, **kwargs))
+        return copy.deepcopy(_captures[key][1])
+
+    for module in list(sys.modules.values()):
+        if getattr(module, "__name__", "").startswith("tedfx") and getattr(module, "capture", None) is real:
+            monkeypatch.setattr(module, "capture", cached)
+
+
+def logits(out) -> torch.Tensor:
+    return out.logits if hasattr(out, "logits") else out
+
+
+def exact_moe(E: int, k: int, **kwargs) -> MoEConfig:
+    """The configuration under which the upcycled MoE must equal the dense model."""
+    return MoEConfig(num_experts=E, top_k=k, normalize_gates=True, drop_tokens=False, noisy_gate=None,
+                     expert_noise=0.0, **kwargs)
+
+
+def ffn_paths(gm: nn.Module) -> list[str]:
+    return [b.path for b in gm.meta["tedfx_ctx"].records["ffn_to_moe"]]
+
+
+# --- upcycled MoE == dense ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("E, k", EK)
+@pytest.mark.parametrize("name", ["gpt-gelu", "gpt-swiglu", "hf-gpt2", "hf-llama"])
+def test_upcycled_moe_equals_dense(name, E, k):
+    model, inputs = dense(name)
+    moe_model = tedfx.to_moe(model, inputs, moe=exact_moe(E, k))
+    assert len(ffn_paths(moe_model)) == LAYOUT[name][0]
+    with torch.no_grad():
+        torch.testing.assert_close(logits(moe_model(*inputs)), logits(model(*inputs)), rtol=0, atol=1e-5)
+        # Batch and sequence differ from the example: the dims stayed dynamic.
+        tokens = torch.randint(0, VOCAB, (3, 5), generator=torch.Generator().manual_seed(E * 10 + k))
+        torch.testing.assert_close(logits(moe_model(tokens)), logits(model(tokens)), rtol=0, atol=1e-5)
+
+
+def test_upcycled_moe_equals_dense_in_train_mode():
+    # The test GPT has no dropout: train mode routes with the training capacity and must still match.
+    model, inputs = dense("gpt-gelu")
+    moe_model = tedfx.to_moe(model, inputs, moe=exact_moe(4, 2)).train()
+    torch.testing.assert_close(moe_model(*inputs), model(*inputs), rtol=0, atol=1e-5)
+
+
+def test_upcycled_moe_differs_from_dense_when_it_should():
+    # Guards the invariant test against comparing the dense model with itself.
+    model, inputs = dense("gpt-gelu")
+    with torch.no_grad():
+        reference = model(*inputs)
+        unnormalised = tedfx.to_moe(model, inputs, moe=MoEConfig(num_experts=4, top_k=1, drop_tokens=False))
+        assert (unnormalised(*inputs) - reference).abs().max() > 1e-4  # k = 1 Switch gate p < 1 scales the FFN
+        noisy = tedfx.to_moe(model, inputs, moe=MoEConfig(num_experts=4, top_k=2, drop_tokens=False,
+                                                          expert_noise=0.5))
+        assert (noisy(*inputs) - reference).abs().max() > 1e-4
+
+
+# --- state dict ---------------------------------------------------------------------------------------------
+
+
+def _dense_ffn_weight(model: nn.Module, path: str, param: str) -> torch.Tensor:
+    """A dense FFN weight laid out [in, out] (nn.Linear stores [out, in]; GPT-2's Conv1D [in, out])."""
+    module = model.get_submodule(f"{path}.{param.rsplit('.', 1)[0]}")
+    w = getattr(module, param.rsplit(".", 1)[1]).detach()
+    return w if type(module).__name__ == "Conv1D" or w.dim() == 1 else w.t()
+
+
+@pytest.mark.parametrize("name", list(LAYOUT))
+def test_state_dict_keys_shapes_and_upcycled_values(name):
+    model, inputs = dense(name)
+    E = 4
+    moe_model = tedfx.to_moe(model, inputs, moe=MoEConfig(num_experts=E, top_k=2))
+    num_ffns, path_fmt, dense_params, expert_names, F_dim = LAYOUT[name]
+    paths = [path_fmt.format(i) for i in range(num_ffns)]
+    assert ffn_paths(moe_model) == paths
+
+    dense_keys = set(model.state_dict())
+    removed = {f"{p}.{param}" for p in paths for param in dense_params}
+    assert removed <= dense_keys
+    added = {f"{p}.router.weight" for p in paths} | {f"{p}.experts.{n}" for p in paths for n in expert_names}
+    moe_sd = moe_model.state_dict()
+    assert set(moe_sd) == (dense_keys - removed) | added
+
+    shapes = {"w1": (E, HIDDEN, F_dim), "w3": (E, HIDDEN, F_dim), "b1": (E, F_dim), "b3": (E, F_dim),
+              "w2": (E, F_dim, HIDDEN), "b2": (E, HIDDEN)}
+    source = dict(zip(("w1", "b1", "w2", "b2"), MLP_PARAMS)) if "b1" in expert_names else \
+        dict(zip(("w1", "w3", "w2"), GLU_PARAMS))
+    for p in paths:
+        assert moe_sd[f"{p}.router.weight"].shape == (E, HIDDEN)
+        for n in expert_names:
+            stacked = moe_sd[f"{p}.experts.{n}"]
+            assert stacked.shape == shapes[n], n
+            # Upcycled without noise: every expert is an exact copy of the dense FFN.
+            for e in range(E):
+                assert torch.equal(stacked[e], _dense_ffn_weight(model, p, source[n])), (p, n, e)
+    for key in dense_keys - removed:
+        assert torch.equal(moe_sd[key], model.state_dict()[key]), key
+
+
+@pytest.mark.parametrize("name, wte", [("gpt-gelu", "wte.weight"), ("hf-gpt2", "transformer.wte.weight")])
+def test_tied_embedding_and_lm_head_stay_one_parameter(name, wte):
+    model, inputs = dense(name)
+    moe_model = tedfx.to_moe(model, inputs, moe=MoEConfig(num_experts=2, top_k=1))
+    sd = moe_model.state_dict()
+    assert wte in sd and "lm_head.weight" in sd
+    assert moe_model.get_parameter(wte) is moe_model.get_parameter("lm_head.weight")
+
+
+def test_every_other_converts_odd_ffns():
+    model, inputs = dense("gpt-gelu")
+    moe_model = tedfx.to_moe(model, inputs, moe=MoEConfig(num_experts=2, top_k=1, layers="every_other"))
+    assert ffn_paths(moe_model) == ["h.1.mlp", "h.3.mlp"]
+    sd = moe_model.state_dict()
+    for i in (1, 3):
+        assert f"h.{i}.mlp.router.weight" in sd and f"h.{i}.mlp.c_fc.weight" not in sd
+    for i in (0, 2):
+        assert f"h.{i}.mlp.c_fc.weight" in sd and not any(k.startswith(f"h.{i}.mlp.router") for k in sd)
+
+
+def test_layer_predicate_and_index_list():
+    model, inputs = dense("gpt-gelu")
+    by_path = tedfx.to_moe(model, inputs, moe=MoEConfig(num_experts=2, top_k=1,
+                                                        layers=lambda path: path in ("h.0.mlp", "h.2.mlp")))
+    assert ffn_paths(by_path) == ["h.0.mlp", "h.2.mlp"]
+    by_index = tedfx.to_moe(model, inputs, moe=MoEConfig(num_experts=2, top_k=1, layers=[3]))
+    assert ffn_paths(by_index) == ["h.3.mlp"]
+    assert set(by_index.state_dict()) >= {"h.0.mlp.c_fc.weight", "h.3.mlp.router.weight"}
+
+
+# --- seeds --------------------------------------------------------------------------------------------------
+
+
+def test_seed_determines_router_and_expert_noise():
+    model, inputs = dense("gpt-gelu")
+
+    def build(seed: int) -> dict[str, torch.Tensor]:
+        moe = MoEConfig(num_experts=4, top_k=2, expert_noise=0.1, seed=seed)
+        return tedfx.to_moe(model, inputs, moe=moe).state_dict()
+
+    a, b, c = build(3), build(3), build(4)
+    assert a.keys() == b.keys() == c.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    for key in ("h.0.mlp.router.weight", "h.0.mlp.experts.w1", "h.1.mlp.experts.w2"):
+        assert not torch.equal(a[key], c[key]), key
+    assert torch.equal(a["h.0.mlp.experts.b1"], c["h.0.mlp.experts.b1"])  # biases are copied exactly
+    # Each FFN draws its own numbers, and the noise breaks the symmetry between experts.
+    assert not torch.equal(a["h.0.mlp.router.weight"], a["h.1.mlp.router.weight"])
+    w1 = a["h.0.mlp.experts.w1"]
+    assert not torch.equal(w1[0], w1[1])
+    dense_w1 = model.h[0].mlp.c_fc.weight.detach().t()
+    relative = ((w1 - dense_w1).std() / dense_w1.std()).item()
+    assert relative == pytest.approx(0.1, rel=0.1)  # noise = expert_noise * std(weight) * N(0, 1)
+
+
+# --- training -----------------------------------------------------------------------------------------------
+
+
+def test_moe_model_trains_and_reports_losses():
+    model, inputs = dense("gpt-gelu")
+    moe_model = tedfx.to_moe(model, inputs, moe=MoEConfig(num_experts=4, top_k=2, z_loss_coef=1e-3)).train()
+    routers = {name: m for name, m in moe_model.named_modules() if isinstance(m, Router)}
+    assert sorted(routers) == [f"h.{i}.mlp.router" for i in range(4)]
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, VOCAB, (4, 16), generator=g)
+    targets = torch.randint(0, VOCAB, (4, 16), generator=g)
+    opt = torch.optim.AdamW(moe_model.parameters(), lr=1e-2)
+    losses = []
+    for step in range(6):
+        loss = F.cross_entropy(moe_model(tokens).flatten(0, 1), targets.flatten())
+        opt.zero_grad()
+        loss.backward()
+        if step == 0:
+            for name, router in routers.items():
+                assert router.weight.grad is not None and router.weight.grad.abs().max() > 0, name
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.1, losses
+
+    reported = tedfx.moe_losses(moe_model)
+    assert reported["blocks"] == 4
+    assert math.isfinite(reported["aux_loss"]) and math.isfinite(reported["z_loss"])
+    # Summed over 4 blocks: aux near 1 per block (near-uniform router), z > 0.
+    assert 2.0 < reported["aux_loss"] < 8.0
+    assert reported["z_loss"] > 0
+
+
+# --- errors -------------------------------------------------------------------------------------------------
+
+
+def test_layer_index_out_of_range_is_a_value_error():
+    model, inputs = dense("gpt-gelu")
+    with pytest.raises(ValueError) as info:
+        tedfx.to_moe(model, inputs, moe=MoEConfig(num_experts=2, top_k=1, layers=[99]))
+    message = str(info.value)
+    assert "MoEConfig.layers" in message and "99" in message and "4 FFNs" in message
+
+
+class _BranchesOnValues(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(8, 16), nn.Linear(16, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.sum() > 0:
+            return self.fc2(F.gelu(self.fc1(x)))
+        return x
+
+
+def test_untraceable_model_raises_capture_error_with_reason_and_hint():
+    with pytest.raises(tedfx.CaptureError) as info:
+        tedfx.to_moe(_BranchesOnValues(), (torch.randn(2, 4, 8),), moe=MoEConfig(num_experts=2, top_k=1))
+    message = str(info.value)
+    assert "_BranchesOnValues" in message
+    assert "data-dependent" in message or "DataDependent" in message  # export's reason
+    assert "Hint:" in message and "torch.cond" in message
+    assert info.value.__cause__ is not None
+
+
+# --- explain ------------------------------------------------------------------------------------------------
+
+
+def test_explain_reports_paths_and_parameter_counts():
+    model, inputs = dense("gpt-gelu")
+    report = tedfx.explain(model, inputs, moe=MoEConfig(num_experts=4, top_k=2))
+    paths = [b.path for b in report.blocks]
+    assert paths == [f"h.{i}.mlp" for i in range(4)]
+    assert report.params_dense == sum(p.numel() for p in model.parameters())
+    # Per block: the router (E * H) and E - 1 more copies of the FFN (H*F + F + F*H + H = 8352).
+    ffn, router = 2 * HIDDEN * 128 + 128 + HIDDEN, 4 * HIDDEN
+    assert report.params_moe == report.params_dense + 4 * (router + 3 * ffn)
+    # Active per token: the router and k = 2 of the 4 experts.
+    assert report.params_active == report.params_dense + 4 * (router + ffn)
+    assert report.params_dense < report.params_active < report.params_moe
+    text = str(report)
+    assert all(p in text for p in paths)
+    data = json.loads(report.to_json())
+    assert [b["path"] for b in data["blocks"]] == paths
+    assert data["params_moe"] == report.params_moe
+
+
+def test_explain_all_experts_active_when_k_equals_e():
+    model, inputs = dense("gpt-gelu")
+    report = tedfx.explain(model, inputs, moe=MoEConfig(num_experts=2, top_k=2))
+    assert report.params_active == report.params_moe
