@@ -166,7 +166,8 @@ def _slice(node, ins, plan, T):
 
 
 def _cat(node, ins, plan, T):
-    tensors = node.args[0]
+    # Empty operands (legacy cat skips them, e.g. an empty KV-cache placeholder) do not take part.
+    tensors = [t for t in node.args[0] if _val(t) is None or _val(t).numel() > 0]
     places = [plan.place.get(t, R) for t in tensors]
     dim = _norm_dim(node.args[1] if len(node.args) > 1 else 0, _ndim(node))
     kinds = {(p.kind, p.dim) for p in places}
@@ -328,14 +329,12 @@ def _propagate(gm: fx.GraphModule, seeds: set[fx.Node], T: int) -> _Plan:
                 plan.place[node] = R
             continue
         if node.op == "output" or node.meta.get(MOE_META) or node.op in ("call_module", "placeholder", "get_attr"):
-            bad = [p for p in ins + kw_ins if p.kind == "S"]
-            if node.op == "output":
-                bad = [plan.place.get(a, R) for a in node.all_input_nodes if plan.place.get(a, R).kind == "S"]
+            bad = [plan.place[a] for a in node.all_input_nodes if plan.place.get(a, R).kind == "S"]
             if bad:
                 raise _Fail(_all_seeds(bad), node, "sharded value reaches an op that needs it whole")
             plan.place[node] = R
             continue
-        if all(p.kind == "R" for p in ins + kw_ins):
+        if all(plan.place.get(a, R).kind == "R" for a in node.all_input_nodes):
             plan.place[node] = R
             continue
         rule = RULES.get(node.target)
