@@ -53,9 +53,11 @@ R = Placement("R")
 
 
 class _Fail(Exception):
-    def __init__(self, seeds: frozenset, node: fx.Node, reason: str) -> None:
+    """A shard reached an op it cannot pass. `hard`: a size not divisible by T, an error for the user."""
+
+    def __init__(self, seeds: frozenset, node: fx.Node, reason: str, hard: bool = False) -> None:
         super().__init__(f"{node.name}: {reason}")
-        self.seeds, self.node, self.reason = seeds, node, reason
+        self.seeds, self.node, self.reason, self.hard = seeds, node, reason, hard
 
 
 @dataclass
@@ -190,7 +192,7 @@ def _split(node, ins, plan, T):
     size = node.args[1]
     sizes = [size] * (full // size) if isinstance(size, int) else list(size)
     if any(not isinstance(s, int) or s % T for s in sizes) or sum(sizes) != full:
-        raise _Fail(p.seeds, node, f"split sizes {sizes} not divisible by T={T}")
+        raise _Fail(p.seeds, node, f"split sizes {sizes} are not divisible by T={T}", hard=True)
     for seed in p.seeds:
         if plan.chunks.get(seed, tuple(sizes)) != tuple(sizes):
             raise _Fail(p.seeds, node, "a fused projection split two different ways")
@@ -211,7 +213,8 @@ def _reshape(node, ins, plan, T):
     out_dim = group_out[0]
     size = dst[out_dim]
     if not isinstance(size, int) or size % T:
-        raise _Fail(p.seeds, node, f"dim {out_dim} of size {size} is not divisible by T={T}")
+        raise _Fail(p.seeds, node, f"dim {out_dim} of shape {tuple(dst)} (size {size}, e.g. the number of "
+                    f"attention heads) is not divisible by T={T}", hard=True)
     plan.shape_edits[node] = (1, out_dim)
     return Placement("S", out_dim, p.seeds)
 
@@ -351,6 +354,13 @@ def _plan(gm: fx.GraphModule, T: int) -> tuple[_Plan, list[str]]:
         try:
             plan = _propagate(gm, seeds, T)
         except _Fail as fail:
+            if fail.hard:
+                where = _module_path(fail.node)
+                raise ValueError(
+                    f"tensor parallelism with ParallelConfig.tensor={T} cannot shard {where or fail.node.name}: "
+                    f"{fail.reason}. Choose a tensor degree that divides the attention heads (and KV heads) "
+                    f"and the FFN width."
+                ) from None
             if not fail.seeds:
                 raise RuntimeError(f"tensor parallelism cannot place {fail.node.name}: {fail.reason}") from None
             notes.append(f"kept replicated {sorted(s.name for s in fail.seeds)}: {fail.reason}")
@@ -359,6 +369,11 @@ def _plan(gm: fx.GraphModule, T: int) -> tuple[_Plan, list[str]]:
         # A column shard must end in a row-parallel linear; one that only fed
         # other placements (never reached a linear) has already failed above.
         return plan, notes
+
+
+def _module_path(node: fx.Node) -> str:
+    stack = node.meta.get("nn_module_stack") or {}
+    return list(stack.values())[-1][0] if stack else ""
 
 
 # ---------------------------------------------------------------- rewrite
@@ -377,6 +392,10 @@ def shard_tensor_parallel_pass(gm: fx.GraphModule, *, ctx: PassContext) -> fx.Gr
 
     def slice_param(target: str, dim: int, chunks: tuple[int, ...] | None) -> None:
         full = _get(gm, target)
+        if any(c % T for c in (chunks or (full.shape[dim],))):
+            raise ValueError(f"tensor parallelism with ParallelConfig.tensor={T} cannot split {target} of shape "
+                             f"{tuple(full.shape)} along dim {dim}{f' in chunks {chunks}' if chunks else ''}: not "
+                             f"divisible by {T}. Choose a tensor degree that divides the FFN width and the heads.")
         spec = ParamShard(target, (("tp", dim),), chunks, tuple(full.shape))
         local = shard_tensor(full.detach(), spec, {"tp": t}, {"tp": T})
         _set(gm, target, nn.Parameter(local, requires_grad=full.requires_grad))
