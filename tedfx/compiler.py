@@ -15,6 +15,7 @@ from torch import nn
 
 from .capture import capture
 from .config import MoEConfig, ParallelConfig
+from .moe.experts import ExpertWeights
 from .passes.ffn_to_moe import ffn_to_moe_pass
 from .passes.find_ffns import find_ffns_pass
 from .passes.runner import PassContext, run_passes
@@ -22,7 +23,7 @@ from .passes.shard_experts import EXPERT_RECORD, shard_experts_pass
 from .passes.shard_tensor_parallel import TP_RECORD, shard_tensor_parallel_pass
 from .passes.sharding import ParamShard
 
-__all__ = ["MOE_PASSES", "PARALLEL_PASSES", "build_moe_graph", "shard_for_rank", "param_shards"]
+__all__ = ["MOE_PASSES", "PARALLEL_PASSES", "build_moe_graph", "grad_sync_params", "param_shards", "shard_for_rank"]
 
 MOE_PASSES = [find_ffns_pass, ffn_to_moe_pass]
 """Dense graph -> MoE graph (what to_moe runs)."""
@@ -86,3 +87,9 @@ def param_shards(gm: nn.Module, ctx: PassContext) -> dict[str, ParamShard]:
 def _get(gm: nn.Module, target: str):
     owner, _, name = target.rpartition(".")
     return getattr(gm.get_submodule(owner) if owner else gm, name)
+
+
+def grad_sync_params(gm: nn.Module) -> list[tuple[str, nn.Parameter, str]]:
+    """(name, parameter, data-parallel axis) in registration order: experts reduce over "edp", the rest over "dp"."""
+    expert_ids = {id(p) for m in gm.modules() if isinstance(m, ExpertWeights) for p in m.parameters()}
+    return [(n, p, "edp" if id(p) in expert_ids else "dp") for n, p in gm.named_parameters()]

@@ -12,7 +12,8 @@ registration order (roughly the order backward produces them). A bucket's
 all-reduce starts as soon as all of its gradients are accumulated, in bucket
 order on every rank (so all ranks issue the same collectives in the same
 order), and overlaps with the rest of the backward; the end of backward waits
-for all of them and copies the averages back.
+for all of them and copies the averages back. On a group of one rank nothing
+is sent: the gradients are only divided.
 """
 
 from __future__ import annotations
@@ -26,12 +27,49 @@ from torch import nn
 from .. import _compat
 from ..collectives import CommStats
 
-__all__ = ["GradSync"]
+__all__ = ["BucketPlan", "GradSync", "plan_buckets"]
+
+
+@dataclass(frozen=True)
+class BucketPlan:
+    """One all-reduce of the gradient sync: which parameters, over which axis, how many bytes."""
+
+    axis: str
+    names: tuple[str, ...]
+    nbytes: int
+
+
+def plan_buckets(params: list[tuple[str, nn.Parameter, str]], sizes: dict[str, int],
+                 bucket_mb: float) -> list[BucketPlan]:
+    """The all-reduces GradSync issues per step, in issue order (pure: explain predicts with it).
+
+    Args:
+        params: (name, parameter, axis) triples in registration order, axis "dp" or "edp".
+        sizes: {axis: group size}; axes of one rank issue nothing.
+        bucket_mb: bucket size in MiB.
+    """
+    limit = int(bucket_mb * 2**20)
+    plans = []
+    for axis in ("dp", "edp"):
+        if sizes[axis] == 1:
+            continue
+        names, size = [], 0
+        for name, p, a in reversed(params):
+            if a != axis or not p.requires_grad:
+                continue
+            names.append(name)
+            size += p.numel() * p.element_size()
+            if size >= limit:
+                plans.append(BucketPlan(axis, tuple(names), size))
+                names, size = [], 0
+        if names:
+            plans.append(BucketPlan(axis, tuple(names), size))
+    return plans
 
 
 @dataclass
 class _Bucket:
-    axis: str
+    plan: BucketPlan
     group: dist.ProcessGroup
     params: list[nn.Parameter]
     ready: set[int] = field(default_factory=set)
@@ -54,40 +92,27 @@ class GradSync:
                  divisor: int, bucket_mb: float, stats: CommStats | None) -> None:
         self.divisor = divisor
         self.stats = stats
-        self.buckets: list[_Bucket] = []
-        limit = int(bucket_mb * 2**20)
-        self._where: dict[int, int] = {}
-        for axis in ("dp", "edp"):
-            group = groups[axis]
-            if dist.get_world_size(group) == 1 and divisor == 1:
-                continue
-            current: list[nn.Parameter] = []
-            size = 0
-            for _, p, a in reversed(params):
-                if a != axis or not p.requires_grad:
-                    continue
-                current.append(p)
-                size += p.numel() * p.element_size()
-                if size >= limit:
-                    self.buckets.append(_Bucket(axis, group, current))
-                    current, size = [], 0
-            if current:
-                self.buckets.append(_Bucket(axis, group, current))
-        for i, b in enumerate(self.buckets):
-            for p in b.params:
-                self._where[id(p)] = i
+        by_name = {name: p for name, p, _ in params}
+        sizes = {axis: dist.get_world_size(groups[axis]) for axis in ("dp", "edp")}
+        self.buckets = [_Bucket(plan, groups[plan.axis], [by_name[n] for n in plan.names])
+                        for plan in plan_buckets(params, sizes, bucket_mb)]
+        synced = {id(p) for b in self.buckets for p in b.params}
+        # Parameters on a one-rank group: nothing to send, only the average to take.
+        self.local = [p for _, p, _ in params if p.requires_grad and id(p) not in synced]
+        self._where = {id(p): i for i, b in enumerate(self.buckets) for p in b.params}
         self._next = 0
         self._callback_queued = False
         self._handles = [p.register_post_accumulate_grad_hook(self._on_grad)
-                         for b in self.buckets for p in b.params]
+                         for _, p, _ in params if p.requires_grad]
 
     def _on_grad(self, p: nn.Parameter) -> None:
         if not self._callback_queued:
             _compat.queue_backward_callback(self._finish)
             self._callback_queued = True
-        bucket = self.buckets[self._where[id(p)]]
-        bucket.ready.add(id(p))
-        self._launch_ready()
+        i = self._where.get(id(p))
+        if i is not None:
+            self.buckets[i].ready.add(id(p))
+            self._launch_ready()
 
     def _launch_ready(self) -> None:
         while self._next < len(self.buckets):
@@ -101,7 +126,7 @@ class GradSync:
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in b.params]
         b.flat = torch.cat([g.reshape(-1) for g in grads])
         if self.stats is not None:
-            self.stats.record("all_reduce", b.axis, "backward", b.flat.numel() * b.flat.element_size())
+            self.stats.record("all_reduce", b.plan.axis, "backward", b.flat.numel() * b.flat.element_size())
         b.work = dist.all_reduce(b.flat, group=b.group, async_op=True)
 
     def _finish(self) -> None:
@@ -114,15 +139,18 @@ class GradSync:
             b.flat.div_(self.divisor)
             offset = 0
             for p in b.params:
-                n = p.numel()
-                chunk = b.flat[offset:offset + n].view_as(p)
+                chunk = b.flat[offset:offset + p.numel()].view_as(p)
                 if p.grad is None:
                     p.grad = chunk.clone()
                 else:
                     p.grad.copy_(chunk)
-                offset += n
+                offset += p.numel()
             b.ready.clear()
             b.flat = b.work = None
+        if self.divisor > 1:
+            for p in self.local:
+                if p.grad is not None:
+                    p.grad.div_(self.divisor)
         self._next = 0
         self._callback_queued = False
 

@@ -19,7 +19,7 @@ from torch import nn
 
 from .. import collectives
 from ..api import moe_losses
-from ..compiler import build_moe_graph, param_shards, shard_for_rank
+from ..compiler import build_moe_graph, grad_sync_params, param_shards, shard_for_rank
 from ..config import MoEConfig, ParallelConfig
 from ..passes.sharding import ParamShard, unshard_tensor
 from .._compat import pytree
@@ -51,11 +51,9 @@ class ParallelModule(nn.Module):
         self.parallel = parallel
         self.check_inputs = check_inputs
         self._stats = collectives.CommStats()
-        expert_names = {n for n, s in shards.items() if any(axis == "ep" for axis, _ in s.splits)
-                        or ".experts." in f".{n}"}
-        params = [(n, p, "edp" if n in expert_names else "dp") for n, p in gm.named_parameters()]
         world = mesh.layout.world_size
-        self._grad_sync = GradSync(params, mesh.groups(), world // parallel.tensor, parallel.bucket_mb, self._stats)
+        self._grad_sync = GradSync(grad_sync_params(gm), mesh.groups(), world // parallel.tensor,
+                                   parallel.bucket_mb, self._stats)
 
     @property
     def graph(self) -> torch.fx.GraphModule:
