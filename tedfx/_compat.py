@@ -31,3 +31,53 @@ sdpa_target = torch.ops.aten.scaled_dot_product_attention.default
 def is_symbolic(value: object) -> bool:
     """True for a SymInt/SymFloat whose value export left symbolic."""
     return isinstance(value, (torch.SymInt, torch.SymFloat, torch.SymBool))
+
+
+# --- Functional collectives (torch.distributed._functional_collectives) -------------------------
+# Differentiable collectives in tedfx.collectives call these so graphs stay traceable by
+# torch.compile. torch 2.13 renamed `all_gather_tensor` / `reduce_scatter_tensor` to
+# `*_single` (the old names warn); older releases only have the old names.
+
+import torch.distributed._functional_collectives as funcol  # noqa: E402
+
+__all__ += ["funcol", "funcol_all_gather", "funcol_reduce_scatter", "wait_collective", "in_backward_pass"]
+
+funcol_all_gather = getattr(funcol, "all_gather_single", None) or funcol.all_gather_tensor
+"""funcol all-gather: (tensor, gather_dim, group) -> tensor concatenated over `gather_dim`."""
+funcol_reduce_scatter = getattr(funcol, "reduce_scatter_single", None) or funcol.reduce_scatter_tensor
+"""funcol reduce-scatter: (tensor, op, scatter_dim, group) -> this rank's chunk of the reduction."""
+
+
+def wait_collective(tensor: torch.Tensor) -> torch.Tensor:
+    """The plain tensor behind a functional collective's result, waiting for it in eager mode.
+
+    Eager funcol returns an `AsyncCollectiveTensor` (the wait is deferred to first use); under
+    tracing it returns a plain tensor already passed through `wait_tensor`.
+    """
+    if isinstance(tensor, funcol.AsyncCollectiveTensor):
+        return tensor.wait()
+    return tensor
+
+
+def in_backward_pass() -> bool:
+    """True while the autograd engine runs a backward pass on this thread (e.g. a recompute)."""
+    task_id = getattr(torch._C, "_current_graph_task_id", None)
+    return task_id is not None and task_id() != -1
+
+
+# --- DeviceMesh -----------------------------------------------------------------------------------
+
+
+def flatten_mesh_dims(mesh, dim_names: tuple[str, ...], name: str):
+    """`mesh[dim_names]` flattened into one dimension called `name` (private `DeviceMesh._flatten`).
+
+    Returns None when this torch has no `_flatten`; callers then build the group themselves.
+    """
+    sub = mesh[dim_names]
+    flatten = getattr(sub, "_flatten", None)
+    if flatten is None:
+        return None
+    return flatten(name)
+
+
+__all__ += ["flatten_mesh_dims"]

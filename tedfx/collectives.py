@@ -1,0 +1,519 @@
+"""Differentiable, counted collectives that graph nodes call by mesh axis name.
+
+Passes insert calls such as `all_to_all(x, "ep")`; they name mesh axes and never
+hold a process group (DESIGN §3). The runtime binds axis names to process groups
+around a step:
+
+    with bind_axes(mesh.groups(), stats):
+        loss = gm(*inputs)
+    loss.backward()          # works after the context has exited
+
+Each op is a `torch.autograd.Function` over `torch.distributed._functional_collectives`,
+paired with its autograd partner (DESIGN §3):
+
+    op                            forward                     backward
+    all_reduce                    all-reduce (sum)            identity              (Megatron "g")
+    identity_fwd_all_reduce_bwd   identity                    all-reduce (sum)      (Megatron "f")
+    all_to_all                    all-to-all, dim 0           all-to-all, dim 0
+    all_gather                    all-gather along dim        reduce-scatter (sum)
+    reduce_scatter                reduce-scatter (sum)        all-gather
+    slice_for_rank                narrow to this rank's 1/n   all-gather
+
+The op looks the group up when it runs forward and keeps it (and the CommStats)
+for its backward. An axis whose group has a single rank makes the op a no-op that
+issues and counts nothing, so a graph for T=1 or X=1 runs unchanged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from dataclasses import dataclass
+from typing import Callable, ContextManager, Iterator, NamedTuple
+
+import torch
+import torch.distributed as dist
+
+from tedfx import _compat
+
+__all__ = [
+    "PHASES",
+    "CommKey",
+    "CommStats",
+    "all_gather",
+    "all_reduce",
+    "all_to_all",
+    "bind_axes",
+    "bound_axes",
+    "checkpoint_contexts",
+    "comm_phase",
+    "identity_fwd_all_reduce_bwd",
+    "reduce_scatter",
+    "slice_for_rank",
+]
+
+PHASES: tuple[str, str, str] = ("forward", "backward", "recompute")
+
+
+# --- CommStats ------------------------------------------------------------------------------------
+
+
+class CommKey(NamedTuple):
+    """What a CommStats row counts: the collective `kind`, the mesh `axis` and the `phase`."""
+
+    kind: str
+    axis: str
+    phase: str
+
+
+class CommStats:
+    """Counts every collective actually issued, by (kind, axis, phase).
+
+    kind is "all_reduce", "all_to_all", "all_gather" or "reduce_scatter"; phase is
+    "forward", "backward" or "recompute" (a forward run again during the backward pass,
+    as activation checkpointing does). Ops on a size-1 axis issue nothing and count nothing.
+
+    Byte convention: `bytes` is what *one rank* sends into the collective, i.e. the
+    numel * element size of that rank's input tensor. For an all-gather that is the
+    local chunk; for a reduce-scatter, all-reduce or all-to-all the full local input.
+    Multiply by the group size for the bytes entering the collective over all ranks.
+
+    Example:
+        >>> stats = CommStats()
+        >>> with bind_axes(mesh.groups(), stats):
+        ...     y = all_to_all(x, "ep")
+        >>> stats.table()
+        [('all_to_all', 'ep', 'forward', 1, 4096)]
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()  # backward may run on autograd device threads
+        self._counts: dict[CommKey, list[int]] = {}
+
+    def record(self, kind: str, axis: str, phase: str, nbytes: int) -> None:
+        """Count one issued collective of `nbytes` bytes sent by this rank."""
+        if phase not in PHASES:
+            raise ValueError(f"unknown communication phase {phase!r}: expected one of {list(PHASES)}.")
+        with self._lock:
+            row = self._counts.setdefault(CommKey(kind, axis, phase), [0, 0])
+            row[0] += 1
+            row[1] += int(nbytes)
+
+    def table(self) -> list[tuple[str, str, str, int, int]]:
+        """Rows (kind, axis, phase, calls, bytes), sorted by kind, axis, then phase order."""
+        with self._lock:
+            items = sorted(self._counts.items(), key=lambda kv: (kv[0].kind, kv[0].axis, PHASES.index(kv[0].phase)))
+            return [(k.kind, k.axis, k.phase, calls, nbytes) for k, (calls, nbytes) in items]
+
+    def as_dict(self) -> dict[CommKey, dict[str, int]]:
+        """{CommKey(kind, axis, phase): {"calls": n, "bytes": b}}; CommKey is a plain tuple too."""
+        return {CommKey(*row[:3]): {"calls": row[3], "bytes": row[4]} for row in self.table()}
+
+    def calls(self, kind: str | None = None, axis: str | None = None, phase: str | None = None) -> int:
+        """Calls summed over the rows matching every given field (None matches all)."""
+        return sum(row[3] for row in self._select(kind, axis, phase))
+
+    def nbytes(self, kind: str | None = None, axis: str | None = None, phase: str | None = None) -> int:
+        """Bytes summed over the rows matching every given field (None matches all)."""
+        return sum(row[4] for row in self._select(kind, axis, phase))
+
+    def _select(self, kind: str | None, axis: str | None, phase: str | None) -> list[tuple]:
+        want = (kind, axis, phase)
+        return [row for row in self.table() if all(w is None or w == v for w, v in zip(want, row[:3]))]
+
+    def reset(self) -> None:
+        """Forget every count."""
+        with self._lock:
+            self._counts.clear()
+
+    def __str__(self) -> str:
+        rows = [("kind", "axis", "phase", "calls", "bytes")] + [tuple(map(str, r)) for r in self.table()]
+        widths = [max(len(r[i]) for r in rows) for i in range(5)]
+        return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows)
+
+    def __repr__(self) -> str:
+        return f"CommStats({self.table()!r})"
+
+
+# --- Axis binding and phase -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _AxisGroup:
+    """One bound axis as an op sees it; kept by the autograd Function for its backward."""
+
+    axis: str
+    group: dist.ProcessGroup | None
+    size: int
+    rank: int
+    stats: CommStats | None
+
+
+# Module-level rather than thread-local: CUDA backward runs on autograd device threads.
+_bindings: list[dict[str, _AxisGroup]] = []
+_phase_overrides: list[str] = []
+
+
+@contextlib.contextmanager
+def bind_axes(groups: dict[str, dist.ProcessGroup | None], stats: CommStats | None = None) -> Iterator[None]:
+    """Bind mesh axis names to process groups for the ops called inside the block.
+
+    Args:
+        groups: {axis: process group}, e.g. `TedMesh.groups()`. A value of None binds a
+            trivial axis of one rank (every op on it is a no-op), which lets a graph with
+            collectives run in one process without torch.distributed.
+        stats: where issued collectives are counted; None counts nothing.
+
+    The innermost binding wins entirely (axes are not merged with an outer binding).
+    Ops keep their group for backward, so `loss.backward()` may run after the block.
+    """
+    bound: dict[str, _AxisGroup] = {}
+    for axis, group in groups.items():
+        if not isinstance(axis, str):
+            raise TypeError(f"bind_axes expects axis names as str keys, found {axis!r}.")
+        if group is None:
+            bound[axis] = _AxisGroup(axis, None, 1, 0, stats)
+        else:
+            bound[axis] = _AxisGroup(axis, group, dist.get_world_size(group), dist.get_rank(group), stats)
+    with _rebind(bound):
+        yield
+
+
+def bound_axes() -> dict[str, int]:
+    """{axis: group size} of the innermost binding; {} when none is active."""
+    return {axis: g.size for axis, g in _bindings[-1].items()} if _bindings else {}
+
+
+@contextlib.contextmanager
+def comm_phase(phase: str) -> Iterator[None]:
+    """Count every collective issued inside the block under `phase` ("forward", "backward", "recompute").
+
+    Without an override, ops count "forward" in the forward pass, "backward" in the
+    backward pass, and "recompute" when a forward runs inside a backward pass.
+    """
+    if phase not in PHASES:
+        raise ValueError(f"unknown communication phase {phase!r}: expected one of {list(PHASES)}.")
+    _phase_overrides.append(phase)
+    try:
+        yield
+    finally:
+        _phase_overrides.pop()
+
+
+@contextlib.contextmanager
+def _rebind(bound: dict[str, _AxisGroup] | None) -> Iterator[None]:
+    if bound is None:
+        yield
+        return
+    _bindings.append(bound)
+    try:
+        yield
+    finally:
+        _bindings.pop()
+
+
+def checkpoint_contexts(
+    context_fn: Callable[[], tuple[ContextManager, ContextManager]] | None = None,
+) -> tuple[ContextManager, ContextManager]:
+    """A `context_fn` for `torch.utils.checkpoint` that lets checkpointed collectives recompute.
+
+    Recomputation runs the forward again inside the backward pass, after `bind_axes` has
+    usually exited. These contexts capture the binding active when the checkpointed
+    forward runs and re-enter it for the recomputation, counted under phase "recompute".
+
+    Args:
+        context_fn: another context_fn to combine with (e.g. selective checkpointing's
+            `functools.partial(create_selective_checkpoint_contexts, policy)`).
+
+    Returns:
+        (forward context, recompute context).
+
+    Example:
+        >>> y = checkpoint(block, x, use_reentrant=False, context_fn=checkpoint_contexts)
+    """
+    bound = _bindings[-1] if _bindings else None
+    if context_fn is None:
+        forward_ctx, recompute_ctx = contextlib.nullcontext(), contextlib.nullcontext()
+    else:
+        forward_ctx, recompute_ctx = context_fn()
+
+    @contextlib.contextmanager
+    def recompute() -> Iterator[None]:
+        with _rebind(bound), comm_phase("recompute"), recompute_ctx:
+            yield
+
+    return forward_ctx, recompute()
+
+
+def _lookup(axis: str, op: str) -> _AxisGroup:
+    if not isinstance(axis, str):
+        raise TypeError(f"{op}: axis must be a mesh axis name such as 'tp', found {axis!r}.")
+    if not _bindings:
+        hint = (
+            " This call runs inside a backward pass, i.e. an activation-checkpointing recomputation: "
+            "pass context_fn=tedfx.collectives.checkpoint_contexts to torch.utils.checkpoint."
+            if _compat.in_backward_pass()
+            else ""
+        )
+        raise RuntimeError(
+            f"{op}(..., axis={axis!r}) was called with no mesh axes bound. Run the graph inside "
+            f"`with tedfx.collectives.bind_axes(mesh.groups(), stats):` (the tedfx runtime does this), "
+            f"or bind the axis to None to run on one process.{hint}"
+        )
+    bound = _bindings[-1]
+    if axis not in bound:
+        raise RuntimeError(
+            f"{op}(..., axis={axis!r}): axis {axis!r} is not bound; bound axes are {sorted(bound)}. "
+            f"Add it to the groups given to bind_axes."
+        )
+    return bound[axis]
+
+
+def _phase(default: str) -> str:
+    if _phase_overrides:
+        return _phase_overrides[-1]
+    if default == "forward" and _compat.in_backward_pass():
+        return "recompute"
+    return default
+
+
+def _count(g: _AxisGroup, kind: str, sent: torch.Tensor, default_phase: str) -> None:
+    # A compiled graph runs without Python, so it cannot count per step; it counts nothing
+    # rather than counting once at trace time.
+    if g.stats is not None and not torch.compiler.is_compiling():
+        g.stats.record(kind, g.axis, _phase(default_phase), sent.numel() * sent.element_size())
+
+
+def _check_divisible(op: str, x: torch.Tensor, dim: int, g: _AxisGroup) -> int:
+    """Normalised `dim`, after checking it splits into `g.size` equal chunks."""
+    if not -x.dim() <= dim < x.dim():
+        raise ValueError(f"{op}: dim {dim} is out of range for a tensor of shape {tuple(x.shape)}.")
+    dim = dim % x.dim()
+    if x.shape[dim] % g.size:
+        raise ValueError(
+            f"{op} over axis {g.axis!r} splits dim {dim} of shape {tuple(x.shape)} into {g.size} equal "
+            f"chunks, but {x.shape[dim]} is not divisible by {g.size}; pad that dim to a multiple of {g.size}."
+        )
+    return dim
+
+
+# --- The collectives as issued (counted, waited) ----------------------------------------------
+
+
+def _issue_all_reduce(x: torch.Tensor, g: _AxisGroup, phase: str) -> torch.Tensor:
+    x = x.contiguous()
+    _count(g, "all_reduce", x, phase)
+    return _compat.wait_collective(_compat.funcol.all_reduce(x, "sum", g.group))
+
+
+def _issue_all_to_all(x: torch.Tensor, g: _AxisGroup, phase: str) -> torch.Tensor:
+    x = x.contiguous()
+    _count(g, "all_to_all", x, phase)
+    return _compat.wait_collective(_compat.funcol.all_to_all_single(x, None, None, g.group))
+
+
+def _issue_all_gather(x: torch.Tensor, dim: int, g: _AxisGroup, phase: str) -> torch.Tensor:
+    x = x.contiguous()
+    _count(g, "all_gather", x, phase)
+    return _compat.wait_collective(_compat.funcol_all_gather(x, dim, g.group))
+
+
+def _issue_reduce_scatter(x: torch.Tensor, dim: int, g: _AxisGroup, phase: str) -> torch.Tensor:
+    x = x.contiguous()
+    _count(g, "reduce_scatter", x, phase)
+    return _compat.wait_collective(_compat.funcol_reduce_scatter(x, "sum", dim, g.group))
+
+
+def _local_chunk(x: torch.Tensor, dim: int, g: _AxisGroup) -> torch.Tensor:
+    chunk = x.shape[dim] // g.size
+    return x.narrow(dim, g.rank * chunk, chunk)
+
+
+# --- autograd Functions ---------------------------------------------------------------------------
+
+
+class _AllReduce(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, g: _AxisGroup) -> torch.Tensor:
+        return _issue_all_reduce(x, g, "forward")
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad, None
+
+
+class _IdentityFwdAllReduceBwd(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, g: _AxisGroup) -> torch.Tensor:
+        ctx.g = g
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return _issue_all_reduce(grad, ctx.g, "backward"), None
+
+
+class _AllToAll(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, g: _AxisGroup) -> torch.Tensor:
+        ctx.g = g
+        return _issue_all_to_all(x, g, "forward")
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return _issue_all_to_all(grad, ctx.g, "backward"), None
+
+
+class _AllGather(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, dim: int, g: _AxisGroup) -> torch.Tensor:
+        ctx.g, ctx.dim = g, dim
+        return _issue_all_gather(x, dim, g, "forward")
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return _issue_reduce_scatter(grad, ctx.dim, ctx.g, "backward"), None, None
+
+
+class _ReduceScatter(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, dim: int, g: _AxisGroup) -> torch.Tensor:
+        ctx.g, ctx.dim = g, dim
+        return _issue_reduce_scatter(x, dim, g, "forward")
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return _issue_all_gather(grad, ctx.dim, ctx.g, "backward"), None, None
+
+
+class _SliceForRank(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, dim: int, g: _AxisGroup) -> torch.Tensor:
+        ctx.g, ctx.dim = g, dim
+        return _local_chunk(x, dim, g)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return _issue_all_gather(grad, ctx.dim, ctx.g, "backward"), None, None
+
+
+# --- Public ops -----------------------------------------------------------------------------------
+
+
+def all_reduce(x: torch.Tensor, axis: str) -> torch.Tensor:
+    """Sum `x` over the ranks of `axis`; the gradient passes through unchanged.
+
+    Megatron's "g": the output of a row-parallel region, whose downstream computation
+    is replicated over the axis (so each rank already holds the full gradient).
+
+    Args:
+        x: this rank's partial sum.
+        axis: mesh axis name, e.g. "tp".
+
+    Returns:
+        The sum over the axis, the same on every rank of the group.
+    """
+    g = _lookup(axis, "all_reduce")
+    return x if g.size == 1 else _AllReduce.apply(x, g)
+
+
+def identity_fwd_all_reduce_bwd(x: torch.Tensor, axis: str) -> torch.Tensor:
+    """Return `x` unchanged; in backward, sum the gradient over the ranks of `axis`.
+
+    Megatron's "f": the input of a column-parallel region. Each rank computes a partial
+    input gradient from its column shard; the all-reduce makes it whole.
+
+    Args:
+        x: a tensor replicated over the axis.
+        axis: mesh axis name, e.g. "tp".
+
+    Returns:
+        `x` (a view, so autograd sees the op).
+    """
+    g = _lookup(axis, "identity_fwd_all_reduce_bwd")
+    return x if g.size == 1 else _IdentityFwdAllReduceBwd.apply(x, g)
+
+
+def all_to_all(x: torch.Tensor, axis: str) -> torch.Tensor:
+    """Exchange equal chunks of dim 0 between the ranks of `axis` (backward: the same exchange).
+
+    Chunk i of dim 0 goes to the i-th rank of the group; the output's chunk j came from
+    rank j. For the MoE dispatch, dim 0 is the experts of the [E, C, H] buffer.
+
+    Args:
+        x: tensor whose dim 0 is divisible by the group size.
+        axis: mesh axis name, e.g. "ep".
+
+    Returns:
+        A tensor of the same shape.
+    """
+    g = _lookup(axis, "all_to_all")
+    if g.size == 1:
+        return x
+    _check_divisible("all_to_all", x, 0, g)
+    return _AllToAll.apply(x, g)
+
+
+def all_gather(x: torch.Tensor, axis: str, dim: int) -> torch.Tensor:
+    """Concatenate the ranks' `x` along `dim` in group-rank order.
+
+    Backward is the exact adjoint: the gradient is summed over the axis and each rank
+    keeps its own chunk (a reduce-scatter). That is right when each rank's downstream
+    contributes a partial gradient, as column-parallel expert FC1 does after DTD's gather.
+
+    Args:
+        x: this rank's chunk; the same shape on every rank.
+        axis: mesh axis name, e.g. "tp".
+        dim: tensor dim to concatenate along.
+
+    Returns:
+        A tensor whose `dim` is group-size times longer.
+    """
+    g = _lookup(axis, "all_gather")
+    if g.size == 1:
+        return x
+    if not -x.dim() <= dim < x.dim():
+        raise ValueError(f"all_gather: dim {dim} is out of range for a tensor of shape {tuple(x.shape)}.")
+    return _AllGather.apply(x, dim % x.dim(), g)
+
+
+def reduce_scatter(x: torch.Tensor, axis: str, dim: int) -> torch.Tensor:
+    """Sum `x` over the ranks of `axis` and keep this rank's 1/size chunk along `dim`.
+
+    Equal to `slice_for_rank(all_reduce(x, axis), axis, dim)` with 1/size of the traffic;
+    backward all-gathers the gradient.
+
+    Args:
+        x: this rank's partial sum; `dim` divisible by the group size.
+        axis: mesh axis name, e.g. "tp".
+        dim: tensor dim to scatter along.
+
+    Returns:
+        The chunk of the sum owned by this rank (group rank i gets chunk i).
+    """
+    g = _lookup(axis, "reduce_scatter")
+    if g.size == 1:
+        return x
+    dim = _check_divisible("reduce_scatter", x, dim, g)
+    return _ReduceScatter.apply(x, dim, g)
+
+
+def slice_for_rank(x: torch.Tensor, axis: str, dim: int) -> torch.Tensor:
+    """Narrow `x` (replicated over `axis`) to this rank's 1/size chunk along `dim`; no communication.
+
+    Backward all-gathers the gradient, so every rank gets the full input gradient
+    (Megatron's scatter-to-region convention for a replicated input).
+
+    Args:
+        x: a tensor replicated over the axis; `dim` divisible by the group size.
+        axis: mesh axis name, e.g. "tp".
+        dim: tensor dim to slice.
+
+    Returns:
+        Chunk i of `x` on group rank i (a view).
+    """
+    g = _lookup(axis, "slice_for_rank")
+    if g.size == 1:
+        return x
+    dim = _check_divisible("slice_for_rank", x, dim, g)
+    return _SliceForRank.apply(x, dim, g)
