@@ -81,3 +81,14 @@ def flatten_mesh_dims(mesh, dim_names: tuple[str, ...], name: str):
 
 
 __all__ += ["flatten_mesh_dims"]
+
+
+# --- autograd engine ------------------------------------------------------------------------------
+
+
+def queue_backward_callback(fn) -> None:
+    """Run `fn` once when the current backward pass finishes (what DDP uses to finalise grads)."""
+    torch.autograd.Variable._execution_engine.queue_callback(fn)
+
+
+__all__ += ["queue_backward_callback"]
