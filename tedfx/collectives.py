@@ -45,7 +45,10 @@ __all__ = [
     "all_to_all",
     "bind_axes",
     "bound_axes",
+    "CommCall",
+    "SimulatedAxis",
     "checkpoint_contexts",
+    "gather_replicated",
     "comm_phase",
     "identity_fwd_all_reduce_bwd",
     "reduce_scatter",
@@ -64,6 +67,17 @@ class CommKey(NamedTuple):
     kind: str
     axis: str
     phase: str
+
+
+class CommCall(NamedTuple):
+    """One traced collective call: what was sent, in what shape and dtype."""
+
+    kind: str
+    axis: str
+    phase: str
+    shape: tuple[int, ...]
+    dtype: str
+    nbytes: int
 
 
 class CommStats:
@@ -86,18 +100,24 @@ class CommStats:
         [('all_to_all', 'ep', 'forward', 1, 4096)]
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, trace: bool = False) -> None:
         self._lock = threading.Lock()  # backward may run on autograd device threads
         self._counts: dict[CommKey, list[int]] = {}
+        self.trace: list[CommCall] | None = [] if trace else None
+        """With trace=True, every call in issue order (for explain and the collective-order check)."""
 
-    def record(self, kind: str, axis: str, phase: str, nbytes: int) -> None:
-        """Count one issued collective of `nbytes` bytes sent by this rank."""
+    def record(self, kind: str, axis: str, phase: str, nbytes: int,
+               shape: tuple[int, ...] = (), dtype: torch.dtype | None = None) -> None:
+        """Count one issued collective of `nbytes` bytes sent by this rank (of `shape` and `dtype`)."""
         if phase not in PHASES:
             raise ValueError(f"unknown communication phase {phase!r}: expected one of {list(PHASES)}.")
         with self._lock:
             row = self._counts.setdefault(CommKey(kind, axis, phase), [0, 0])
             row[0] += 1
             row[1] += int(nbytes)
+            if self.trace is not None:
+                self.trace.append(CommCall(kind, axis, phase, tuple(shape), str(dtype).removeprefix("torch."),
+                                           int(nbytes)))
 
     def table(self) -> list[tuple[str, str, str, int, int]]:
         """Rows (kind, axis, phase, calls, bytes), sorted by kind, axis, then phase order."""
@@ -139,6 +159,19 @@ class CommStats:
 
 
 @dataclass(frozen=True)
+class SimulatedAxis:
+    """Binds an axis to `size` simulated ranks, this one being `rank`: nothing is sent.
+
+    Each op returns a result of the right shape (its own values stand in for the
+    other ranks') and counts exactly what a real run would issue. `tedfx.explain`
+    runs a rank's graph this way to predict its communication without processes.
+    """
+
+    size: int
+    rank: int
+
+
+@dataclass(frozen=True)
 class _AxisGroup:
     """One bound axis as an op sees it; kept by the autograd Function for its backward."""
 
@@ -173,6 +206,8 @@ def bind_axes(groups: dict[str, dist.ProcessGroup | None], stats: CommStats | No
             raise TypeError(f"bind_axes expects axis names as str keys, found {axis!r}.")
         if group is None:
             bound[axis] = _AxisGroup(axis, None, 1, 0, stats)
+        elif isinstance(group, SimulatedAxis):
+            bound[axis] = _AxisGroup(axis, group, group.size, group.rank, stats)
         else:
             bound[axis] = _AxisGroup(axis, group, dist.get_world_size(group), dist.get_rank(group), stats)
     with _rebind(bound):
@@ -281,7 +316,8 @@ def _count(g: _AxisGroup, kind: str, sent: torch.Tensor, default_phase: str) -> 
     # A compiled graph runs without Python, so it cannot count per step; it counts nothing
     # rather than counting once at trace time.
     if g.stats is not None and not torch.compiler.is_compiling():
-        g.stats.record(kind, g.axis, _phase(default_phase), sent.numel() * sent.element_size())
+        g.stats.record(kind, g.axis, _phase(default_phase), sent.numel() * sent.element_size(),
+                       tuple(sent.shape), sent.dtype)
 
 
 def _check_divisible(op: str, x: torch.Tensor, dim: int, g: _AxisGroup) -> int:
@@ -300,27 +336,39 @@ def _check_divisible(op: str, x: torch.Tensor, dim: int, g: _AxisGroup) -> int:
 # --- The collectives as issued (counted, waited) ----------------------------------------------
 
 
+def _simulated(g: _AxisGroup) -> bool:
+    return isinstance(g.group, SimulatedAxis)
+
+
 def _issue_all_reduce(x: torch.Tensor, g: _AxisGroup, phase: str) -> torch.Tensor:
     x = x.contiguous()
     _count(g, "all_reduce", x, phase)
+    if _simulated(g):
+        return x.clone()
     return _compat.wait_collective(_compat.funcol.all_reduce(x, "sum", g.group))
 
 
 def _issue_all_to_all(x: torch.Tensor, g: _AxisGroup, phase: str) -> torch.Tensor:
     x = x.contiguous()
     _count(g, "all_to_all", x, phase)
+    if _simulated(g):
+        return x.clone()
     return _compat.wait_collective(_compat.funcol.all_to_all_single(x, None, None, g.group))
 
 
 def _issue_all_gather(x: torch.Tensor, dim: int, g: _AxisGroup, phase: str) -> torch.Tensor:
     x = x.contiguous()
     _count(g, "all_gather", x, phase)
+    if _simulated(g):
+        return torch.cat([x] * g.size, dim=dim)
     return _compat.wait_collective(_compat.funcol_all_gather(x, dim, g.group))
 
 
 def _issue_reduce_scatter(x: torch.Tensor, dim: int, g: _AxisGroup, phase: str) -> torch.Tensor:
     x = x.contiguous()
     _count(g, "reduce_scatter", x, phase)
+    if _simulated(g):
+        return _local_chunk(x, dim, g).clone()
     return _compat.wait_collective(_compat.funcol_reduce_scatter(x, "sum", dim, g.group))
 
 
@@ -384,6 +432,17 @@ class _ReduceScatter(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         return _issue_all_gather(grad, ctx.dim, ctx.g, "backward"), None, None
+
+
+class _GatherReplicated(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, dim: int, g: _AxisGroup) -> torch.Tensor:
+        ctx.g, ctx.dim = g, dim
+        return _issue_all_gather(x, dim, g, "forward")
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return _local_chunk(grad, ctx.dim, ctx.g), None, None
 
 
 class _SliceForRank(torch.autograd.Function):
@@ -517,3 +576,26 @@ def slice_for_rank(x: torch.Tensor, axis: str, dim: int) -> torch.Tensor:
         return x
     dim = _check_divisible("slice_for_rank", x, dim, g)
     return _SliceForRank.apply(x, dim, g)
+
+
+def gather_replicated(x: torch.Tensor, axis: str, dim: int) -> torch.Tensor:
+    """Concatenate the ranks' `x` along `dim`, for a consumer that is replicated over `axis`.
+
+    Unlike `all_gather`, backward takes this rank's chunk of the gradient without
+    communicating: a replicated consumer gives every rank the whole gradient
+    already (DTD's gather before the combine).
+
+    Args:
+        x: this rank's chunk; the same shape on every rank.
+        axis: mesh axis name, e.g. "tp".
+        dim: tensor dim to concatenate along.
+
+    Returns:
+        A tensor whose `dim` is group-size times longer.
+    """
+    g = _lookup(axis, "gather_replicated")
+    if g.size == 1:
+        return x
+    if not -x.dim() <= dim < x.dim():
+        raise ValueError(f"gather_replicated: dim {dim} is out of range for a tensor of shape {tuple(x.shape)}.")
+    return _GatherReplicated.apply(x, dim % x.dim(), g)
