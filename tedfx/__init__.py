@@ -6,20 +6,31 @@
     print(tedfx.explain(model, (tokens,), moe=moe))
 """
 
-from .api import explain, moe_losses, to_moe
+from . import collectives
+from .api import moe_losses, to_moe
 from .capture import CaptureError, TedGraphModule, capture
 from .config import MoEConfig, ParallelConfig
+from .explain import explain
 from .report import Report
+from .runtime.launch import LaunchError, RankError, init_distributed, launch
+from .runtime.parallel import ParallelModule, parallelize
 
 __all__ = [
     "CaptureError",
+    "LaunchError",
+    "ParallelModule",
+    "RankError",
     "MoEConfig",
     "ParallelConfig",
     "Report",
     "TedGraphModule",
     "capture",
+    "collectives",
     "explain",
+    "init_distributed",
+    "launch",
     "moe_losses",
+    "parallelize",
     "to_moe",
 ]
 

@@ -8,12 +8,10 @@ from torch import nn
 
 from .capture import TedGraphModule
 from .compiler import build_moe_graph
-from .config import MoEConfig, ParallelConfig
+from .config import MoEConfig
 from .moe.routing import Router
-from .passes.runner import PassContext
-from .report import Report
 
-__all__ = ["explain", "moe_losses", "to_moe"]
+__all__ = ["moe_losses", "to_moe"]
 
 
 def to_moe(
@@ -63,57 +61,3 @@ def moe_losses(module: nn.Module) -> dict[str, float]:
             totals[key] += float(value)
     totals["blocks"] = len(routers)
     return totals
-
-
-def explain(
-    model: nn.Module,
-    example_inputs: tuple[Any, ...],
-    *,
-    moe: MoEConfig,
-    parallel: ParallelConfig | None = None,
-    world_size: int = 1,
-    example_kwargs: dict[str, Any] | None = None,
-) -> Report:
-    """What tedfx does to `model`, computed in this process without starting any others.
-
-    Args:
-        model: the dense model (not modified).
-        example_inputs: positional inputs of one call.
-        moe: the MoE rewrite.
-        parallel: the layout; its factorisation of `world_size` is validated.
-        world_size: ranks to predict for.
-
-    Returns:
-        A Report: converted FFNs with paths and dims, parameter counts before
-        and after (total and active per token), pass timings.
-
-    Example:
-        >>> print(tedfx.explain(model, (tokens,), moe=tedfx.MoEConfig(num_experts=8)))
-    """
-    if parallel is not None:
-        parallel.data_degree(world_size)
-    params_dense = _count_params(model)
-    moe_model = to_moe(model, example_inputs, moe=moe, example_kwargs=example_kwargs)
-    ctx: PassContext = moe_model.meta["tedfx_ctx"]
-    blocks = ctx.records["ffn_to_moe"]
-    params_moe = _count_params(moe_model)
-    params_active = params_moe - sum(b.moe_params - b.active_params for b in blocks)
-    found = [
-        {"index": m.index, "path": m.path, "kind": m.kind, "activation": m.activation,
-         "hidden_dim": m.hidden_dim, "ffn_dim": m.ffn_dim}
-        for m in ctx.records["find_ffns"]
-    ]
-    return Report(
-        model=type(model).__name__,
-        moe={f: getattr(moe, f) if not callable(getattr(moe, f)) else "<predicate>"
-             for f in moe.__dataclass_fields__},
-        blocks=list(blocks), ffns_found=found, params_dense=params_dense, params_moe=params_moe,
-        params_active=params_active, pass_timings=[(r.name, r.seconds) for r in ctx.timings],
-        parallel=None if parallel is None else {f: getattr(parallel, f) for f in parallel.__dataclass_fields__},
-        world_size=world_size,
-    )
-
-
-def _count_params(module: nn.Module) -> int:
-    """Distinct parameters (a tied weight counts once)."""
-    return sum(p.numel() for p in module.parameters())

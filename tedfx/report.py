@@ -30,8 +30,9 @@ class Report:
         params_moe: parameters of the MoE model.
         params_active: parameters one token uses in the MoE model (router + top_k experts per block).
         pass_timings: (pass name, seconds) of the rewrite.
-        parallel: the ParallelConfig as a dict, None for a single process.
         world_size: ranks the prediction is for.
+        parallel: the ParallelConfig as a dict, None for a single process.
+        layout: the mesh, e.g. "Layout(D=2 x X=2 x T=2 = 8 ranks)".
     """
 
     model: str
@@ -42,8 +43,16 @@ class Report:
     params_moe: int
     params_active: int
     pass_timings: list[tuple[str, float]] = field(default_factory=list)
-    parallel: dict[str, Any] | None = None
     world_size: int = 1
+    parallel: dict[str, Any] | None = None
+    layout: str | None = None
+    parameters: list[dict[str, Any]] = field(default_factory=list)
+    """Every state-dict tensor of rank 0: name, full and local shape, splits ("tp:0", "ep:0"), fused chunks."""
+    param_bytes_per_rank: dict[int, int] = field(default_factory=dict)
+    collectives: list[dict[str, Any]] = field(default_factory=list)
+    """Every collective rank 0 issues in one training step, in order: kind, axis, phase, shape, dtype, bytes."""
+    comm_table: list[list[Any]] = field(default_factory=list)
+    """Rank 0's step totals: [kind, axis, phase, calls, bytes] (what pm.comm_stats().table() measures)."""
 
     def to_dict(self) -> dict[str, Any]:
         def plain(x: Any) -> Any:
@@ -85,6 +94,28 @@ class Report:
         p.add_row("dense", _fmt_count(self.params_dense), _fmt_count(self.params_dense))
         p.add_row("MoE", _fmt_count(self.params_moe), _fmt_count(self.params_active))
         console.print(p)
+        if self.parallel is not None:
+            self._print_parallel(console, Table)
         if self.pass_timings:
             console.print("passes: " + ", ".join(f"{name} {sec * 1e3:.0f} ms" for name, sec in self.pass_timings))
         return buf.getvalue()
+
+    def _print_parallel(self, console: Any, Table: Any) -> None:
+        console.print(f"layout: {self.layout}")
+        sharded = [p for p in self.parameters if p["splits"]]
+        t = Table(title=f"Sharded parameters (rank 0; {len(self.parameters) - len(sharded)} others replicated)",
+                  title_justify="left")
+        for col in ("parameter", "full shape", "split", "rank-0 shape"):
+            t.add_column(col)
+        for p in sharded:
+            split = ", ".join(p["splits"]) + (f" per chunk {p['chunks']}" if p["chunks"] else "")
+            t.add_row(p["name"], str(tuple(p["full_shape"])), split, str(tuple(p["local_shape"])))
+        console.print(t)
+        sizes = sorted(set(self.param_bytes_per_rank.values()))
+        console.print("parameter bytes per rank: " + ", ".join(_fmt_count(b) + "B" for b in sizes))
+        c = Table(title="Collectives per training step (rank 0)", title_justify="left")
+        for col in ("kind", "axis", "phase", "calls", "bytes"):
+            c.add_column(col, justify="right" if col in ("calls", "bytes") else "left")
+        for kind, axis, phase, calls, nbytes in self.comm_table:
+            c.add_row(kind, axis, phase, str(calls), _fmt_count(nbytes) + "B")
+        console.print(c)
