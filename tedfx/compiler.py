@@ -16,6 +16,7 @@ from torch import nn
 from .capture import capture
 from .config import MoEConfig, ParallelConfig
 from .moe.experts import ExpertWeights
+from .passes.checkpoint import activation_checkpoint_pass, cache_all_to_all_pass, outline_regions_pass
 from .passes.drop_duplicate_tokens import drop_duplicate_tokens_pass
 from .passes.ffn_to_moe import ffn_to_moe_pass
 from .passes.find_ffns import find_ffns_pass
@@ -28,7 +29,14 @@ __all__ = ["MOE_PASSES", "PARALLEL_PASSES", "build_moe_graph", "grad_sync_params
 
 MOE_PASSES = [find_ffns_pass, ffn_to_moe_pass]
 """Dense graph -> MoE graph (what to_moe runs)."""
-PARALLEL_PASSES = [shard_tensor_parallel_pass, shard_experts_pass, drop_duplicate_tokens_pass]
+PARALLEL_PASSES = [
+    shard_tensor_parallel_pass,
+    shard_experts_pass,
+    drop_duplicate_tokens_pass,
+    activation_checkpoint_pass,
+    cache_all_to_all_pass,
+    outline_regions_pass,
+]
 """MoE graph -> one rank's TED graph."""
 
 

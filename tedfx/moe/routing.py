@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._compat import in_backward_pass
 from ..config import MoEConfig
 
 __all__ = ["RoutePlan", "Router", "assign_slots", "route", "router_losses"]
@@ -135,10 +136,10 @@ class Router(nn.Module):
         with torch.no_grad():
             self.weight.copy_(torch.randn(self.weight.shape, generator=generator) * 0.02)
 
-    def _noise_generator(self, device: torch.device) -> torch.Generator:
+    def _noise_generator(self, device: torch.device, call: int) -> torch.Generator:
         # The same (seed, layer, call) on every rank of a token group: same noise. Hashed, not summed:
         # a linear mix would replay layer l's noise as layer l + 1's, 10_007 calls later.
-        key = hashlib.blake2b(f"{self.moe.seed}/{self.layer}/{self.calls}".encode(), digest_size=8).digest()
+        key = hashlib.blake2b(f"{self.moe.seed}/{self.layer}/{call}".encode(), digest_size=8).digest()
         g = torch.Generator(device=device)
         g.manual_seed(int.from_bytes(key, "little") >> 1)
         return g
@@ -148,9 +149,14 @@ class Router(nn.Module):
         moe = self.moe
         x_SH = x_SH.float()
         noisy = self.training and moe.noisy_gate is not None
-        g = self._noise_generator(x_SH.device) if noisy else None
+        g = None
         if noisy:
-            self.calls += 1
+            # Activation checkpointing runs this forward again inside the backward: draw the
+            # noise of the forward being recomputed (the latest one), not new noise.
+            recompute = in_backward_pass()
+            g = self._noise_generator(x_SH.device, self.calls - 1 if recompute else self.calls)
+            if not recompute:
+                self.calls += 1
         if noisy and moe.noisy_gate == "jitter":
             u = torch.rand(x_SH.shape, generator=g, device=x_SH.device)
             x_SH = x_SH * (1.0 - moe.jitter_eps + 2.0 * moe.jitter_eps * u)

@@ -173,7 +173,7 @@ def _parent_stack(match: FFNMatch) -> dict:
     stack = match.fc1.node.meta.get("nn_module_stack", {})
     kept = {}
     for key, (path, typ) in stack.items():
-        if match.path and not (match.path == path or match.path.startswith(path + ".")):
+        if path and match.path and not (match.path == path or match.path.startswith(path + ".")):
             break
         kept[key] = (path, typ)
     return kept

@@ -411,6 +411,7 @@ def shard_tensor_parallel_pass(gm: fx.GraphModule, *, ctx: PassContext) -> fx.Gr
         if lin.x not in f_inputs:
             with graph.inserting_after(lin.x):
                 f_inputs[lin.x] = graph.call_function(collectives.identity_fwd_all_reduce_bwd, (lin.x, "tp"))
+            f_inputs[lin.x].meta["nn_module_stack"] = dict(node.meta.get("nn_module_stack", {}))
         node.replace_input_with(lin.x, f_inputs[lin.x])
         record["column"].append(lin.weight.target)
 
