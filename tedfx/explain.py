@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from torch import nn
@@ -94,6 +95,24 @@ def _add_parallel(report: Report, moe_model, ctx, parallel, layout, example_inpu
                                    for rank in range(layout.world_size) for c in [layout.coords(rank)]}
     report.collectives = [call._asdict() for call in rank0.comm.trace]
     report.comm_table = [list(row) for row in rank0.comm.table()]
+    report.comm_variants = _optimization_variants(moe_model, ctx, parallel, layout, example_inputs, example_kwargs,
+                                                  current=rank0.comm)
+
+
+def _optimization_variants(moe_model, ctx, parallel, layout, example_inputs, example_kwargs, current):
+    """Rank 0's bytes per step by collective kind, with and without DTD and CAC."""
+    variants = {"baseline": dict(dtd=False, cac=False), "dtd": dict(dtd=True, cac=False),
+                "cac": dict(dtd=False, cac=True), "dtd+cac": dict(dtd=True, cac=True)}
+    out = {}
+    for name, flags in variants.items():
+        variant = dataclasses.replace(parallel, **flags)
+        if variant == parallel:
+            stats = current
+        else:
+            stats = predict_rank(moe_model, ctx, parallel=variant, layout=layout, rank=0,
+                                 example_inputs=example_inputs, example_kwargs=example_kwargs).comm
+        out[name] = {f"{kind}/{axis}/{phase}": [calls, nbytes] for kind, axis, phase, calls, nbytes in stats.table()}
+    return out
 
 
 def _count_params(module: nn.Module) -> int:

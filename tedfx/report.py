@@ -53,6 +53,9 @@ class Report:
     """Every collective rank 0 issues in one training step, in order: kind, axis, phase, shape, dtype, bytes."""
     comm_table: list[list[Any]] = field(default_factory=list)
     """Rank 0's step totals: [kind, axis, phase, calls, bytes] (what pm.comm_stats().table() measures)."""
+    comm_variants: dict[str, dict[str, list[int]]] = field(default_factory=dict)
+    """Rank 0's step totals with and without each optimization: {"baseline"|"dtd"|"cac"|"dtd+cac":
+    {"kind/axis/phase": [calls, bytes]}}."""
 
     def to_dict(self) -> dict[str, Any]:
         def plain(x: Any) -> Any:
@@ -119,3 +122,14 @@ class Report:
         for kind, axis, phase, calls, nbytes in self.comm_table:
             c.add_row(kind, axis, phase, str(calls), _fmt_count(nbytes) + "B")
         console.print(c)
+        if self.comm_variants:
+            v = Table(title="With and without the communication optimizations (rank 0, per step)",
+                      title_justify="left")
+            v.add_column("variant")
+            for col in ("all-to-all calls", "all-to-all bytes", "all bytes"):
+                v.add_column(col, justify="right")
+            for name, rows in self.comm_variants.items():
+                a2a = [cb for key, cb in rows.items() if key.startswith("all_to_all/")]
+                v.add_row(name, str(sum(c for c, _ in a2a)), _fmt_count(sum(b for _, b in a2a)) + "B",
+                          _fmt_count(sum(b for _, b in rows.values())) + "B")
+            console.print(v)
