@@ -27,7 +27,7 @@ from .passes.sharding import ParamShard
 from .runtime.grad_sync import plan_buckets
 from .runtime.mesh import GROUP_AXES, Layout
 
-__all__ = ["RankPrediction", "predict_rank"]
+__all__ = ["RankPrediction", "predict_rank", "simulate_step", "simulated_axes"]
 
 
 @dataclass
@@ -64,6 +64,31 @@ def predict_rank(
     """Build `rank`'s graph and count what one training step on the example inputs communicates."""
     coords = layout.coords(rank)
     gm, ctx = shard_for_rank(moe_gm, moe_ctx, parallel=parallel, coords=coords)
+    stats = simulate_step(gm, layout=layout, rank=rank, bucket_mb=parallel.bucket_mb,
+                          example_inputs=example_inputs, example_kwargs=example_kwargs)
+    params = dict(gm.named_parameters())
+    return RankPrediction(
+        rank=rank, coords=coords, shards=param_shards(gm, ctx),
+        local_shapes={n: tuple(t.shape) for n, t in gm.state_dict().items()},
+        param_bytes=sum(p.numel() * p.element_size() for p in params.values()),
+        comm=stats, graph=gm,
+    )
+
+
+def simulate_step(
+    gm: fx.GraphModule,
+    *,
+    layout: Layout,
+    rank: int,
+    bucket_mb: float,
+    example_inputs: tuple[Any, ...],
+    example_kwargs: dict[str, Any] | None = None,
+) -> collectives.CommStats:
+    """One training step of a rank graph against simulated groups: the collectives it issues, traced.
+
+    Forward, then backward of the sum of the outputs, then the gradient sync's
+    bucket plan. Gradients are left on gm's parameters.
+    """
     stats = collectives.CommStats(trace=True)
     gm.train()
     with collectives.bind_axes(simulated_axes(layout, rank), stats):
@@ -72,12 +97,6 @@ def predict_rank(
     if leaves:
         torch.stack([t.float().sum() for t in leaves]).sum().backward()
     sizes = {axis: layout.size(axis) for axis in ("dp", "edp")}
-    for plan in plan_buckets(grad_sync_params(gm), sizes, parallel.bucket_mb):
+    for plan in plan_buckets(grad_sync_params(gm), sizes, bucket_mb):
         stats.record("all_reduce", plan.axis, "backward", plan.nbytes, (plan.nbytes // 4,), torch.float32)
-    params = dict(gm.named_parameters())
-    return RankPrediction(
-        rank=rank, coords=coords, shards=param_shards(gm, ctx),
-        local_shapes={n: tuple(t.shape) for n, t in gm.state_dict().items()},
-        param_bytes=sum(p.numel() * p.element_size() for p in params.values()),
-        comm=stats, graph=gm,
-    )
+    return stats

@@ -23,6 +23,8 @@ from ..compiler import build_moe_graph, grad_sync_params, param_shards, shard_fo
 from ..config import MoEConfig, ParallelConfig
 from ..passes.sharding import ParamShard, unshard_tensor
 from .._compat import pytree
+from ..check import CollectiveOrderError, compare_traces
+from ..predict import predict_rank
 from .grad_sync import GradSync
 from .mesh import TedMesh
 
@@ -117,6 +119,7 @@ def parallelize(
     parallel: ParallelConfig,
     example_kwargs: dict[str, Any] | None = None,
     check_inputs: bool = True,
+    check_collectives: bool = True,
 ) -> ParallelModule:
     """Turn a dense model into this rank's part of a TED-parallel MoE model. Call on every rank.
 
@@ -128,6 +131,9 @@ def parallelize(
         example_kwargs: one micro-batch's keyword inputs.
         check_inputs: check every call that all ranks pass the same input shapes
             (one small all-gather per forward); a mismatch is an error, not a hang.
+        check_collectives: before the first step, simulate one step of this rank's graph
+            and check with one all-gather that every process group's members would issue
+            the same collectives in the same order (tedfx.check); a mismatch is an error.
 
     Returns:
         The rank's ParallelModule.
@@ -146,6 +152,8 @@ def parallelize(
     mesh = TedMesh.build(parallel)
     _check_same_weights(model, mesh)
     moe_gm, moe_ctx = build_moe_graph(model, example_inputs, moe=moe, example_kwargs=example_kwargs)
+    if check_collectives:
+        _check_collective_order(moe_gm, moe_ctx, parallel, mesh, example_inputs, example_kwargs)
     gm, ctx = shard_for_rank(moe_gm, moe_ctx, parallel=parallel, coords=mesh.coords)
     del moe_gm
     return ParallelModule(gm, mesh, param_shards(gm, ctx), parallel, check_inputs)
@@ -179,3 +187,14 @@ def _check_same_weights(model: nn.Module, mesh: TedMesh) -> None:
                 f"Every rank must start from the same dense model: seed the initialisation identically "
                 f"(torch.manual_seed before building it) or load the same checkpoint on every rank."
             )
+
+
+def _check_collective_order(moe_gm, moe_ctx, parallel, mesh, example_inputs, example_kwargs) -> None:
+    """Simulate this rank's step, gather every rank's trace, and compare them group by group."""
+    mine = predict_rank(moe_gm, moe_ctx, parallel=parallel, layout=mesh.layout, rank=mesh.rank,
+                        example_inputs=example_inputs, example_kwargs=example_kwargs).comm.trace
+    traces: list[Any] = [None] * mesh.layout.world_size
+    dist.all_gather_object(traces, mine)
+    mismatches = compare_traces(dict(enumerate(traces)), mesh.layout)
+    if mismatches:
+        raise CollectiveOrderError(mismatches)

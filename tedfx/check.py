@@ -1,0 +1,115 @@
+"""The collective-order check: no rank can hang waiting for a collective its group never issues.
+
+Every rank of a process group must issue the same collectives, in the same
+order, with the same shapes and dtypes (DESIGN §2 pitfalls; a rank whose
+experts get no tokens included). The check simulates one training step of each
+rank's graph against simulated groups (tedfx.predict), keeps each rank's trace
+of calls, and compares the traces of the members of every group.
+`parallelize` runs it across the live ranks (one small all-gather);
+`tedfx inspect --check` and `check_collective_order` run it for every rank of a
+layout in one process.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+from .collectives import CommCall
+from .compiler import build_moe_graph
+from .config import MoEConfig, ParallelConfig
+from .predict import predict_rank
+from .runtime.mesh import GROUP_AXES, Layout
+
+__all__ = ["CollectiveOrderError", "OrderMismatch", "check_collective_order", "compare_traces"]
+
+
+@dataclass(frozen=True)
+class OrderMismatch:
+    """The first collective where two members of a group disagree."""
+
+    axis: str
+    group: tuple[int, ...]
+    index: int
+    """Position in the group's sequence of calls."""
+    rank: int
+    call: CommCall | None
+    """`rank`'s call there (None: it issued nothing more)."""
+    reference_rank: int
+    reference_call: CommCall | None
+
+    def __str__(self) -> str:
+        def show(c: CommCall | None) -> str:
+            return "nothing" if c is None else f"{c.kind}({c.phase}, shape={c.shape}, {c.dtype})"
+
+        return (f"group {self.axis} {list(self.group)}: call #{self.index} is {show(self.reference_call)} on "
+                f"rank {self.reference_rank} but {show(self.call)} on rank {self.rank}")
+
+
+class CollectiveOrderError(RuntimeError):
+    """Members of a process group would issue different collectives: a hang or a silent error at run time."""
+
+    def __init__(self, mismatches: list[OrderMismatch]) -> None:
+        self.mismatches = mismatches
+        lines = "\n  ".join(str(m) for m in mismatches[:8])
+        super().__init__(
+            f"{len(mismatches)} process group(s) would issue different collectives on different ranks, which "
+            f"hangs or corrupts the run:\n  {lines}\nEvery rank of a group must issue the same collectives in "
+            f"the same order with the same shapes: check passes that treat ranks differently.")
+
+
+def _key(call: CommCall) -> tuple:
+    return call.kind, call.shape, call.dtype
+
+
+def compare_traces(traces: dict[int, list[CommCall]], layout: Layout) -> list[OrderMismatch]:
+    """For every group with two or more traced members, the first call where a member differs from the first."""
+    mismatches = []
+    for axis in GROUP_AXES:
+        for group in layout.group_ranks(axis):
+            members = [r for r in group if r in traces]
+            if len(members) < 2:
+                continue
+            seqs = {r: [c for c in traces[r] if c.axis == axis] for r in members}
+            ref = members[0]
+            for r in members[1:]:
+                a, b = seqs[ref], seqs[r]
+                for i in range(max(len(a), len(b))):
+                    ca = a[i] if i < len(a) else None
+                    cb = b[i] if i < len(b) else None
+                    if ca is None or cb is None or _key(ca) != _key(cb):
+                        mismatches.append(OrderMismatch(axis, tuple(group), i, r, cb, ref, ca))
+                        break
+    return mismatches
+
+
+def check_collective_order(
+    model: nn.Module,
+    example_inputs: tuple[Any, ...],
+    *,
+    moe: MoEConfig,
+    parallel: ParallelConfig,
+    world_size: int,
+    example_kwargs: dict[str, Any] | None = None,
+) -> dict[int, list[CommCall]]:
+    """Build every rank's graph of the layout, in this process, and check their collectives agree.
+
+    Returns:
+        {rank: trace} when every group agrees.
+
+    Raises:
+        CollectiveOrderError: naming the group, the ranks and the first differing collective.
+    """
+    layout = Layout.build(world_size, parallel)
+    moe_gm, moe_ctx = build_moe_graph(model, example_inputs, moe=moe, example_kwargs=example_kwargs)
+    traces = {
+        rank: predict_rank(moe_gm, moe_ctx, parallel=parallel, layout=layout, rank=rank,
+                           example_inputs=example_inputs, example_kwargs=example_kwargs).comm.trace
+        for rank in range(world_size)
+    }
+    mismatches = compare_traces(traces, layout)
+    if mismatches:
+        raise CollectiveOrderError(mismatches)
+    return traces
