@@ -88,13 +88,17 @@ class MoEConfig:
             object.__setattr__(self, "layers", tuple(layers))
         if self.normalize_gates is None:
             object.__setattr__(self, "normalize_gates", self.top_k >= 2)
+        for name, factor in (("_capacity_ratio", self.capacity_factor), ("_eval_capacity_ratio",
+                                                                          self.eval_capacity_factor)):
+            ratio = Fraction(str(float(factor)))
+            object.__setattr__(self, name, (ratio.numerator, ratio.denominator))
 
     def capacity(self, num_tokens: int, *, training: bool = True) -> int:
         """C for a token group of `num_tokens` tokens (before any padding to a multiple of T)."""
-        cf = self.capacity_factor if training else self.eval_capacity_factor
-        # Exact arithmetic on the factor as written: in floats 1 * 1.1 * 100 / 10 rounds up to 12, not 11.
-        cf = Fraction(str(float(cf)))
-        return max(math.ceil(self.top_k * cf * num_tokens / self.num_experts), self.min_capacity)
+        # Exact integer arithmetic on the factor as written (in floats 1 * 1.1 * 100 / 10 rounds up to 12,
+        # not 11); integers also keep the formula traceable when num_tokens is symbolic.
+        num, den = self._capacity_ratio if training else self._eval_capacity_ratio
+        return max(-(-self.top_k * num * num_tokens // (den * self.num_experts)), self.min_capacity)
 
     def selects(self, index: int, path: str, num_ffns: int) -> bool:
         """Whether FFN number `index` (at module `path`, of `num_ffns`) becomes an MoE block."""
