@@ -135,3 +135,16 @@ class GPT(nn.Module):
         for block in self.h:
             x = block(x)
         return self.lm_head(self.ln_f(x))
+
+
+def demo_model(batch_size: int = 2, seq_len: int = 64, seed: int = 0) -> tuple[GPT, tuple[torch.Tensor]]:
+    """The demo's GPT (4 layers, hidden 128, 4 heads, block 64) and example tokens, seeded.
+
+    A factory in the form `tedfx inspect` takes:
+    `tedfx inspect tedfx.models.nanogpt:demo_model --experts 4 --layers every_other`.
+    """
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig(block_size=64, n_layer=4, n_head=4, n_embd=128))
+    tokens = torch.randint(0, model.config.vocab_size, (batch_size, seq_len),
+                           generator=torch.Generator().manual_seed(seed))
+    return model, (tokens,)

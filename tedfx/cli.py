@@ -1,0 +1,167 @@
+"""The `tedfx` command: `tedfx demo` and `tedfx inspect`.
+
+    tedfx demo                      # MoE GPT learns English on the CPU, about two minutes
+    tedfx demo --quick --json m.json
+    tedfx inspect tedfx.models.nanogpt:demo_model --experts 8 --top-k 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+from dataclasses import replace
+from typing import Any, Sequence
+
+__all__ = ["main", "build_parser"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tedfx",
+        description="Dense PyTorch model in, Mixture-of-Experts model out (DeepSpeed-TED parallelism).")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    demo = sub.add_parser("demo", help="convert a byte-level GPT to MoE and train it on the CPU",
+                          description="Convert a small byte-level GPT to MoE with tedfx.to_moe and train it "
+                                      "on the public-domain corpus shipped with tedfx (about two minutes on "
+                                      "two CPU cores).")
+    demo.add_argument("--steps", type=int, default=None, help="optimizer steps (default 300; 4 with --quick)")
+    demo.add_argument("--seed", type=int, default=0, help="seed of the model, the data and the sample")
+    demo.add_argument("--quick", action="store_true", help="a few small steps: checks the pipeline in seconds")
+    demo.add_argument("--json", metavar="PATH", default=None, help="write the metrics to PATH as JSON")
+    demo.add_argument("--dense", action="store_true", help="train the dense model instead, as a baseline")
+    demo.add_argument("--threads", type=int, default=1,
+                      help="torch threads (default 1, the fastest on a busy machine; try 2 on an idle one)")
+    demo.set_defaults(func=_cmd_demo)
+
+    inspect = sub.add_parser(
+        "inspect", help="show what tedfx does to a model",
+        description="Import MODULE, call FACTORY() -> (model, example_inputs) and print tedfx.explain: the "
+                    "FFNs found and converted, and the parameter counts. Example: "
+                    "tedfx inspect tedfx.models.nanogpt:demo_model")
+    inspect.add_argument("target", metavar="MODULE:FACTORY",
+                         help="a function returning (model, example_inputs), e.g. tedfx.models.nanogpt:demo_model")
+    inspect.add_argument("--experts", type=int, default=8, help="experts per MoE block (default 8)")
+    inspect.add_argument("--top-k", type=int, default=2, help="experts per token (default 2)")
+    inspect.add_argument("--layers", default="all",
+                         help='FFNs to convert: "all", "every_other" or indices like 1,3 (default all)')
+    inspect.add_argument("--capacity-factor", type=float, default=1.25, help="capacity factor (default 1.25)")
+    inspect.add_argument("--tensor", type=int, default=None, help="tensor-parallel degree T of the layout")
+    inspect.add_argument("--expert", type=int, default=None, help="expert-parallel degree X of the layout")
+    inspect.add_argument("--world-size", type=int, default=1, help="ranks to predict for (default 1)")
+    inspect.add_argument("--format", choices=("table", "json"), default="table", help="output format")
+    inspect.set_defaults(func=_cmd_inspect)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `tedfx` script; returns the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        return args.func(args)
+    except UsageError as e:
+        print(f"tedfx {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:  # output piped into e.g. `head`, which stopped reading
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+
+
+class UsageError(Exception):
+    """A command-line input the command cannot use; printed without a traceback."""
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from tedfx.demo import DemoConfig, quick_config, run_demo
+
+    if args.threads < 1:
+        raise UsageError(f"--threads {args.threads}: expected at least 1")
+    cfg = DemoConfig(seed=args.seed, dense=args.dense, threads=args.threads)
+    if args.quick:
+        cfg = quick_config(cfg)
+    if args.steps is not None:
+        if args.steps < 1:
+            raise UsageError(f"--steps {args.steps}: expected at least 1 step")
+        cfg = replace(cfg, steps=args.steps, warmup=min(cfg.warmup, args.steps))
+    run_demo(cfg, json_path=args.json)
+    return 0
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    import tedfx
+    from tedfx.passes.find_ffns import NoFFNFoundError
+
+    model, example_inputs = _call_factory(args.target)
+    try:
+        moe = tedfx.MoEConfig(num_experts=args.experts, top_k=args.top_k, layers=_parse_layers(args.layers),
+                              capacity_factor=args.capacity_factor)
+        parallel = None
+        if args.tensor is not None or args.expert is not None or args.world_size != 1:
+            parallel = tedfx.ParallelConfig(tensor=args.tensor or 1, expert=args.expert or 1)
+    except ValueError as e:
+        raise UsageError(str(e)) from e
+    try:
+        report = tedfx.explain(model, example_inputs, moe=moe, parallel=parallel, world_size=args.world_size)
+    except (tedfx.CaptureError, NoFFNFoundError) as e:
+        raise UsageError(f"tedfx cannot convert the model of {args.target}: {e}") from e
+    if args.format == "json":
+        text = report.to_json()
+        print(text if isinstance(text, str) else _dumps(text))
+    else:
+        print(report)
+    return 0
+
+
+def _call_factory(target: str) -> tuple[Any, tuple[Any, ...]]:
+    """Import `module:function`, call it, and check that it returned (model, example_inputs)."""
+    module_name, sep, attr = target.partition(":")
+    if not sep or not module_name or not attr:
+        raise UsageError(f"{target!r} is not MODULE:FACTORY; expected e.g. tedfx.models.nanogpt:demo_model")
+    sys.path.insert(0, "")  # like `python -m`: modules in the current directory are importable
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise UsageError(f"cannot import {module_name!r}: {e}") from e
+    finally:
+        sys.path.remove("")
+    factory = getattr(module, attr, None)
+    if not callable(factory):
+        raise UsageError(f"{module_name} has no function {attr!r}")
+    result = factory()
+
+    from torch import nn
+
+    if isinstance(result, nn.Module):
+        raise UsageError(f"{target}() returned a model only; it must return (model, example_inputs), "
+                         f"e.g. `return model, (tokens,)`, so that tedfx can trace the model on real inputs")
+    if not (isinstance(result, tuple) and len(result) == 2 and isinstance(result[0], nn.Module)):
+        raise UsageError(f"{target}() returned {type(result).__name__}; it must return (model, example_inputs)")
+    model, example_inputs = result
+    if not isinstance(example_inputs, tuple):
+        example_inputs = (example_inputs,)
+    return model, example_inputs
+
+
+def _parse_layers(text: str) -> Any:
+    if text in ("all", "every_other"):
+        return text
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise UsageError(f'--layers {text!r}: expected "all", "every_other" or FFN indices like 1,3') from None
+
+
+def _dumps(obj: Any) -> str:
+    import json
+
+    return json.dumps(obj, indent=2)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

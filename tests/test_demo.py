@@ -1,0 +1,139 @@
+"""The demo, its data and the `tedfx` command, end to end on the CPU."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import subprocess
+import sys
+from dataclasses import replace
+
+import pytest
+import torch
+from rich.console import Console
+
+from tedfx import cli
+from tedfx.data import decode, encode, get_batch, load_corpus, split_tokens
+from tedfx.demo import DemoConfig, run_demo
+
+# A demo small enough for the tests: 2 layers, hidden 64, E=4, k=2 on layer 1.
+SMALL = DemoConfig(n_layer=2, n_embd=64, n_head=4, block_size=32, batch_size=16, lr=1e-2, warmup=10,
+                   eval_batches=4, sample_bytes=16)
+
+
+def _quiet() -> Console:
+    return Console(file=io.StringIO(), width=100)
+
+
+# --- data -------------------------------------------------------------------------------------------
+
+
+def test_corpus_is_shipped_credited_and_of_the_promised_size() -> None:
+    from importlib import resources
+
+    raw = resources.files("tedfx.data").joinpath("corpus.txt").read_text(encoding="utf-8")
+    credits = raw.splitlines()[0]
+    assert "public domain" in credits.lower() and "Shakespeare" in credits
+    text = load_corpus()
+    assert not text.startswith(credits)  # the credits line is not training data
+    assert 40_000 <= len(text.encode("utf-8")) <= 100_000
+    assert "In the beginning God created the heaven and the earth." in text
+
+
+def test_batches_are_next_byte_pairs_and_repeat_for_a_seed() -> None:
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    x, y = get_batch("train", 4, 32, g1)
+    x2, y2 = get_batch("train", 4, 32, g2)
+    assert x.shape == y.shape == (4, 32) and x.dtype == torch.long
+    assert torch.equal(x[:, 1:], y[:, :-1])
+    assert torch.equal(x, x2) and torch.equal(y, y2)
+    assert int(x.max()) < 256 and int(x.min()) >= 0
+
+
+def test_train_and_val_splits_partition_the_corpus() -> None:
+    tokens = encode(load_corpus())
+    train, val = split_tokens(tokens)
+    assert train.numel() + val.numel() == tokens.numel()
+    assert 0.05 < val.numel() / tokens.numel() < 0.15
+    assert decode(tokens) == load_corpus()
+    with pytest.raises(ValueError, match="split"):
+        get_batch("test", 1, 8, torch.Generator())  # type: ignore[arg-type]
+
+
+# --- demo -------------------------------------------------------------------------------------------
+
+
+def test_demo_quick_runs_end_to_end_and_writes_metrics(tmp_path) -> None:
+    path = tmp_path / "metrics.json"
+    proc = subprocess.run([sys.executable, "-m", "tedfx.cli", "demo", "--quick", "--json", str(path)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "sample" in proc.stdout and "MoE GPT" in proc.stdout
+    metrics = json.loads(path.read_text())
+    assert metrics["steps"] == 4
+    for key in ("initial_train_loss", "initial_val_loss", "final_train_loss", "final_val_loss",
+                "seconds", "tokens_per_second"):
+        assert math.isfinite(metrics[key]) and metrics[key] > 0, key
+    # An untrained byte-level model starts near ln(256).
+    assert abs(metrics["initial_train_loss"] - math.log(256)) < 0.5
+    assert metrics["last_step_aux_loss"] > 0  # the model routes through MoE blocks
+    assert metrics["sample"].startswith(metrics["config"]["prompt"])
+
+
+def test_demo_is_deterministic_for_a_seed() -> None:
+    cfg = replace(SMALL, steps=3, eval_batches=1)
+    a = run_demo(cfg, console=_quiet())
+    b = run_demo(cfg, console=_quiet())
+    for key in ("initial_val_loss", "final_train_loss", "final_val_loss", "last_step_aux_loss", "sample"):
+        assert a[key] == b[key], key
+    c = run_demo(replace(cfg, seed=1), console=_quiet())
+    assert c["final_train_loss"] != a["final_train_loss"]
+
+
+def test_moe_model_learns_the_corpus() -> None:
+    metrics = run_demo(replace(SMALL, steps=100), console=_quiet())
+    assert metrics["final_train_loss"] < 0.8 * metrics["initial_train_loss"], metrics
+    assert metrics["final_val_loss"] < 0.8 * metrics["initial_val_loss"], metrics
+    assert metrics["last_step_aux_loss"] > 0
+
+
+# --- inspect ----------------------------------------------------------------------------------------
+
+
+def test_inspect_demo_model_prints_the_converted_ffns(capsys) -> None:
+    code = cli.main(["inspect", "tedfx.models.nanogpt:demo_model", "--experts", "4", "--layers", "every_other"])
+    out = capsys.readouterr().out
+    assert code == 0
+    for path in ("h.0.mlp", "h.1.mlp", "h.2.mlp", "h.3.mlp"):
+        assert path in out
+    assert "E=4" in out and out.count("yes") == 2
+
+
+def test_inspect_json_names_the_converted_blocks(capsys) -> None:
+    code = cli.main(["inspect", "tedfx.models.nanogpt:demo_model", "--experts", "4", "--top-k", "1",
+                     "--layers", "1,3", "--format", "json"])
+    assert code == 0
+    report = json.loads(capsys.readouterr().out)
+    assert [b["path"] for b in report["blocks"]] == ["h.1.mlp", "h.3.mlp"]
+    assert report["moe"]["num_experts"] == 4 and report["moe"]["top_k"] == 1
+
+
+def test_inspect_requires_a_model_and_example_inputs(tmp_path, monkeypatch, capsys) -> None:
+    (tmp_path / "user_models.py").write_text(
+        "from tedfx.models.nanogpt import GPT, GPTConfig\n"
+        "def model_only():\n"
+        "    return GPT(GPTConfig(n_layer=1, n_embd=32, n_head=2))\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert cli.main(["inspect", "user_models:model_only"]) == 2
+    err = capsys.readouterr().err
+    assert "(model, example_inputs)" in err
+    assert cli.main(["inspect", "user_models"]) == 2
+    assert "MODULE:FACTORY" in capsys.readouterr().err
+    assert cli.main(["inspect", "no_such_module_xyz:f"]) == 2
+    assert "cannot import" in capsys.readouterr().err
+
+
+def test_cli_without_a_command_prints_help(capsys) -> None:
+    assert cli.main([]) == 2
+    assert "demo" in capsys.readouterr().out
