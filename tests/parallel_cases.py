@@ -1,0 +1,404 @@
+"""Per-rank side of tests/test_parallel.py: every case of one world size, run in one launch.
+
+`run_cases(cases)` runs on every rank of a `tedfx.runtime.launch` and returns one
+result dict per case, in order. Starting ranks costs seconds, so the tests start
+one world per size and run all of its cases inside; the pytest side only asserts
+on the returned numbers and messages.
+
+Parity cases follow the oracle of DESIGN §2: the rank's ParallelModule against
+`tedfx.to_moe(model)` in the same process, on the rank's token group, for the
+forward, the loss of every step and the full state dict after a few AdamW steps.
+The reference accumulates one backward per token group and averages, which is
+what DDP semantics over the X * D token groups mean (the MoE aux loss enters each
+group's backward with weight 1).
+
+Error cases expect a ValueError raised on every rank before any rank can hang;
+they return its message. A parity case whose `parallelize` refuses the layout (its
+checks raise on every rank alike) returns the message too, so the other cases still
+run. Anything else that goes wrong propagates, and the launch names the case.
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+import tedfx
+from tedfx.check import CollectiveOrderError
+from tedfx.moe.experts import ExpertWeights
+from tedfx.moe.routing import Router
+from tedfx.runtime.parallel import parallelize
+
+from models import VOCAB, tiny_gpt, tiny_gpt2, tiny_llama
+
+__all__ = ["Case", "ErrorCase", "run_cases"]
+
+BATCH, SEQ = 2, 8
+STEPS = 3
+LR = 1e-3
+ADAM_EPS = 1e-6
+"""Adam's first step moves each weight by about lr * g / (|g| + eps). With the default eps of 1e-8, a
+gradient entry of ~1e-9 (summed in another order by the tensor-parallel partial sums) moves its weight
+by a visibly different amount, though the gradients agree to 1e-8; at 1e-6 the update stays a smooth
+function of the gradient at this scale. The step-0 gradients are compared directly as well."""
+TIMEOUT_S = 60.0
+"""ParallelConfig.timeout of every case: a collective that some rank never issues fails in a minute."""
+FORWARD_TOL = dict(rtol=1e-5, atol=1e-5)
+TRAINED_TOL = dict(rtol=1e-4, atol=1e-5)
+GRAD_TOL = dict(rtol=1e-4, atol=1e-6)
+
+
+@dataclass(frozen=True)
+class Case:
+    """One parity case: a model and MoE routing on layout (T, X); D is the world size / (T * X)."""
+
+    model: str
+    """"gpt" (tests/models.tiny_gpt), "gpt2" or "llama" (HF, dropout off)."""
+    tensor: int
+    expert: int
+    top_k: int = 1
+    dropless: bool = False
+    """False: capacity factor 1.0, so tokens are dropped; True: dropless routing."""
+    num_experts: int = 4
+
+    @property
+    def name(self) -> str:
+        routing = "dropless" if self.dropless else "cf1"
+        return f"{self.model}-T{self.tensor}X{self.expert}-top{self.top_k}-{routing}"
+
+    def moe(self) -> tedfx.MoEConfig:
+        return tedfx.MoEConfig(num_experts=self.num_experts, top_k=self.top_k, capacity_factor=1.0,
+                               min_capacity=1, drop_tokens=not self.dropless)
+
+
+@dataclass(frozen=True)
+class ErrorCase:
+    """Bad input that must raise a ValueError on every rank, promptly.
+
+    kind: "tensor_does_not_divide_world" (ParallelConfig(tensor=3) on a world not divisible by 3),
+        "experts_do_not_divide" (num_experts=3 with expert=2), "different_weights" (rank 1
+        perturbs one weight), "different_input_shapes" (rank 1 passes a longer sequence).
+    """
+
+    kind: str
+    tensor: int = 1
+    expert: int = 1
+
+    @property
+    def name(self) -> str:
+        return f"error-{self.kind}"
+
+
+# --- models --------------------------------------------------------------------------------------
+
+
+def _no_dropout(model: nn.Module) -> nn.Module:
+    """HF GPT-2 drops out by default: parity needs the same (no) masks in both runs."""
+    for m in model.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0
+    return model
+
+
+BUILDERS: dict[str, Callable[[], nn.Module]] = {
+    "gpt": lambda: tiny_gpt()[0],
+    "gpt2": lambda: _no_dropout(tiny_gpt2()[0]),
+    "llama": lambda: tiny_llama()[0],
+}
+TP_SHARDED = {
+    # Non-expert weights that Megatron tensor parallelism must split when T > 1 (one per layer).
+    "gpt": ("attn.c_attn.weight", "attn.c_proj.weight"),
+    "gpt2": ("attn.c_attn.weight", "attn.c_proj.weight"),
+    "llama": ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight",
+              "self_attn.o_proj.weight"),
+}
+_models: dict[str, nn.Module] = {}
+_captures: dict[tuple, tuple[nn.Module, nn.Module]] = {}
+
+
+def _model(name: str) -> nn.Module:
+    """The dense model, built once per rank (every builder seeds itself: same weights everywhere)."""
+    if name not in _models:
+        _models[name] = BUILDERS[name]()
+    return _models[name]
+
+
+def _cache_captures() -> None:
+    """Capture each (model, input shapes) once per rank; every pipeline gets a deep copy of it.
+
+    Capturing is the slow step and does not depend on the MoE or parallel config, so the cases
+    of one model only rerun the passes and the runtime, which are what they test.
+    """
+    real = tedfx.capture
+
+    def cached(model, example_inputs, example_kwargs=None, **kwargs):
+        shapes = tuple(tuple(t.shape) if isinstance(t, torch.Tensor) else t for t in example_inputs)
+        key = (id(model), model.training, shapes, repr(example_kwargs), repr(kwargs))
+        if key not in _captures:  # the model is kept with its capture, so its id stays unique
+            _captures[key] = (model, real(model, example_inputs, example_kwargs, **kwargs))
+        return copy.deepcopy(_captures[key][1])
+
+    for module in list(sys.modules.values()):
+        if getattr(module, "__name__", "").startswith("tedfx") and getattr(module, "capture", None) is real:
+            module.capture = cached
+
+
+def _logits(out: Any) -> torch.Tensor:
+    return out.logits if hasattr(out, "logits") else out
+
+
+def _loss(module: nn.Module, tokens: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(_logits(module(tokens)).flatten(0, 1), targets.flatten())
+
+
+def _batches(n_groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(tokens, targets), each [n_groups, BATCH, SEQ]: one micro-batch per token group, same on every rank."""
+    g = torch.Generator().manual_seed(1234)
+    tokens = torch.randint(0, VOCAB, (n_groups, BATCH, SEQ), generator=g)
+    targets = torch.randint(0, VOCAB, (n_groups, BATCH, SEQ), generator=g)
+    return tokens, targets
+
+
+def _mismatch(actual: torch.Tensor, expected: torch.Tensor, tol: dict) -> str | None:
+    """None when close, else assert_close's message."""
+    try:
+        torch.testing.assert_close(actual, expected, **tol)
+    except AssertionError as e:
+        return str(e)
+    return None
+
+
+def _max_abs(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.detach() - b.detach()).abs().max()) if a.numel() else 0.0
+
+
+# --- parity ----------------------------------------------------------------------------------------
+
+
+class _DropCounter:
+    """Counts dropped (token, choice) assignments (slot -1) of every Router call while enabled."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.dropped = 0
+        self.assignments = 0
+        self.enabled = True
+        self.handles = [m.register_forward_hook(self._hook) for m in module.modules() if isinstance(m, Router)]
+
+    def _hook(self, router, args, out) -> None:
+        if self.enabled:
+            slot_SK = out[1]
+            self.dropped += int((slot_SK < 0).sum())
+            self.assignments += slot_SK.numel()
+
+
+def _parity(case: Case) -> dict[str, Any]:
+    world = dist.get_world_size()
+    T, X = case.tensor, case.expert
+    n_groups = world // T  # X * D token groups, one per data-parallel replica
+    model = _model(case.model)
+    tokens, targets = _batches(n_groups)
+    moe = case.moe()
+    try:
+        pm = parallelize(model, (tokens[0],), moe=moe,
+                         parallel=tedfx.ParallelConfig(tensor=T, expert=X, timeout=TIMEOUT_S))
+    except (ValueError, CollectiveOrderError) as e:
+        # parallelize's checks raise on every rank alike, so the launch can go on to the next case.
+        return {"name": case.name, "rank": dist.get_rank(), "parallelize_error": f"{type(e).__name__}: {e}"}
+    ref = tedfx.to_moe(model, (tokens[0],), moe=moe)
+    c = pm.mesh.coords
+    group = c["edp"] * X + c["ep"]  # this rank's token group; the T ranks of a tensor group share it
+    result: dict[str, Any] = {"name": case.name, "rank": dist.get_rank(), "parallelize_error": None,
+                              "coords": dict(c), "layout": (T, X, pm.mesh.layout.data), "group": group}
+    result.update(_param_bytes(pm, ref, case))
+
+    # Step 0 forward, no grad: the same logits on the rank's micro-batch.
+    counter = _DropCounter(pm.graph)
+    with torch.no_grad():
+        out, expected = _logits(pm(tokens[group])), _logits(ref(tokens[group]))
+    counter.enabled = False
+    result.update(dropped=counter.dropped, assignments=counter.assignments,
+                  forward_err=_max_abs(out, expected), forward_mismatch=_mismatch(out, expected, FORWARD_TOL))
+
+    # STEPS AdamW steps on both; the reference averages the X * D groups' gradients as DDP does.
+    opt = torch.optim.AdamW(pm.parameters(), lr=LR, eps=ADAM_EPS)
+    ref_opt = torch.optim.AdamW(ref.parameters(), lr=LR, eps=ADAM_EPS)
+    losses, ref_losses = [], []
+    for step in range(STEPS):
+        opt.zero_grad(set_to_none=True)
+        loss = _loss(pm, tokens[group], targets[group])
+        loss.backward()
+        if step == 0:
+            grads = _full_grads(pm)
+        opt.step()
+        losses.append(float(loss.detach()))
+
+        ref_opt.zero_grad(set_to_none=True)
+        group_losses = []
+        for i in range(n_groups):
+            ref_loss = _loss(ref, tokens[i], targets[i])
+            ref_loss.backward()
+            group_losses.append(float(ref_loss.detach()))
+        for p in ref.parameters():
+            if p.grad is not None:
+                p.grad /= n_groups
+        if step == 0:
+            result.update(_compare_grads(grads, ref))
+        ref_opt.step()
+        ref_losses.append(group_losses[group])
+    result.update(losses=losses, ref_losses=ref_losses, comm=pm.comm_stats().table())
+    result.update(_compare_state(pm.full_state_dict(), ref.state_dict()))
+    return result
+
+
+def _full_grads(pm) -> dict[str, torch.Tensor]:
+    """The unsharded gradients: `pm.full_state_dict()` with each parameter's .grad in its place."""
+    params = dict(pm.graph.named_parameters())
+    saved = {name: p.data for name, p in params.items()}
+    try:
+        for p in params.values():
+            p.data = p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p)
+        full = pm.full_state_dict()
+    finally:
+        for name, p in params.items():
+            p.data = saved[name]
+    return {name: full[name] for name in full if name in params}
+
+
+def _compare_grads(grads: dict[str, torch.Tensor], ref: nn.Module) -> dict[str, Any]:
+    """Step-0 gradients against the reference's averaged ones (before either optimizer steps)."""
+    mismatch, errs = {}, {}
+    for name, p in ref.named_parameters():
+        expected = p.grad if p.grad is not None else torch.zeros_like(p)
+        actual = grads.get(name)
+        if actual is None or actual.shape != expected.shape:
+            mismatch[name] = f"no gradient of shape {tuple(expected.shape)}"
+            continue
+        errs[name] = _max_abs(actual, expected)
+        msg = _mismatch(actual, expected, GRAD_TOL)
+        if msg is not None:
+            mismatch[name] = msg
+    return {"grad_err": max(errs.values(), default=0.0), "grad_mismatch": mismatch}
+
+
+def _compare_state(full: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) -> dict[str, Any]:
+    state_mismatch = {}
+    errs = {}
+    for key, expected in ref.items():
+        if key not in full or expected.numel() == 0:
+            continue
+        actual = full[key]
+        if actual.shape != expected.shape:
+            state_mismatch[key] = f"shape {tuple(actual.shape)} != reference {tuple(expected.shape)}"
+            continue
+        errs[key] = _max_abs(actual, expected)
+        msg = _mismatch(actual, expected, TRAINED_TOL)
+        if msg is not None:
+            state_mismatch[key] = msg
+    return {"missing_keys": sorted(set(ref) - set(full)), "extra_keys": sorted(set(full) - set(ref)),
+            "state_err": max(errs.values(), default=0.0), "state_mismatch": state_mismatch}
+
+
+def _is_expert(module: nn.Module, name: str) -> bool:
+    owner = module.get_submodule(name.rpartition(".")[0])
+    return isinstance(owner, ExpertWeights)
+
+
+def _param_bytes(pm, ref: nn.Module, case: Case) -> dict[str, Any]:
+    """Bytes this rank holds per state-dict tensor, against what the layout says it must hold.
+
+    Expert weights (w1, w3, w2) and first biases (b1, b3) hold 1/(T*X) of the full tensor: E/X
+    experts, F/T of each. b2 [E/X, H] is added after the tensor-parallel sum, so it holds 1/X.
+    Non-expert tensors hold 1/T when `pm.shards` splits them over "tp", else all of it.
+
+    Returns:
+        The rank's byte totals (expert tensors without b2, expert b2, non-expert), the full
+        sizes of the same, the non-expert keys split over "tp", every tensor whose local size or
+        recorded split disagrees with the layout, and the attention projections that T > 1
+        should have split but did not.
+    """
+    T, X = case.tensor, case.expert
+    ref_state = ref.state_dict()
+    local_bytes = {"expert": 0, "expert_b2": 0, "dense": 0}
+    full_bytes = dict.fromkeys(local_bytes, 0)
+    wrong, tp_sharded = {}, []
+    for name, local in pm.graph.state_dict().items():
+        full = ref_state[name]
+        spec = pm.shards[name]
+        axes = sorted(axis for axis, _ in spec.splits)
+        if _is_expert(pm.graph, name):
+            kind = "expert_b2" if name.endswith(".b2") else "expert"
+            expected_axes = sorted(a for a, size in (("ep", X), ("tp", T if kind == "expert" else 1)) if size > 1)
+            divisor = X if kind == "expert_b2" else T * X
+        else:
+            kind = "dense"
+            expected_axes = ["tp"] if "tp" in axes else []
+            divisor = T if "tp" in axes else 1
+            if "tp" in axes:
+                tp_sharded.append(name)
+        local_bytes[kind] += local.numel() * local.element_size()
+        full_bytes[kind] += full.numel() * full.element_size()
+        if (tuple(spec.full_shape) != tuple(full.shape) or axes != expected_axes
+                or local.numel() * divisor != full.numel()):
+            wrong[name] = (f"local {tuple(local.shape)}, full {tuple(full.shape)}, splits {spec.splits}, "
+                           f"recorded full shape {spec.full_shape}, expected 1/{divisor} split over {expected_axes}")
+    missing_tp = [n for n in ref_state if T > 1 and n.endswith(TP_SHARDED[case.model]) and n not in tp_sharded]
+    return {"local_bytes": local_bytes, "full_bytes": full_bytes, "tp_sharded": tp_sharded,
+            "bytes_wrong": wrong, "missing_tp_shards": missing_tp}
+
+
+# --- errors ------------------------------------------------------------------------------------------
+
+
+def _error(case: ErrorCase) -> dict[str, Any]:
+    rank = dist.get_rank()
+    tokens, _ = _batches(1)
+    x = tokens[0]
+    moe = tedfx.MoEConfig(num_experts=4, top_k=1, min_capacity=1)
+    parallel = tedfx.ParallelConfig(tensor=case.tensor, expert=case.expert, timeout=TIMEOUT_S)
+    model = _model("gpt")
+    try:
+        if case.kind == "experts_do_not_divide":
+            moe = tedfx.MoEConfig(num_experts=3, top_k=1, min_capacity=1)
+        elif case.kind == "different_weights":
+            model = BUILDERS["gpt"]()  # a fresh copy: the shared one stays intact
+            if rank == 1:
+                with torch.no_grad():
+                    model.h[1].attn.c_proj.weight[0, 0] += 1e-3
+        pm = parallelize(model, (x,), moe=moe, parallel=parallel)
+        if case.kind == "different_input_shapes":
+            long = torch.randint(0, VOCAB, (BATCH, 2 * SEQ), generator=torch.Generator().manual_seed(7))
+            pm(long if rank == 1 else x)
+    except ValueError as e:
+        return {"name": case.name, "rank": rank, "error": str(e)}
+    return {"name": case.name, "rank": rank, "error": None}
+
+
+# --- entry point -------------------------------------------------------------------------------------
+
+
+def run_cases(cases: list[Case | ErrorCase]) -> list[dict[str, Any]]:
+    """Run every case on this rank, in order (all ranks run the same list).
+
+    Returns:
+        One result dict per case, with "name", "rank" and "seconds" (this rank's time on the case).
+    """
+    _cache_captures()
+    results = []
+    for case in cases:
+        start = time.perf_counter()
+        try:
+            result = _error(case) if isinstance(case, ErrorCase) else _parity(case)
+        except Exception as e:
+            e.add_note(f"in case {case.name}")
+            raise
+        result["seconds"] = time.perf_counter() - start
+        results.append(result)
+    return results
