@@ -24,14 +24,19 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     demo = sub.add_parser("demo", help="convert a byte-level GPT to MoE and train it on the CPU",
-                          description="Convert a small byte-level GPT to MoE with tedfx.to_moe and train it "
-                                      "on the public-domain corpus shipped with tedfx (about two minutes on "
-                                      "two CPU cores).")
+                          description="Convert a small byte-level GPT to MoE and train it with T=2 x X=2 "
+                                      "parallelism on 4 local CPU ranks (tedfx.parallelize), on the "
+                                      "public-domain corpus shipped with tedfx (a few minutes on two CPU "
+                                      "cores).")
     demo.add_argument("--steps", type=int, default=None, help="optimizer steps (default 300; 4 with --quick)")
     demo.add_argument("--seed", type=int, default=0, help="seed of the model, the data and the sample")
     demo.add_argument("--quick", action="store_true", help="a few small steps: checks the pipeline in seconds")
     demo.add_argument("--json", metavar="PATH", default=None, help="write the metrics to PATH as JSON")
     demo.add_argument("--dense", action="store_true", help="train the dense model instead, as a baseline")
+    demo.add_argument("--ranks", type=int, default=4,
+                      help="local CPU ranks (default 4, with --tensor 2 --expert 2); 1 runs in one process")
+    demo.add_argument("--tensor", type=int, default=2, help="tensor-parallel degree T (default 2)")
+    demo.add_argument("--expert", type=int, default=2, help="expert-parallel degree X (default 2)")
     demo.add_argument("--threads", type=int, default=1,
                       help="torch threads (default 1, the fastest on a busy machine; try 2 on an idle one)")
     demo.set_defaults(func=_cmd_demo)
@@ -82,7 +87,13 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
     if args.threads < 1:
         raise UsageError(f"--threads {args.threads}: expected at least 1")
-    cfg = DemoConfig(seed=args.seed, dense=args.dense, threads=args.threads)
+    if args.ranks < 1:
+        raise UsageError(f"--ranks {args.ranks}: expected at least 1")
+    if args.ranks > 1 and args.ranks % (args.tensor * args.expert):
+        raise UsageError(f"--ranks {args.ranks} is not a multiple of --tensor {args.tensor} x --expert "
+                         f"{args.expert} = {args.tensor * args.expert}")
+    cfg = DemoConfig(seed=args.seed, dense=args.dense, threads=args.threads, ranks=args.ranks,
+                     tensor=args.tensor, expert=args.expert)
     if args.quick:
         cfg = quick_config(cfg)
     if args.steps is not None:

@@ -1,27 +1,32 @@
 """`tedfx demo`: a byte-level GPT becomes an MoE model and learns English on the CPU.
 
 The run, in order:
-  1. build a dense nanoGPT-style model, seeded;
-  2. `tedfx.to_moe` rewrites every other FFN into an upcycled MoE block;
+  1. build a dense nanoGPT-style model, seeded (the same on every rank);
+  2. `tedfx.parallelize` rewrites every other FFN into an upcycled MoE block and
+     shards the model over 4 local CPU ranks, T=2 x X=2 (`--ranks 1`: one
+     process, `tedfx.to_moe`);
   3. measure the train and validation loss on fixed batches;
   4. train with AdamW (warmup, cosine decay), showing loss and MoE aux loss;
   5. measure the losses again and generate a text sample.
 
 The training step is `lm_loss(model, batch) -> loss` and the data come from
-`tedfx.data.get_batch`, so a parallel run swaps the model (and where each
-rank's batch comes from) without touching the loop.
+`tedfx.data.get_batch`; a parallel run swaps the model for the rank's
+ParallelModule and gives each data-parallel token group its own batches (the
+tensor ranks of a group share them), without touching the loop.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -47,7 +52,7 @@ class DemoConfig:
     steps: int = 300
     """Optimizer steps."""
     batch_size: int = 32
-    """Windows per step (B)."""
+    """Windows per step (B), over all data-parallel token groups."""
     block_size: int = 64
     """Bytes per window (S)."""
     n_layer: int = 4
@@ -72,6 +77,12 @@ class DemoConfig:
     seed: int = 0
     dense: bool = False
     """Train the dense model instead (a baseline to compare with)."""
+    tensor: int = 2
+    """T of the parallel run."""
+    expert: int = 2
+    """X of the parallel run."""
+    ranks: int = 4
+    """Local ranks (T * X * D); 1 runs in this process with tedfx.to_moe."""
     threads: int = 1
     """torch intra-op threads. One: on a 2-core machine shared with other work, two threads spin
     against each other and a step took 7x longer; one thread per process is also what each rank
@@ -80,6 +91,9 @@ class DemoConfig:
     def gpt(self) -> GPTConfig:
         return GPTConfig(vocab_size=VOCAB_SIZE, block_size=self.block_size, n_layer=self.n_layer,
                          n_head=self.n_head, n_embd=self.n_embd)
+
+    def parallel(self) -> tedfx.ParallelConfig:
+        return tedfx.ParallelConfig(tensor=self.tensor, expert=self.expert)
 
     def moe(self) -> tedfx.MoEConfig:
         return tedfx.MoEConfig(num_experts=self.num_experts, top_k=self.top_k, layers=self.layers,
@@ -153,11 +167,17 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: Batch,
     return loss.item()
 
 
-def train(model: nn.Module, cfg: DemoConfig, console: Console, loss_fn: LossFn = lm_loss) -> dict[str, float]:
-    """`cfg.steps` AdamW steps on train batches, with a progress bar; returns the last losses and seconds."""
+def train(model: nn.Module, cfg: DemoConfig, console: Console, loss_fn: LossFn = lm_loss, *,
+          token_group: int = 0, token_groups: int = 1) -> dict[str, Any]:
+    """`cfg.steps` AdamW steps on train batches, with a progress bar; returns the last losses and seconds.
+
+    Each of the `token_groups` data-parallel token groups trains on its own stream of
+    batch_size / token_groups windows (this rank's is `token_group`).
+    """
+    batch_size = cfg.batch_size // token_groups
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg))
-    data_gen = torch.Generator().manual_seed(cfg.seed)
+    data_gen = torch.Generator().manual_seed(cfg.seed * 1000 + token_group)
     loss, aux = math.nan, math.nan
     columns = (TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
                TextColumn("loss {task.fields[loss]:.4f}  aux {task.fields[aux]:.4f}"),
@@ -165,13 +185,20 @@ def train(model: nn.Module, cfg: DemoConfig, console: Console, loss_fn: LossFn =
     t0 = time.perf_counter()
     with Progress(*columns, console=console) as progress:
         task = progress.add_task("train", total=cfg.steps, loss=math.nan, aux=math.nan)
-        for _ in range(cfg.steps):
-            batch = get_batch("train", cfg.batch_size, cfg.block_size, data_gen)
+        for step in range(cfg.steps):
+            if step == cfg.steps - 1 and hasattr(model, "comm_stats"):
+                model.comm_stats().reset()  # count the collectives of one (the last) step
+            batch = get_batch("train", batch_size, cfg.block_size, data_gen)
             loss = train_step(model, optimizer, batch, loss_fn)
             schedule.step()
             aux = aux_loss_per_block(model)
             progress.update(task, advance=1, loss=loss, aux=aux)
-    return {"last_step_loss": loss, "last_step_aux_loss": aux, "train_seconds": time.perf_counter() - t0}
+    out: dict[str, Any] = {"last_step_loss": loss, "last_step_aux_loss": aux,
+                           "train_seconds": time.perf_counter() - t0}
+    if hasattr(model, "comm_stats"):
+        out["last_step_collectives"] = [list(row) for row in model.comm_stats().table()]
+        out["last_step_collectives_table"] = str(model.comm_stats())
+    return out
 
 
 def aux_loss_per_block(model: nn.Module) -> float:
@@ -193,6 +220,9 @@ def run_demo(cfg: DemoConfig, *, console: Console | None = None, json_path: str 
         (whole run), train_seconds, tokens_per_second, the last step's loss and
         aux loss (mean per MoE block), the sample and the config.
     """
+    if cfg.ranks > 1 and not cfg.dense:
+        results = tedfx.launch(_rank_demo, cfg.ranks, cfg, None if json_path is None else str(json_path))
+        return results[0]
     threads = torch.get_num_threads()
     torch.set_num_threads(cfg.threads)
     try:
@@ -201,12 +231,29 @@ def run_demo(cfg: DemoConfig, *, console: Console | None = None, json_path: str 
         torch.set_num_threads(threads)
 
 
+def _rank_demo(cfg: DemoConfig, json_path: str | None) -> dict[str, Any]:
+    """One rank of the parallel demo: rank 0 prints and writes the metrics."""
+    rank = dist.get_rank()
+    console = Console() if rank == 0 else Console(file=open(os.devnull, "w"), quiet=True)
+    return _run_demo(cfg, console, json_path if rank == 0 else None)
+
+
 def _run_demo(cfg: DemoConfig, console: Console, json_path: str | Path | None) -> dict[str, Any]:
     t_start = time.perf_counter()
 
     # 1-2. Dense model, then the MoE rewrite (the dense model is left untouched).
     dense, example_inputs = build_model(cfg)
-    if cfg.dense:
+    token_group, token_groups = 0, 1
+    if dist.is_initialized():
+        model = tedfx.parallelize(dense, example_inputs, moe=cfg.moe(), parallel=cfg.parallel())
+        coords = model.mesh.coords
+        token_group = coords["edp"] * cfg.expert + coords["ep"]
+        token_groups = dist.get_world_size() // cfg.tensor
+        console.print(f"MoE GPT on {model.mesh.layout}: {cfg.n_layer} layers, hidden {cfg.n_embd}, "
+                      f"{cfg.num_experts} experts, top-{cfg.top_k}, layers={cfg.layers!r}; rank 0 holds "
+                      f"{_count(model)} of the {_count(dense)} dense parameters' MoE model "
+                      f"(parallelized in {time.perf_counter() - t_start:.1f} s)")
+    elif cfg.dense:
         model = dense
         console.print(f"dense GPT: {cfg.n_layer} layers, hidden {cfg.n_embd}, {_count(model)} parameters")
     else:
@@ -223,7 +270,7 @@ def _run_demo(cfg: DemoConfig, console: Console, json_path: str | Path | None) -
                   f"val loss {metrics['initial_val_loss']:.4f}")
 
     # 4. Training.
-    metrics.update(train(model, cfg, console))
+    metrics.update(train(model, cfg, console, token_group=token_group, token_groups=token_groups))
 
     # 5. Losses after training, and a sample.
     metrics["final_train_loss"] = evaluate(model, "train", cfg)
@@ -242,9 +289,13 @@ def _run_demo(cfg: DemoConfig, console: Console, json_path: str | Path | None) -
         seconds=time.perf_counter() - t_start,
         tokens_per_second=cfg.steps * cfg.batch_size * cfg.block_size / train_seconds if train_seconds else 0.0,
         threads=torch.get_num_threads(),
+        ranks=dist.get_world_size() if dist.is_initialized() else 1,
         sample=sample,
         config=asdict(cfg),
     )
+    if "last_step_collectives_table" in metrics:
+        console.print("collectives of the last training step on rank 0:")
+        console.print(metrics.pop("last_step_collectives_table"), markup=False, highlight=False)
     console.print(f"{cfg.steps} steps in {train_seconds:.1f} s ({metrics['tokens_per_second']:.0f} tokens/s), "
                   f"{metrics['seconds']:.1f} s in all")
     if json_path is not None:
