@@ -17,9 +17,9 @@ from tedfx import cli
 from tedfx.data import decode, encode, get_batch, load_corpus, split_tokens
 from tedfx.demo import DemoConfig, run_demo
 
-# A demo small enough for the tests: 2 layers, hidden 64, E=4, k=2 on layer 1.
+# A demo small enough for the tests, in this process: 2 layers, hidden 64, E=4, k=2 on layer 1.
 SMALL = DemoConfig(n_layer=2, n_embd=64, n_head=4, block_size=32, batch_size=16, lr=1e-2, warmup=10,
-                   eval_batches=4, sample_bytes=16)
+                   eval_batches=4, sample_bytes=16, ranks=1)
 
 
 def _quiet() -> Console:
@@ -70,6 +70,9 @@ def test_demo_quick_runs_end_to_end_and_writes_metrics(tmp_path) -> None:
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "sample" in proc.stdout and "MoE GPT" in proc.stdout
+    # By default the demo runs T=2 x X=2 on 4 local ranks and shows the last step's collectives.
+    assert "Layout(D=1 x X=2 x T=2 = 4 ranks)" in proc.stdout
+    assert "all_to_all" in proc.stdout and "reduce_scatter" in proc.stdout
     metrics = json.loads(path.read_text())
     assert metrics["steps"] == 4
     for key in ("initial_train_loss", "initial_val_loss", "final_train_loss", "final_val_loss",
@@ -78,6 +81,9 @@ def test_demo_quick_runs_end_to_end_and_writes_metrics(tmp_path) -> None:
     # An untrained byte-level model starts near ln(256).
     assert abs(metrics["initial_train_loss"] - math.log(256)) < 0.5
     assert metrics["last_step_aux_loss"] > 0  # the model routes through MoE blocks
+    assert metrics["ranks"] == 4 and metrics["final_train_loss"] < metrics["initial_train_loss"]
+    kinds = {(kind, axis) for kind, axis, *_ in metrics["last_step_collectives"]}
+    assert {("all_to_all", "ep"), ("all_gather", "tp"), ("all_reduce", "dp")} <= kinds
     assert metrics["sample"].startswith(metrics["config"]["prompt"])
 
 
