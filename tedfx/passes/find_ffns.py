@@ -70,7 +70,8 @@ class FFNMatch:
     index: int
     """Position among the model's FFNs, in graph order (what MoEConfig.layers indexes)."""
     path: str
-    """Module path of the FFN: the longest common module path of its projections, e.g. "transformer.h.0.mlp"."""
+    """Module path of the FFN: the longest common module path of its projections' weights, e.g.
+    "transformer.h.0.mlp" (from the weights' names, so it holds for graphs without module metadata too)."""
     kind: Literal["mlp", "glu"]
     activation: str
     """"gelu", "gelu_tanh", "relu", "silu" or "relu2"."""
@@ -395,7 +396,7 @@ def _match(gm: fx.GraphModule, dg: nx.DiGraph, sources: list[fx.Node], target: f
     activation, ordered, dropout_p = _classify(gm, sources, inner_in_order, _data_input(projections[target]), ffn)
     refs = [projections[s] for s in ordered]
     return FFNMatch(
-        index=-1, path=_common_path([_module_path(r.node) for r in (*refs, projections[target])]),
+        index=-1, path=_common_path([r.weight.rpartition(".")[0] for r in (*refs, projections[target])]),
         kind="glu" if len(refs) == 2 else "mlp", activation=activation, hidden_dim=hidden, ffn_dim=ffn,
         entry=entry, exit=exit_node, nodes=tuple(region),
         fc1=refs[0], fc2=projections[target], up=refs[1] if len(refs) == 2 else None, dropout_p=dropout_p,

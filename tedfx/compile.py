@@ -1,0 +1,167 @@
+"""The torch.compile door: `torch.compile(model, backend="tedfx", options={"moe": ..., "parallel": ...})`.
+
+Dynamo hands the backend a torch-level FX graph whose parameters and buffers
+are graph inputs. The backend, in order:
+1. lifts those inputs back into a module that owns them under the model's own
+   names (so the state dict keys are the model's), and whose forward calls the
+   dynamo graph with the user inputs;
+2. runs the same pipeline as `tedfx.parallelize` on it (capture into the ATen
+   training IR, FFNs to MoE, sharding for this rank), or `tedfx.to_moe` when
+   torch.distributed is not initialised or no `parallel` is given;
+3. releases the storage of the model's dense parameters (tedfx trains its own
+   MoE copy; shapes stay, so dynamo's guards hold and nothing recompiles);
+4. returns a function that calls the rank's module on the user inputs.
+
+Training needs the MoE parameters: `tedfx.compiled_module(model)` returns the
+module tedfx built for `model` (after the first call), e.g. for the optimizer.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+import torch.fx as fx
+from torch import nn
+
+from .api import to_moe
+from .config import MoEConfig, ParallelConfig
+from .passes.find_ffns import NoFFNFoundError
+
+log = logging.getLogger(__name__)
+
+__all__ = ["compiled_module", "tedfx_backend"]
+
+# id of a model parameter -> the module tedfx built from the graph that read it.
+_BUILT: dict[int, nn.Module] = {}
+_SOURCE = re.compile(r"(?:^|_)(modules|parameters|buffers)_")
+_ROOT = re.compile(r"[lL]_(?:self|args_0|kwargs_self)_")
+
+
+def tedfx_backend(gm: fx.GraphModule, example_inputs: list[Any], options: dict[str, Any] | None = None
+                  ) -> Callable[..., Any]:
+    """A torch.compile backend: `torch.compile(model, backend="tedfx", options={"moe": MoEConfig(...),
+    "parallel": ParallelConfig(...)})`.
+
+    Options:
+        moe: the MoEConfig (required).
+        parallel: the ParallelConfig; with torch.distributed initialised the model is parallelized.
+        release_dense: free the storage of the model's dense parameters (default True).
+    """
+    options = dict(options or {})
+    moe = options.get("moe")
+    if not isinstance(moe, MoEConfig):
+        raise ValueError('torch.compile(backend="tedfx") needs options={"moe": tedfx.MoEConfig(...)}, '
+                         f'found {moe!r}.')
+    parallel: ParallelConfig | None = options.get("parallel")
+    lifted, user_positions, state_positions = _lift(gm, example_inputs)
+    user_inputs = tuple(example_inputs[i] for i in user_positions)
+    try:
+        if parallel is not None and dist.is_initialized():
+            from .runtime.parallel import parallelize
+
+            built: nn.Module = parallelize(lifted, user_inputs, moe=moe, parallel=parallel)
+        else:
+            built = to_moe(lifted, user_inputs, moe=moe)
+    except NoFFNFoundError:
+        # A graph break left this piece of the model without FFNs (every rank alike): it runs as captured.
+        log.warning("tedfx backend: a graph of %d nodes holds no FFN and runs unchanged; graph breaks split "
+                    "the model (HF models: set config.use_cache=False)", len(gm.graph.nodes))
+        return gm.forward
+    for i in state_positions:
+        _BUILT[id(example_inputs[i])] = built
+    if options.get("release_dense", True):
+        _release([example_inputs[i] for i in state_positions if isinstance(example_inputs[i], nn.Parameter)])
+    del lifted
+
+    def run(*args: Any) -> Any:
+        return built(*(args[i] for i in user_positions))
+
+    return run
+
+
+def compiled_module(model: nn.Module) -> nn.Module:
+    """The module tedfx built for `model` under torch.compile (a ParallelModule, or the to_moe module).
+
+    Exists after the compiled model's first call. Its parameters are the ones to train.
+    """
+    for p in model.parameters():
+        built = _BUILT.get(id(p))
+        if built is not None:
+            return built
+    raise LookupError("tedfx has not compiled this model yet: call the torch.compile'd model once first.")
+
+
+def _fqn(placeholder: str) -> str | None:
+    """Dynamo's placeholder name of a module tensor -> its state-dict key, e.g.
+    "l_self_modules_h_modules_0_modules_mlp_modules_c_fc_parameters_weight_" -> "h.0.mlp.c_fc.weight"."""
+    # The root is `self`, or `args[0]` when a decorator wraps the model's forward (HF models).
+    root = _ROOT.match(placeholder)
+    if root is None:
+        return None
+    name = placeholder[root.end():].rstrip("_")
+    if not _SOURCE.match(name):
+        return None
+    parts = _SOURCE.split(name)
+    # parts: ["", "modules", "h", "modules", "0", ..., "parameters", "weight"]
+    return ".".join(parts[2::2])
+
+
+class _Lifted(nn.Module):
+    """The dynamo graph as a module that owns its parameters and buffers under their model names."""
+
+    def __init__(self, gm: fx.GraphModule, tensors: dict[int, tuple[str, torch.Tensor]], n_inputs: int) -> None:
+        super().__init__()
+        self.graph_fn = gm
+        self._order = []
+        for position in range(n_inputs):
+            if position in tensors:
+                name, t = tensors[position]
+                owner = self
+                *path, leaf = name.split(".")
+                for part in path:
+                    if not hasattr(owner, part):
+                        owner.add_module(part, nn.Module())
+                    owner = getattr(owner, part)
+                if isinstance(t, nn.Parameter):
+                    owner.register_parameter(leaf, nn.Parameter(t.detach().clone(), requires_grad=t.requires_grad))
+                else:
+                    owner.register_buffer(leaf, t.detach().clone())
+                self._order.append(name)
+            else:
+                self._order.append(None)
+
+    def forward(self, *user_inputs: Any) -> Any:
+        it = iter(user_inputs)
+        args = [next(it) if name is None else self.get_parameter(name) if _is_param(self, name)
+                else self.get_buffer(name) for name in self._order]
+        return self.graph_fn(*args)
+
+
+def _is_param(module: nn.Module, name: str) -> bool:
+    owner, _, leaf = name.rpartition(".")
+    return leaf in (module.get_submodule(owner) if owner else module)._parameters
+
+
+def _lift(gm: fx.GraphModule, example_inputs: list[Any]) -> tuple[nn.Module, list[int], list[int]]:
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    tensors, user, state = {}, [], []
+    for i, (node, value) in enumerate(zip(placeholders, example_inputs)):
+        name = _fqn(node.name) if isinstance(value, torch.Tensor) else None
+        if name is not None:
+            tensors[i] = (name, value)
+            state.append(i)
+        else:
+            user.append(i)
+    # The graph module is not a child: its own attributes are not model state.
+    lifted = _Lifted(gm, tensors, len(placeholders))
+    return lifted, user, state
+
+
+def _release(params: list[nn.Parameter]) -> None:
+    """Free the storage of the model's dense parameters; shapes and strides stay (dynamo guards on them)."""
+    for p in params:
+        p.untyped_storage().resize_(0)
