@@ -47,6 +47,7 @@ __all__ = [
     "bound_axes",
     "CommCall",
     "SimulatedAxis",
+    "agree_max",
     "checkpoint_contexts",
     "gather_replicated",
     "comm_phase",
@@ -599,3 +600,27 @@ def gather_replicated(x: torch.Tensor, axis: str, dim: int) -> torch.Tensor:
     if not -x.dim() <= dim < x.dim():
         raise ValueError(f"gather_replicated: dim {dim} is out of range for a tensor of shape {tuple(x.shape)}.")
     return _GatherReplicated.apply(x, dim % x.dim(), g)
+
+
+def agree_max(value: int, axis: str) -> int:
+    """The largest `value` over the ranks of `axis` (an int all-reduce with MAX; no gradient).
+
+    Dropless routing sizes its expert buffers by the largest load of the step,
+    which differs between the token groups of an expert-parallel group; the
+    all-to-all needs one size for all of them.
+
+    Args:
+        value: this rank's number (e.g. its dropless capacity).
+        axis: mesh axis name, e.g. "ep".
+
+    Returns:
+        The maximum over the axis, the same on every rank of the group.
+    """
+    g = _lookup(axis, "agree_max")
+    if g.size == 1:
+        return value
+    t = torch.tensor([int(value)], dtype=torch.int64)
+    _count(g, "all_reduce", t, "forward")
+    if _simulated(g):
+        return int(value)
+    return int(_compat.wait_collective(_compat.funcol.all_reduce(t, "max", g.group)).item())

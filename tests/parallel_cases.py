@@ -33,6 +33,8 @@ from torch import nn
 
 import tedfx
 from tedfx.check import CollectiveOrderError
+from tedfx.compiler import build_moe_graph
+from tedfx.predict import predict_rank
 from tedfx.moe.experts import ExpertWeights
 from tedfx.moe.routing import Router
 from tedfx.runtime.parallel import parallelize
@@ -68,11 +70,25 @@ class Case:
     dropless: bool = False
     """False: capacity factor 1.0, so tokens are dropped; True: dropless routing."""
     num_experts: int = 4
+    dtd: bool = True
+    """ParallelConfig.dtd (duplicate token dropping)."""
+    checkpointing: str = "none"
+    """ParallelConfig.activation_checkpointing."""
+    cac: bool = True
+    """ParallelConfig.cac (only matters with checkpointing)."""
+    seq: int = SEQ
+    """Sequence length; 7 makes an odd capacity (14 tokens, E=4, k=2: C=7), padded to a multiple of T by DTD."""
 
     @property
     def name(self) -> str:
         routing = "dropless" if self.dropless else "cf1"
-        return f"{self.model}-T{self.tensor}X{self.expert}-top{self.top_k}-{routing}"
+        extra = ("" if self.dtd else "-nodtd") + ("" if self.checkpointing == "none" else f"-ckpt{self.checkpointing}") \
+            + ("" if self.cac or self.checkpointing == "none" else "-nocac") + ("" if self.seq == SEQ else f"-seq{self.seq}")
+        return f"{self.model}-T{self.tensor}X{self.expert}-top{self.top_k}-{routing}{extra}"
+
+    def parallel(self) -> tedfx.ParallelConfig:
+        return tedfx.ParallelConfig(tensor=self.tensor, expert=self.expert, dtd=self.dtd, cac=self.cac,
+                                    activation_checkpointing=self.checkpointing, timeout=TIMEOUT_S)
 
     def moe(self) -> tedfx.MoEConfig:
         return tedfx.MoEConfig(num_experts=self.num_experts, top_k=self.top_k, capacity_factor=1.0,
@@ -159,11 +175,11 @@ def _loss(module: nn.Module, tokens: torch.Tensor, targets: torch.Tensor) -> tor
     return F.cross_entropy(_logits(module(tokens)).flatten(0, 1), targets.flatten())
 
 
-def _batches(n_groups: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(tokens, targets), each [n_groups, BATCH, SEQ]: one micro-batch per token group, same on every rank."""
+def _batches(n_groups: int, seq: int = SEQ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(tokens, targets), each [n_groups, BATCH, seq]: one micro-batch per token group, same on every rank."""
     g = torch.Generator().manual_seed(1234)
-    tokens = torch.randint(0, VOCAB, (n_groups, BATCH, SEQ), generator=g)
-    targets = torch.randint(0, VOCAB, (n_groups, BATCH, SEQ), generator=g)
+    tokens = torch.randint(0, VOCAB, (n_groups, BATCH, seq), generator=g)
+    targets = torch.randint(0, VOCAB, (n_groups, BATCH, seq), generator=g)
     return tokens, targets
 
 
@@ -204,11 +220,10 @@ def _parity(case: Case) -> dict[str, Any]:
     T, X = case.tensor, case.expert
     n_groups = world // T  # X * D token groups, one per data-parallel replica
     model = _model(case.model)
-    tokens, targets = _batches(n_groups)
+    tokens, targets = _batches(n_groups, case.seq)
     moe = case.moe()
     try:
-        pm = parallelize(model, (tokens[0],), moe=moe,
-                         parallel=tedfx.ParallelConfig(tensor=T, expert=X, timeout=TIMEOUT_S))
+        pm = parallelize(model, (tokens[0],), moe=moe, parallel=case.parallel())
     except (ValueError, CollectiveOrderError) as e:
         # parallelize's checks raise on every rank alike, so the launch can go on to the next case.
         return {"name": case.name, "rank": dist.get_rank(), "parallelize_error": f"{type(e).__name__}: {e}"}
@@ -233,10 +248,14 @@ def _parity(case: Case) -> dict[str, Any]:
     losses, ref_losses = [], []
     for step in range(STEPS):
         opt.zero_grad(set_to_none=True)
+        if step == 1:
+            pm.comm_stats().reset()  # count exactly one training step
         loss = _loss(pm, tokens[group], targets[group])
         loss.backward()
         if step == 0:
             grads = _full_grads(pm)
+        if step == 1:
+            result["step_comm"] = pm.comm_stats().table()
         opt.step()
         losses.append(float(loss.detach()))
 
@@ -253,9 +272,17 @@ def _parity(case: Case) -> dict[str, Any]:
             result.update(_compare_grads(grads, ref))
         ref_opt.step()
         ref_losses.append(group_losses[group])
-    result.update(losses=losses, ref_losses=ref_losses, comm=pm.comm_stats().table())
+    result.update(losses=losses, ref_losses=ref_losses, comm=pm.comm_stats().table(),
+                  predicted_comm=_predicted_comm(model, tokens[0], moe, case, pm))
     result.update(_compare_state(pm.full_state_dict(), ref.state_dict()))
     return result
+
+
+def _predicted_comm(model: nn.Module, example: torch.Tensor, moe, case: Case, pm) -> list[tuple]:
+    """What explain predicts this rank issues in one training step (simulated, no communication)."""
+    moe_gm, moe_ctx = build_moe_graph(model, (example,), moe=moe)
+    return predict_rank(moe_gm, moe_ctx, parallel=case.parallel(), layout=pm.mesh.layout, rank=dist.get_rank(),
+                        example_inputs=(example,)).comm.table()
 
 
 def _full_grads(pm) -> dict[str, torch.Tensor]:

@@ -36,6 +36,15 @@ def _gpt_cases(layouts: list[tuple[int, int]]) -> list[Case]:
     return [Case("gpt", T, X, top_k=k, dropless=dropless) for T, X in layouts for k, dropless in _ROUTINGS]
 
 
+def _comm_cases(T: int, X: int) -> list[Case]:
+    """DTD and CAC each on and off (with activation checkpointing), and an odd capacity that DTD pads."""
+    return [Case("gpt", T, X, top_k=2, dtd=False),
+            Case("gpt", T, X, top_k=2, checkpointing="block", cac=False),
+            Case("gpt", T, X, top_k=2, checkpointing="block", cac=True),
+            Case("gpt", T, X, top_k=2, checkpointing="moe", cac=False, dtd=False),
+            Case("gpt", T, X, top_k=2, seq=7)]
+
+
 def _hf_cases(T: int, X: int) -> list[Case]:
     return [Case("gpt2", T, X, top_k=2), Case("llama", T, X, top_k=1), Case("llama", T, X, top_k=2, dropless=True)]
 
@@ -48,12 +57,15 @@ WORLD_CASES: dict[int, list[Case | ErrorCase]] = {
     ],
     4: [
         *_gpt_cases([(2, 2), (1, 4)]),
+        *_comm_cases(2, 2),
         *_hf_cases(2, 2),
         ErrorCase("tensor_does_not_divide_world", tensor=3),
         ErrorCase("different_input_shapes", tensor=2),
     ],
     8: [
         *_gpt_cases([(2, 2), (2, 4), (1, 2)]),
+        *_comm_cases(2, 2),
+        *_comm_cases(2, 4),
         *_hf_cases(2, 2),
     ],
 }
@@ -65,17 +77,6 @@ EXPECTED_ERRORS = {
     "tensor_does_not_divide_world": r"world size 4 is not divisible by tensor \* expert = 3 \* 1 = 3",
     "different_input_shapes": r"different input shapes .*rank 1: \[\(2, 16\)\]",
 }
-DROPLESS_EP_BUG = (
-    "dropless with X > 1: each rank sizes the capacity by its own token group's largest load, so the "
-    "expert all-to-all exchanges buffers of different sizes and gloo aborts a rank"
-)
-ORDER_CHECK_FALSE_ALARM = (
-    "parallelize's collective-order check simulates the tp all-reduces with each rank's own partial "
-    "sums, so dropless capacities differ between simulated tensor ranks and it refuses a layout that "
-    "runs correctly (tedfx.check.check_collective_order reproduces it in one process)"
-)
-FALSE_ALARM_CASES = {"gpt-T2X1D1-top2-dropless"}
-"""Cases parallelize refuses on every rank alike (ORDER_CHECK_FALSE_ALARM): they run, as strict xfails."""
 ERROR_WITHIN_S = 30.0
 """A bad input must fail well inside the collective timeout: nothing may wait for a peer that never comes."""
 
@@ -88,27 +89,14 @@ def _case_id(world: int, case: Case | ErrorCase) -> str:
     return f"{case.model}-T{case.tensor}X{case.expert}D{D}-top{case.top_k}-{routing}"
 
 
-def _aborts_launch(case: Case | ErrorCase) -> bool:
-    """A known bug that kills a rank: such a case would take its whole launch down, so it is not started."""
-    return isinstance(case, Case) and case.dropless and case.expert > 1
-
-
-def _marks(world: int, case: Case | ErrorCase) -> list:
-    if _aborts_launch(case):
-        return [pytest.mark.xfail(run=False, reason="known bug: see test_dropless_with_expert_parallelism_runs")]
-    if _case_id(world, case) in FALSE_ALARM_CASES:  # strict: a fix shows up as XPASS
-        return [pytest.mark.xfail(strict=True, reason=ORDER_CHECK_FALSE_ALARM)]
-    return []
-
-
 def _params(kind: type) -> list:
-    return [pytest.param(world, case, id=_case_id(world, case), marks=_marks(world, case))
+    return [pytest.param(world, case, id=_case_id(world, case))
             for world, cases in WORLD_CASES.items() for case in cases if isinstance(case, kind)]
 
 
 def _launch(world: int) -> dict[str, list[dict]]:
     """Run every case of `world` in one launch; {case name: [rank 0's result, rank 1's, ...]}."""
-    cases = [case for case in WORLD_CASES[world] if not _aborts_launch(case)]
+    cases = WORLD_CASES[world]
     start = time.perf_counter()
     per_rank = launch(run_cases, world, cases, backend="gloo", timeout=LAUNCH_TIMEOUT_S)
     seconds = time.perf_counter() - start
@@ -234,6 +222,46 @@ def test_collectives_follow_the_layout(request, world, case):
         assert expected <= issued, f"rank {r['rank']}: missing {sorted(expected - issued)}; issued {sorted(issued)}"
 
 
+def _by_key(table) -> dict[tuple, tuple[int, int]]:
+    return {(kind, axis, phase): (calls, nbytes) for kind, axis, phase, calls, nbytes in table}
+
+
+@pytest.mark.parametrize("world, case", _params(Case))
+def test_comm_stats_of_a_step_equal_explains_prediction(request, world, case):
+    """pm.comm_stats() of one training step == tedfx.explain's simulated prediction: kinds, axes, calls, bytes."""
+    if case.dropless:
+        pytest.skip("dropless: the capacity follows each step's routing, so bytes are predicted for the example only")
+    for r in _results(request, world, case):
+        assert _by_key(r["step_comm"]) == _by_key(r["predicted_comm"]), \
+            f"rank {r['rank']}: measured {r['step_comm']}\npredicted {r['predicted_comm']}"
+
+
+COMM_WORLDS = [(4, 2, 2), (8, 2, 2), (8, 2, 4)]
+
+
+@pytest.mark.parametrize("world, T, X", COMM_WORLDS)
+def test_dtd_divides_all_to_all_bytes_by_T(request, world, T, X):
+    with_dtd = _results(request, world, Case("gpt", T, X, top_k=2))
+    without = _results(request, world, Case("gpt", T, X, top_k=2, dtd=False))
+    for a, b in zip(with_dtd, without):
+        a2a, base = _by_key(a["step_comm"]), _by_key(b["step_comm"])
+        for phase in ("forward", "backward"):
+            calls, nbytes = a2a[("all_to_all", "ep", phase)]
+            base_calls, base_bytes = base[("all_to_all", "ep", phase)]
+            assert calls == base_calls and nbytes * T == base_bytes, \
+                f"rank {a['rank']} {phase}: DTD {calls} calls / {nbytes} B, baseline {base_calls} / {base_bytes} B"
+
+
+@pytest.mark.parametrize("world, T, X", COMM_WORLDS)
+def test_cac_issues_4_all_to_alls_per_moe_layer_instead_of_6(request, world, T, X):
+    layers = 2  # tests/models.tiny_gpt: every FFN is an MoE block
+    cases = {cac: Case("gpt", T, X, top_k=2, checkpointing="block", cac=cac) for cac in (True, False)}
+    for cac, expected in ((True, 4), (False, 6)):
+        for r in _results(request, world, cases[cac]):
+            calls = sum(c for (kind, axis, _), (c, _) in _by_key(r["step_comm"]).items() if kind == "all_to_all")
+            assert calls == expected * layers, f"rank {r['rank']} cac={cac}: {calls} all-to-alls per step"
+
+
 # --- bad input -------------------------------------------------------------------------------------------
 
 
@@ -245,15 +273,3 @@ def test_bad_input_raises_on_every_rank(request, world, case):
         assert r["error"] is not None, f"rank {r['rank']}: no error raised"
         assert re.search(pattern, r["error"]), f"rank {r['rank']}: {r['error']!r} does not match {pattern!r}"
         assert r["seconds"] < ERROR_WITHIN_S, f"rank {r['rank']} took {r['seconds']:.1f} s to fail"
-
-
-# --- known bugs --------------------------------------------------------------------------------------------
-
-
-@pytest.mark.xfail(strict=True, reason=DROPLESS_EP_BUG)
-def test_dropless_with_expert_parallelism_runs():
-    """The smallest layout of the bug, in a launch of its own. Once this passes, drop `_aborts_launch`."""
-    case = Case("gpt", 1, 2, top_k=1, dropless=True)
-    ranks = [result for (result,) in launch(run_cases, 2, [case], backend="gloo", timeout=LAUNCH_TIMEOUT_S)]
-    for key in ("parallelize_error", "forward_mismatch", "grad_mismatch", "state_mismatch"):
-        assert not _problems(ranks, key), "\n".join(_problems(ranks, key))

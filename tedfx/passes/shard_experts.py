@@ -8,7 +8,9 @@ For every MoE block, for the rank at (x, t):
        dispatch -> all_to_all(ep) -> experts_in -> f(tp) -> expert_fc1 -> expert_fc2
        -> all_reduce(tp) -> experts_out -> expert_bias -> all_to_all(ep) -> combine
    where f is identity forward / all-reduce backward (fc1 is column-parallel).
-   Collectives on an axis of size 1 are not emitted.
+   Collectives on an axis of size 1 are not emitted. Dropless routing first
+   agrees on the expert group's largest capacity (one int max-all-reduce),
+   so every rank exchanges buffers of one size.
 
 The inserted nodes carry node.meta["tedfx_moe"]["role"] so that
 drop_duplicate_tokens and cache_all_to_all can find them.
@@ -67,7 +69,7 @@ def shard_experts_pass(gm: fx.GraphModule, *, ctx: PassContext) -> fx.GraphModul
         for name in ("w1", "b1", "w3", "b3", "w2", "b2"):
             if name in roles:
                 _slice_expert_param(gm, roles[name].target, name, sizes, coords, record)
-        _rewrite_block(gm, path, roles, T, X)
+        _rewrite_block(gm, path, roles, T, X, ctx.moe.drop_tokens)
     return gm
 
 
@@ -85,7 +87,8 @@ def _slice_expert_param(gm, target, name, sizes, coords, record) -> None:
     record["params"][target] = spec
 
 
-def _rewrite_block(gm: fx.GraphModule, path: str, roles: dict[str, fx.Node], T: int, X: int) -> None:
+def _rewrite_block(gm: fx.GraphModule, path: str, roles: dict[str, fx.Node], T: int, X: int,
+                   drop_tokens: bool) -> None:
     graph = gm.graph
     dispatch, fc1, fc2, combine = roles["dispatch"], roles["expert_fc1"], roles["expert_fc2"], roles["combine"]
     index = dispatch.meta[MOE_META]["index"]
@@ -96,6 +99,15 @@ def _rewrite_block(gm: fx.GraphModule, path: str, roles: dict[str, fx.Node], T: 
         node.meta["nn_module_stack"] = dict(after.meta.get("nn_module_stack", {}))
         node.meta[MOE_META] = {"path": path, "role": role, "index": index}
         return node
+
+    # Dropless capacities follow each token group's largest load: the expert group agrees on the largest.
+    if X > 1 and not drop_tokens:
+        capacity = dispatch.args[3]
+        with graph.inserting_before(dispatch):
+            agreed = graph.call_function(collectives.agree_max, (capacity, "ep"))
+        agreed.meta["nn_module_stack"] = dict(dispatch.meta.get("nn_module_stack", {}))
+        agreed.meta[MOE_META] = {"path": path, "role": "agree_capacity", "index": index}
+        dispatch.replace_input_with(capacity, agreed)
 
     # Into the experts: dispatch -> all_to_all(ep) -> experts_in -> f(tp) -> fc1.
     x = dispatch
