@@ -57,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--expert", type=int, default=None, help="expert-parallel degree X of the layout")
     inspect.add_argument("--world-size", type=int, default=1, help="ranks to predict for (default 1)")
     inspect.add_argument("--format", choices=("table", "json"), default="table", help="output format")
+    inspect.add_argument("--check", action="store_true",
+                         help="build every rank's graph of the layout and check that each process group's "
+                              "members issue the same collectives in the same order (no processes started)")
     inspect.set_defaults(func=_cmd_inspect)
     return parser
 
@@ -117,6 +120,8 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
             parallel = tedfx.ParallelConfig(tensor=args.tensor or 1, expert=args.expert or 1)
     except ValueError as e:
         raise UsageError(str(e)) from e
+    if args.check:
+        return _check_order(model, example_inputs, moe, parallel, args.world_size)
     try:
         report = tedfx.explain(model, example_inputs, moe=moe, parallel=parallel, world_size=args.world_size)
     except (tedfx.CaptureError, NoFFNFoundError) as e:
@@ -126,6 +131,24 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
         print(text if isinstance(text, str) else _dumps(text))
     else:
         print(report)
+    return 0
+
+
+def _check_order(model: Any, example_inputs: tuple, moe: Any, parallel: Any, world_size: int) -> int:
+    """`tedfx inspect --check`: exit 0 when every group agrees, 1 (with the first mismatches) when not."""
+    from tedfx.check import CollectiveOrderError, check_collective_order
+
+    if parallel is None:
+        raise UsageError("--check needs a layout: give --tensor, --expert and --world-size")
+    try:
+        traces = check_collective_order(model, example_inputs, moe=moe, parallel=parallel, world_size=world_size)
+    except CollectiveOrderError as e:
+        print(f"collective order: FAILED\n{e}")
+        return 1
+    calls = {len(t) for t in traces.values()}
+    print(f"collective order: OK: the {world_size} ranks of T={parallel.tensor} x X={parallel.expert} x "
+          f"D={world_size // (parallel.tensor * parallel.expert)} issue matching collectives in every group "
+          f"({'/'.join(map(str, sorted(calls)))} calls per rank per step)")
     return 0
 
 

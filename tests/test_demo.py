@@ -143,3 +143,13 @@ def test_inspect_requires_a_model_and_example_inputs(tmp_path, monkeypatch, caps
 def test_cli_without_a_command_prints_help(capsys) -> None:
     assert cli.main([]) == 2
     assert "demo" in capsys.readouterr().out
+
+
+def test_inspect_check_passes_on_a_layout(capsys) -> None:
+    code = cli.main(["inspect", "tedfx.models.nanogpt:demo_model", "--experts", "4", "--tensor", "2",
+                     "--expert", "2", "--world-size", "4", "--check"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "collective order: OK" in out and "T=2 x X=2 x D=1" in out
+    assert cli.main(["inspect", "tedfx.models.nanogpt:demo_model", "--check"]) == 2
+    assert "--check needs a layout" in capsys.readouterr().err
