@@ -57,7 +57,21 @@ def tedfx_backend(gm: fx.GraphModule, example_inputs: list[Any], options: dict[s
         raise ValueError('torch.compile(backend="tedfx") needs options={"moe": tedfx.MoEConfig(...)}, '
                          f'found {moe!r}.')
     parallel: ParallelConfig | None = options.get("parallel")
-    lifted, user_positions, state_positions = _lift(gm, example_inputs)
+    user_positions, state_positions = _positions(gm, example_inputs)
+
+    def run_with(built: nn.Module) -> Callable[..., Any]:
+        def run(*args: Any) -> Any:
+            return built(*(args[i] for i in user_positions))
+
+        return run
+
+    # A recompile (new strides, a dim turned dynamic) reads the same model: reuse what was built
+    # (its dense storage may already be released).
+    previous = {id(_BUILT.get(id(example_inputs[i]))) for i in state_positions}
+    if state_positions and len(previous) == 1 and _BUILT.get(id(example_inputs[state_positions[0]])) is not None:
+        return run_with(_BUILT[id(example_inputs[state_positions[0]])])
+    lifted = _Lifted(gm, {i: (_fqn(_placeholders(gm)[i].name), example_inputs[i]) for i in state_positions},
+                     user_positions, {i: v for i, v in enumerate(example_inputs) if not isinstance(v, torch.Tensor)})
     user_inputs = tuple(example_inputs[i] for i in user_positions)
     try:
         if parallel is not None and dist.is_initialized():
@@ -76,11 +90,7 @@ def tedfx_backend(gm: fx.GraphModule, example_inputs: list[Any], options: dict[s
     if options.get("release_dense", True):
         _release([example_inputs[i] for i in state_positions if isinstance(example_inputs[i], nn.Parameter)])
     del lifted
-
-    def run(*args: Any) -> Any:
-        return built(*(args[i] for i in user_positions))
-
-    return run
+    return run_with(built)
 
 
 def compiled_module(model: nn.Module) -> nn.Module:
@@ -111,54 +121,56 @@ def _fqn(placeholder: str) -> str | None:
 
 
 class _Lifted(nn.Module):
-    """The dynamo graph as a module that owns its parameters and buffers under their model names."""
+    """The dynamo graph as a module that owns its parameters and buffers under their model names.
 
-    def __init__(self, gm: fx.GraphModule, tensors: dict[int, tuple[str, torch.Tensor]], n_inputs: int) -> None:
+    forward(*tensors) takes the user's tensor inputs in order. Sizes that dynamo made symbolic
+    graph inputs are passed as the example's values: capture then decides afresh which dims
+    are dynamic.
+    """
+
+    def __init__(self, gm: fx.GraphModule, tensors: dict[int, tuple[str, torch.Tensor]],
+                 user_positions: list[int], constants: dict[int, Any]) -> None:
         super().__init__()
         self.graph_fn = gm
-        self._order = []
-        for position in range(n_inputs):
-            if position in tensors:
-                name, t = tensors[position]
-                owner = self
-                *path, leaf = name.split(".")
-                for part in path:
-                    if not hasattr(owner, part):
-                        owner.add_module(part, nn.Module())
-                    owner = getattr(owner, part)
-                if isinstance(t, nn.Parameter):
-                    owner.register_parameter(leaf, nn.Parameter(t.detach().clone(), requires_grad=t.requires_grad))
-                else:
-                    owner.register_buffer(leaf, t.detach().clone())
-                self._order.append(name)
+        self._names = {i: name for i, (name, _) in tensors.items()}
+        self._others = user_positions
+        self._constants = constants
+        for name, t in tensors.values():
+            owner = self
+            *path, leaf = name.split(".")
+            for part in path:
+                if not hasattr(owner, part):
+                    owner.add_module(part, nn.Module())
+                owner = getattr(owner, part)
+            if isinstance(t, nn.Parameter):
+                owner.register_parameter(leaf, nn.Parameter(t.detach().clone(), requires_grad=t.requires_grad))
             else:
-                self._order.append(None)
+                owner.register_buffer(leaf, t.detach().clone())
 
-    def forward(self, *user_inputs: Any) -> Any:
-        it = iter(user_inputs)
-        args = [next(it) if name is None else self.get_parameter(name) if _is_param(self, name)
-                else self.get_buffer(name) for name in self._order]
+    def forward(self, *inputs: Any) -> Any:
+        args: list[Any] = [None] * (len(self._names) + len(self._others) + len(self._constants))
+        for i, value in self._constants.items():
+            args[i] = value
+        for i, value in zip(self._others, inputs):
+            args[i] = value
+        for i, name in self._names.items():
+            owner, _, leaf = name.rpartition(".")
+            module = self.get_submodule(owner) if owner else self
+            args[i] = getattr(module, leaf)
         return self.graph_fn(*args)
 
 
-def _is_param(module: nn.Module, name: str) -> bool:
-    owner, _, leaf = name.rpartition(".")
-    return leaf in (module.get_submodule(owner) if owner else module)._parameters
+def _placeholders(gm: fx.GraphModule) -> list[fx.Node]:
+    return [n for n in gm.graph.nodes if n.op == "placeholder"]
 
 
-def _lift(gm: fx.GraphModule, example_inputs: list[Any]) -> tuple[nn.Module, list[int], list[int]]:
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    tensors, user, state = {}, [], []
-    for i, (node, value) in enumerate(zip(placeholders, example_inputs)):
-        name = _fqn(node.name) if isinstance(value, torch.Tensor) else None
-        if name is not None:
-            tensors[i] = (name, value)
-            state.append(i)
-        else:
-            user.append(i)
-    # The graph module is not a child: its own attributes are not model state.
-    lifted = _Lifted(gm, tensors, len(placeholders))
-    return lifted, user, state
+def _positions(gm: fx.GraphModule, example_inputs: list[Any]) -> tuple[list[int], list[int]]:
+    """(positions of the user's tensor inputs, positions of the model's parameters and buffers)."""
+    user, state = [], []
+    for i, (node, value) in enumerate(zip(_placeholders(gm), example_inputs)):
+        if isinstance(value, torch.Tensor):
+            (state if _fqn(node.name) is not None else user).append(i)
+    return user, state
 
 
 def _release(params: list[nn.Parameter]) -> None:
