@@ -7,7 +7,6 @@ it for any coordinates without starting processes. Both use this one list.
 from __future__ import annotations
 
 import copy
-import functools
 from typing import Any
 
 import torch.fx as fx

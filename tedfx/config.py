@@ -6,8 +6,7 @@ tensor — so they can be hashed, printed, compared and sent between ranks.
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass
 from fractions import Fraction
 from typing import Callable, Literal, Sequence, Union
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import torch
 import torch.fx as fx
 import pytest
 

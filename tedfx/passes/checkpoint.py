@@ -151,11 +151,12 @@ def _outline(gm: fx.GraphModule, nodes: list[fx.Node], name: str) -> str:
     with gm.graph.inserting_after(last):
         call = gm.graph.call_module(name, tuple(inputs))
     call.meta["nn_module_stack"] = dict(last.meta.get("nn_module_stack", {}))
+    anchor = call
     for i, n in enumerate(outputs):
-        with gm.graph.inserting_after(call if i == 0 else prev):
-            prev = gm.graph.call_function(operator.getitem, (call, i))
-        prev.meta = {k: v for k, v in n.meta.items() if k != REGION_META}
-        n.replace_all_uses_with(prev, delete_user_cb=lambda user: user not in inside)
+        with gm.graph.inserting_after(anchor):
+            anchor = gm.graph.call_function(operator.getitem, (call, i))
+        anchor.meta = {k: v for k, v in n.meta.items() if k != REGION_META}
+        n.replace_all_uses_with(anchor, delete_user_cb=lambda user: user not in inside)
     for n in reversed(nodes):
         gm.graph.erase_node(n)
     return name

@@ -27,14 +27,14 @@ import logging
 import operator
 from collections import defaultdict, deque
 from dataclasses import dataclass, replace
-from typing import Callable, Literal
+from typing import Literal
 
 import networkx as nx
 import torch
 import torch.fx as fx
-import torch.nn.functional as F
 
 from .._compat import dropout_targets
+from ..moe.ops import ACTIVATIONS as _EXPERT_ACTIVATIONS
 from .runner import PassContext
 
 __all__ = ["LinearRef", "FFNMatch", "NoFFNFoundError", "ACTIVATIONS", "find_ffns", "find_ffns_pass"]
@@ -99,14 +99,8 @@ class NoFFNFoundError(ValueError):
     """The graph has no FFN region tedfx can convert."""
 
 
-# The activations tedfx converts, as torch code: a region's subgraph must compute one of these.
-ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-    "gelu": F.gelu,
-    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
-    "relu": F.relu,
-    "silu": F.silu,
-    "relu2": lambda x: F.relu(x).square(),
-}
+# The activations tedfx converts (the experts compute them): a region's subgraph must compute one of these.
+ACTIVATIONS = _EXPERT_ACTIVATIONS
 
 # Ops that move or recast values without mixing them; identity for classification.
 _VIEW_LIKE = {

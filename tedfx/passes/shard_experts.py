@@ -18,7 +18,6 @@ drop_duplicate_tokens and cache_all_to_all can find them.
 
 from __future__ import annotations
 
-import torch
 import torch.fx as fx
 from torch import nn
 
