@@ -4,11 +4,16 @@
     moe = tedfx.MoEConfig(num_experts=8, top_k=2, layers="every_other")
     moe_model = tedfx.to_moe(model, (tokens,), moe=moe)
     print(tedfx.explain(model, (tokens,), moe=moe))
+
+    pm = tedfx.parallelize(model, (tokens,), moe=moe, parallel=tedfx.ParallelConfig(tensor=2, expert=2))
+    compiled = torch.compile(model, backend="tedfx", options={"moe": moe, "parallel": parallel})
 """
 
 from . import collectives
 from .api import moe_losses, to_moe
 from .capture import CaptureError, TedGraphModule, capture
+from .check import CollectiveOrderError, check_collective_order
+from .compile import compiled_module
 from .config import MoEConfig, ParallelConfig
 from .explain import explain
 from .report import Report
@@ -17,6 +22,7 @@ from .runtime.parallel import ParallelModule, parallelize
 
 __all__ = [
     "CaptureError",
+    "CollectiveOrderError",
     "LaunchError",
     "ParallelModule",
     "RankError",
@@ -25,6 +31,8 @@ __all__ = [
     "Report",
     "TedGraphModule",
     "capture",
+    "check_collective_order",
+    "compiled_module",
     "collectives",
     "explain",
     "init_distributed",
