@@ -8,9 +8,11 @@ from typing import Any
 from torch import nn
 
 from .api import to_moe
+from .capture import capture
 from .config import MoEConfig, ParallelConfig
+from .graph_summary import summarize_graph
 from .passes.runner import PassContext
-from .predict import predict_rank
+from .predict import predict_rank, simulated_axes
 from .report import Report
 from .runtime.mesh import Layout
 
@@ -41,7 +43,8 @@ def explain(
         after (total and active per token); with `parallel`, the sharding of every
         parameter, per-rank parameter bytes, and every collective of one training
         step on rank 0 (kind, axis, phase, shape, bytes), predicted by running the
-        rank's graph against simulated process groups.
+        rank's graph against simulated process groups; `graphs` holds the dense
+        graph and rank 0's rewritten graph for `Report.to_svg` / `to_html`.
 
     Example:
         >>> print(tedfx.explain(model, (tokens,), moe=moe, parallel=tedfx.ParallelConfig(tensor=2, expert=2),
@@ -67,6 +70,10 @@ def explain(
     )
     if layout is not None:
         _add_parallel(report, moe_model, ctx, parallel, layout, example_inputs, example_kwargs)
+    else:
+        report.graphs["rank0"] = summarize_graph(moe_model, example_inputs, example_kwargs)
+    report.graphs["dense"] = summarize_graph(capture(model, example_inputs, example_kwargs), example_inputs,
+                                             example_kwargs)
     return report
 
 
@@ -95,6 +102,8 @@ def _add_parallel(report: Report, moe_model, ctx, parallel, layout, example_inpu
                                    for rank in range(layout.world_size) for c in [layout.coords(rank)]}
     report.collectives = [call._asdict() for call in rank0.comm.trace]
     report.comm_table = [list(row) for row in rank0.comm.table()]
+    report.graphs["rank0"] = summarize_graph(rank0.graph, example_inputs, example_kwargs,
+                                             axes=simulated_axes(layout, 0))
     report.comm_variants = _optimization_variants(moe_model, ctx, parallel, layout, example_inputs, example_kwargs,
                                                   current=rank0.comm)
 

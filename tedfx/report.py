@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import html
 import io
 import json
-from dataclasses import asdict, dataclass, field, is_dataclass
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from pathlib import Path
 from typing import Any
 
 __all__ = ["Report"]
@@ -56,6 +58,9 @@ class Report:
     comm_variants: dict[str, dict[str, list[int]]] = field(default_factory=dict)
     """Rank 0's step totals with and without each optimization: {"baseline"|"dtd"|"cac"|"dtd+cac":
     {"kind/axis/phase": [calls, bytes]}}."""
+    graphs: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    """Node lists (`tedfx.graph_summary.summarize_graph`) of the "dense" captured graph and of "rank0"'s
+    rewritten graph (the MoE graph for a single process): what `to_dot`, `to_svg` and `to_html` draw."""
 
     def to_dict(self) -> dict[str, Any]:
         def plain(x: Any) -> Any:
@@ -73,6 +78,65 @@ class Report:
 
     def to_json(self, indent: int = 2) -> str:
         return json.dumps(self.to_dict(), indent=indent)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Report":
+        """A Report from `to_dict()`'s output (blocks come back as MoEBlockRecords)."""
+        from .passes.ffn_to_moe import MoEBlockRecord
+
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"not a tedfx report: unknown fields {unknown}; expected some of {sorted(known)}.")
+        data = dict(data)
+        data["blocks"] = [MoEBlockRecord(**b) if isinstance(b, dict) else b for b in data.get("blocks", [])]
+        data["pass_timings"] = [tuple(t) for t in data.get("pass_timings", [])]
+        data["param_bytes_per_rank"] = {int(r): b for r, b in data.get("param_bytes_per_rank", {}).items()}
+        return cls(**data)
+
+    @classmethod
+    def from_json(cls, text: str) -> "Report":
+        """A Report read back from `to_json()`, e.g. to draw a saved report again."""
+        return cls.from_dict(json.loads(text))
+
+    def _graph(self, which: str) -> list[dict[str, Any]]:
+        if which not in self.graphs:
+            raise ValueError(f"the report has no graph {which!r}; it has {sorted(self.graphs)} "
+                             f"(tedfx.explain fills 'dense' and 'rank0').")
+        return self.graphs[which]
+
+    def to_dot(self, which: str = "rank0") -> str:
+        """The graph `which` ("rank0" or "dense") as DOT, one cluster per transformer and MoE block."""
+        from .viz import to_dot
+
+        return to_dot(self._graph(which), f"{self.model}: {self._title(which)}")
+
+    def to_svg(self, which: str = "rank0", **options: Any) -> str:
+        """The graph `which` as a standalone SVG picture; `options` as in `tedfx.viz.to_svg`."""
+        from .viz import to_svg
+
+        return to_svg(self._graph(which), f"{self.model}: {self._title(which)}", **options)
+
+    def to_html(self) -> str:
+        """A self-contained HTML page: the tables, rank 0's graph and a before/after view of one block."""
+        from .viz import to_html
+
+        return to_html(self)
+
+    def save(self, path: str | Path) -> Path:
+        """Write the report as .json, .dot, .svg or .html, chosen by the suffix of `path`."""
+        path = Path(path)
+        writers = {".json": self.to_json, ".dot": self.to_dot, ".svg": self.to_svg, ".html": self.to_html}
+        writer = writers.get(path.suffix.lower())
+        if writer is None:
+            raise ValueError(f"cannot save a report as {path.name!r}: use a suffix among {sorted(writers)}.")
+        path.write_text(writer(), encoding="utf-8")
+        return path
+
+    def _title(self, which: str) -> str:
+        if which == "rank0":
+            return f"rank 0 of {self.layout}" if self.layout else "MoE graph"
+        return f"{which} graph"
 
     def __str__(self) -> str:
         from rich.console import Console
@@ -133,3 +197,72 @@ class Report:
                 v.add_row(name, str(sum(c for c, _ in a2a)), _fmt_count(sum(b for _, b in a2a)) + "B",
                           _fmt_count(sum(b for _, b in rows.values())) + "B")
             console.print(v)
+
+    def html_tables(self) -> str:
+        """The report's tables as HTML sections (FFNs, parameters; sharding, collectives and DTD/CAC when parallel)."""
+        converted = {b.index if not isinstance(b, dict) else b["index"] for b in self.blocks}
+        ffns = [[f["index"], f["path"], f["kind"], f["activation"], f["hidden_dim"], f["ffn_dim"],
+                 "yes" if f["index"] in converted else "-"] for f in self.ffns_found]
+        params = [["dense", _fmt_count(self.params_dense), _fmt_count(self.params_dense)],
+                  ["MoE", _fmt_count(self.params_moe), _fmt_count(self.params_active)]]
+        parts = ['<section id="ffns"><h2>FFNs</h2>',
+                 _html_table(["#", "module path", "kind", "activation", "H", "F", "MoE"], ffns, numeric=(0, 4, 5)),
+                 '</section><section id="parameters"><h2>Parameters</h2>',
+                 _html_table(["", "total", "active per token"], params, numeric=(1, 2)), "</section>"]
+        if self.parallel is not None:
+            parts += self._parallel_html()
+        return "\n".join(parts)
+
+    def _parallel_html(self) -> list[str]:
+        """Sharding, collectives per step and the DTD/CAC comparison, as HTML sections."""
+        sharded = [p for p in self.parameters if p["splits"]]
+        rows = [[p["name"], str(tuple(p["full_shape"])),
+                 _Raw(" ".join(_axis_chip(s) for s in p["splits"])
+                      + html.escape(f" per chunk {p['chunks']}" if p["chunks"] else "")),
+                 str(tuple(p["local_shape"]))] for p in sharded]
+        sizes = sorted(set(self.param_bytes_per_rank.values()))
+        comm = [[kind, _Raw(_axis_chip(axis)), phase, calls, _fmt_count(nbytes) + "B"]
+                for kind, axis, phase, calls, nbytes in self.comm_table]
+        current = (bool(self.parallel.get("dtd")), bool(self.parallel.get("cac")))
+        variants = []
+        for name, totals in self.comm_variants.items():
+            a2a = [cb for key, cb in totals.items() if key.startswith("all_to_all/")]
+            mine = ("dtd" in name, "cac" in name) == current
+            all_bytes = sum(b for _, b in totals.values())
+            variants.append([name + (" (this layout)" if mine else ""), sum(c for c, _ in a2a),
+                             _fmt_count(sum(b for _, b in a2a)) + "B", _fmt_count(all_bytes) + "B"])
+        return [
+            '<section id="sharding"><h2>Sharding (rank 0)</h2>',
+            f"<p>{len(sharded)} parameters sharded, {len(self.parameters) - len(sharded)} replicated. "
+            f"Parameter bytes per rank: {', '.join(_fmt_count(b) + 'B' for b in sizes)}.</p>",
+            _html_table(["parameter", "full shape", "split (axis:dim)", "rank-0 shape"], rows), "</section>",
+            '<section id="collectives"><h2>Collectives per training step (rank 0)</h2>',
+            _html_table(["kind", "axis", "phase", "calls", "bytes"], comm, numeric=(3, 4)), "</section>",
+            '<section id="variants"><h2>With and without DTD and CAC (rank 0, per step)</h2>',
+            _html_table(["variant", "all-to-all calls", "all-to-all bytes", "all bytes"], variants, numeric=(1, 2, 3)),
+            "</section>",
+        ]
+
+
+class _Raw(str):
+    """Table cell text that is already HTML."""
+
+
+def _axis_chip(split: str) -> str:
+    """A mesh axis (or "axis:dim" split) in its picture colour."""
+    from .viz import AXIS_COLORS
+
+    axis = split.split(":")[0]
+    return (f'<span class="chip" style="background:{AXIS_COLORS.get(axis, "#6b7280")}">'
+            f"{html.escape(split)}</span>")
+
+
+def _html_table(header: list[str], rows: list[list[Any]], numeric: tuple[int, ...] = ()) -> str:
+    """An HTML table; cells are escaped unless _Raw, and the `numeric` columns align right."""
+    def cell(i: int, value: Any) -> str:
+        text = value if isinstance(value, _Raw) else html.escape(str(value))
+        return f'<td class="num">{text}</td>' if i in numeric else f"<td>{text}</td>"
+
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(cell(i, v) for i, v in enumerate(row)) + "</tr>" for row in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
