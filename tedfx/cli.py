@@ -3,6 +3,8 @@
     tedfx demo                      # MoE GPT learns English on the CPU, about two minutes
     tedfx demo --quick --json m.json
     tedfx inspect tedfx.models.nanogpt:demo_model --experts 8 --top-k 2
+    tedfx inspect tedfx.models.nanogpt:demo_model --tensor 2 --expert 2 --world-size 4 -o report.html
+    tedfx inspect tedfx.models.nanogpt:demo_model --tensor 2 --expert 2 --world-size 8 --check
 """
 
 from __future__ import annotations
@@ -56,7 +58,12 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--tensor", type=int, default=None, help="tensor-parallel degree T of the layout")
     inspect.add_argument("--expert", type=int, default=None, help="expert-parallel degree X of the layout")
     inspect.add_argument("--world-size", type=int, default=1, help="ranks to predict for (default 1)")
-    inspect.add_argument("--format", choices=("table", "json"), default="table", help="output format")
+    inspect.add_argument("--format", choices=("table", "json", "dot", "svg", "html"), default="table",
+                         help="output format: tables, JSON, or the rewritten graph as DOT, SVG or an HTML page")
+    inspect.add_argument("--output", "-o", default=None, metavar="PATH",
+                         help="write the report to PATH instead (format from its suffix: .json .dot .svg .html)")
+    inspect.add_argument("--graph", choices=("rank0", "dense"), default="rank0",
+                         help="which graph --format dot|svg draws (default: rank 0's rewritten graph)")
     inspect.add_argument("--check", action="store_true",
                          help="build every rank's graph of the layout and check that each process group's "
                               "members issue the same collectives in the same order (no processes started)")
@@ -126,9 +133,20 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
         report = tedfx.explain(model, example_inputs, moe=moe, parallel=parallel, world_size=args.world_size)
     except (tedfx.CaptureError, NoFFNFoundError) as e:
         raise UsageError(f"tedfx cannot convert the model of {args.target}: {e}") from e
-    if args.format == "json":
-        text = report.to_json()
-        print(text if isinstance(text, str) else _dumps(text))
+    if args.output:
+        try:
+            report.save(args.output)
+        except ValueError as e:
+            raise UsageError(str(e)) from e
+        print(f"report written to {args.output}")
+    elif args.format == "json":
+        print(report.to_json())
+    elif args.format == "dot":
+        print(report.to_dot(args.graph))
+    elif args.format == "svg":
+        print(report.to_svg(args.graph))
+    elif args.format == "html":
+        print(report.to_html())
     else:
         print(report)
     return 0
@@ -189,12 +207,6 @@ def _parse_layers(text: str) -> Any:
         return [int(part) for part in text.split(",") if part.strip()]
     except ValueError:
         raise UsageError(f'--layers {text!r}: expected "all", "every_other" or FFN indices like 1,3') from None
-
-
-def _dumps(obj: Any) -> str:
-    import json
-
-    return json.dumps(obj, indent=2)
 
 
 if __name__ == "__main__":

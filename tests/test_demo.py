@@ -153,3 +153,16 @@ def test_inspect_check_passes_on_a_layout(capsys) -> None:
     assert "collective order: OK" in out and "T=2 x X=2 x D=1" in out
     assert cli.main(["inspect", "tedfx.models.nanogpt:demo_model", "--check"]) == 2
     assert "--check needs a layout" in capsys.readouterr().err
+
+
+def test_inspect_draws_the_rewritten_graph(tmp_path, capsys) -> None:
+    args = ["inspect", "tedfx.models.nanogpt:demo_model", "--experts", "4", "--layers", "1", "--tensor", "2",
+            "--expert", "2", "--world-size", "4"]
+    assert cli.main([*args, "--format", "dot"]) == 0
+    dot = capsys.readouterr().out
+    assert dot.lstrip().startswith("digraph") and "all_to_all" in dot
+    page = tmp_path / "report.html"
+    assert cli.main([*args, "-o", str(page)]) == 0
+    html = page.read_text()
+    assert "<svg" in html and "h.1.mlp" in html
+    assert cli.main([*args, "-o", str(tmp_path / "report.txt")]) == 2
