@@ -92,3 +92,22 @@ def queue_backward_callback(fn) -> None:
 
 
 __all__ += ["queue_backward_callback"]
+
+
+def set_group_timeouts(groups: list, seconds: float) -> None:
+    """How long a collective on each group (None: the default group) may block before the run fails."""
+    import datetime
+
+    from torch.distributed import distributed_c10d as c10d
+
+    setter = getattr(c10d, "_set_pg_timeout", None)
+    if setter is None:
+        return
+    seen = set()
+    for group in groups:
+        if id(group) not in seen:
+            seen.add(id(group))
+            setter(datetime.timedelta(seconds=seconds), group)
+
+
+__all__ += ["set_group_timeouts"]

@@ -429,3 +429,19 @@ def run_cases(cases: list[Case | ErrorCase]) -> list[dict[str, Any]]:
         result["seconds"] = time.perf_counter() - start
         results.append(result)
     return results
+
+
+def run_missing_peer(timeout_s: float) -> dict[str, Any]:
+    """Rank 1 never calls forward: rank 0's collectives must fail within the ParallelConfig timeout, not hang."""
+    tokens, _ = _batches(1)
+    pm = parallelize(_model("gpt"), (tokens[0],), moe=tedfx.MoEConfig(num_experts=4, top_k=1, min_capacity=1),
+                     parallel=tedfx.ParallelConfig(expert=2, timeout=timeout_s))
+    if dist.get_rank() == 1:
+        time.sleep(3 * timeout_s)  # alive but silent: only the timeout can end rank 0's wait
+        return {"error": None, "seconds": 0.0}
+    start = time.perf_counter()
+    try:
+        pm(tokens[0])
+    except Exception as e:  # gloo reports the timeout as a RuntimeError
+        return {"error": f"{type(e).__name__}: {e}", "seconds": time.perf_counter() - start}
+    return {"error": None, "seconds": time.perf_counter() - start}

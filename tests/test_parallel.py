@@ -273,3 +273,11 @@ def test_bad_input_raises_on_every_rank(request, world, case):
         assert r["error"] is not None, f"rank {r['rank']}: no error raised"
         assert re.search(pattern, r["error"]), f"rank {r['rank']}: {r['error']!r} does not match {pattern!r}"
         assert r["seconds"] < ERROR_WITHIN_S, f"rank {r['rank']} took {r['seconds']:.1f} s to fail"
+
+
+def test_a_missing_peer_fails_within_the_timeout_instead_of_hanging():
+    from parallel_cases import run_missing_peer
+
+    rank0, _ = launch(run_missing_peer, 2, 2.0, backend="gloo", timeout=LAUNCH_TIMEOUT_S)
+    assert rank0["error"] is not None, "rank 0's forward returned without its peer"
+    assert rank0["seconds"] < 15.0, f"rank 0 waited {rank0['seconds']:.1f} s with a 2 s timeout"

@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import datetime
 from typing import Any
 
 import torch
@@ -22,6 +21,7 @@ from ..api import moe_losses
 from ..compiler import build_moe_graph, grad_sync_params, param_shards, shard_for_rank
 from ..config import MoEConfig, ParallelConfig
 from ..passes.sharding import ParamShard, unshard_tensor
+from .. import _compat
 from .._compat import pytree
 from ..check import CollectiveOrderError, compare_traces
 from ..predict import predict_rank
@@ -148,8 +148,8 @@ def parallelize(
     if not dist.is_initialized():
         raise RuntimeError("tedfx.parallelize needs torch.distributed: run it inside tedfx.launch(...) or "
                            "under torchrun after tedfx.runtime.init_distributed().")
-    _set_timeout(parallel.timeout)
     mesh = TedMesh.build(parallel)
+    _compat.set_group_timeouts([None, *mesh.groups().values()], parallel.timeout)
     _check_same_weights(model, mesh)
     moe_gm, moe_ctx = build_moe_graph(model, example_inputs, moe=moe, example_kwargs=example_kwargs)
     if check_collectives:
@@ -157,15 +157,6 @@ def parallelize(
     gm, ctx = shard_for_rank(moe_gm, moe_ctx, parallel=parallel, coords=mesh.coords)
     del moe_gm
     return ParallelModule(gm, mesh, param_shards(gm, ctx), parallel, check_inputs)
-
-
-def _set_timeout(seconds: float) -> None:
-    # Groups made from here on (the mesh's) use ParallelConfig.timeout.
-    from torch.distributed import distributed_c10d as c10d
-
-    pg = c10d._get_default_group()
-    if hasattr(c10d, "_set_pg_timeout"):
-        c10d._set_pg_timeout(datetime.timedelta(seconds=seconds), pg)
 
 
 def _check_same_weights(model: nn.Module, mesh: TedMesh) -> None:
