@@ -7,6 +7,7 @@ it for any coordinates without starting processes. Both use this one list.
 from __future__ import annotations
 
 import copy
+import warnings
 from typing import Any
 
 import torch.fx as fx
@@ -65,7 +66,10 @@ def shard_for_rank(
     """One rank's graph: a deep copy of the MoE graph, sharded for `coords`."""
     saved = moe_gm.meta.pop("tedfx_ctx", None)  # match records hold nodes of this graph: not copied
     try:
-        gm = copy.deepcopy(moe_gm)
+        with warnings.catch_warnings():
+            # torch's own TreeSpec pickling warns about its deprecated LeafSpec while copying _in_spec.
+            warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
+            gm = copy.deepcopy(moe_gm)
     finally:
         if saved is not None:
             moe_gm.meta["tedfx_ctx"] = saved

@@ -250,9 +250,9 @@ def _run_demo(cfg: DemoConfig, console: Console, json_path: str | Path | None) -
         token_group = coords["edp"] * cfg.expert + coords["ep"]
         token_groups = dist.get_world_size() // cfg.tensor
         console.print(f"MoE GPT on {model.mesh.layout}: {cfg.n_layer} layers, hidden {cfg.n_embd}, "
-                      f"{cfg.num_experts} experts, top-{cfg.top_k}, layers={cfg.layers!r}; rank 0 holds "
-                      f"{_count(model)} of the {_count(dense)} dense parameters' MoE model "
-                      f"(parallelized in {time.perf_counter() - t_start:.1f} s)")
+                      f"{cfg.num_experts} experts, top-{cfg.top_k}, layers={cfg.layers!r}; each rank holds "
+                      f"{_count(model)} parameters (the dense model: {_count(dense)}); "
+                      f"parallelized in {time.perf_counter() - t_start:.1f} s")
     elif cfg.dense:
         model = dense
         console.print(f"dense GPT: {cfg.n_layer} layers, hidden {cfg.n_embd}, {_count(model)} parameters")
