@@ -7,6 +7,7 @@ that still exercise the real modules: 2 layers, hidden 32, 4 heads, vocab 100.
 
 from __future__ import annotations
 
+import copy
 import logging
 
 import torch
@@ -140,3 +141,36 @@ def tiny_mlp_with_dropout(p: float = 0.25) -> tuple[nn.Module, tuple[torch.Tenso
     torch.manual_seed(0)
     x = torch.randn(BATCH, SEQ, HIDDEN, generator=torch.Generator().manual_seed(0))
     return _DropoutMLP(p=p), (x,)
+
+
+_captures: dict[tuple, tuple[nn.Module, nn.Module]] = {}
+
+
+def cached_capture(real):
+    """A drop-in for `tedfx.capture` that captures each (model, input shapes) once and returns deep copies.
+
+    Capturing is the slow step and does not depend on the MoE or parallel config, so tests that run
+    many pipelines on one model rerun only the passes and the runtime, which are what they test.
+    """
+
+    def cached(model, example_inputs, example_kwargs=None, **kwargs):
+        shapes = tuple(tuple(t.shape) if isinstance(t, torch.Tensor) else t for t in example_inputs)
+        key = (id(model), model.training, shapes, repr(example_kwargs), repr(kwargs))
+        if key not in _captures:  # the model is kept with its capture, so its id stays unique
+            _captures[key] = (model, real(model, example_inputs, example_kwargs, **kwargs))
+        return copy.deepcopy(_captures[key][1])
+
+    return cached
+
+
+def patch_capture(setattr_fn) -> None:
+    """Point every tedfx module's `capture` at the cached one, through `setattr_fn(module, name, value)`."""
+    import sys
+
+    import tedfx
+
+    real = tedfx.capture
+    cached = cached_capture(real)
+    for module in list(sys.modules.values()):
+        if getattr(module, "__name__", "").startswith("tedfx") and getattr(module, "capture", None) is real:
+            setattr_fn(module, "capture", cached)

@@ -20,8 +20,6 @@ run. Anything else that goes wrong propagates, and the launch names the case.
 
 from __future__ import annotations
 
-import copy
-import sys
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -39,7 +37,7 @@ from tedfx.moe.experts import ExpertWeights
 from tedfx.moe.routing import Router
 from tedfx.runtime.parallel import parallelize
 
-from models import VOCAB, tiny_gpt, tiny_gpt2, tiny_llama
+from models import VOCAB, patch_capture, tiny_gpt, tiny_gpt2, tiny_llama
 
 __all__ = ["Case", "ErrorCase", "run_cases"]
 
@@ -137,7 +135,6 @@ TP_SHARDED = {
               "self_attn.o_proj.weight"),
 }
 _models: dict[str, nn.Module] = {}
-_captures: dict[tuple, tuple[nn.Module, nn.Module]] = {}
 
 
 def _model(name: str) -> nn.Module:
@@ -145,26 +142,6 @@ def _model(name: str) -> nn.Module:
     if name not in _models:
         _models[name] = BUILDERS[name]()
     return _models[name]
-
-
-def _cache_captures() -> None:
-    """Capture each (model, input shapes) once per rank; every pipeline gets a deep copy of it.
-
-    Capturing is the slow step and does not depend on the MoE or parallel config, so the cases
-    of one model only rerun the passes and the runtime, which are what they test.
-    """
-    real = tedfx.capture
-
-    def cached(model, example_inputs, example_kwargs=None, **kwargs):
-        shapes = tuple(tuple(t.shape) if isinstance(t, torch.Tensor) else t for t in example_inputs)
-        key = (id(model), model.training, shapes, repr(example_kwargs), repr(kwargs))
-        if key not in _captures:  # the model is kept with its capture, so its id stays unique
-            _captures[key] = (model, real(model, example_inputs, example_kwargs, **kwargs))
-        return copy.deepcopy(_captures[key][1])
-
-    for module in list(sys.modules.values()):
-        if getattr(module, "__name__", "").startswith("tedfx") and getattr(module, "capture", None) is real:
-            module.capture = cached
 
 
 def _logits(out: Any) -> torch.Tensor:
@@ -417,7 +394,7 @@ def run_cases(cases: list[Case | ErrorCase]) -> list[dict[str, Any]]:
     Returns:
         One result dict per case, with "name", "rank" and "seconds" (this rank's time on the case).
     """
-    _cache_captures()
+    patch_capture(setattr)
     results = []
     for case in cases:
         start = time.perf_counter()

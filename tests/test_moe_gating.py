@@ -21,13 +21,6 @@ from tedfx.moe import ops
 from tedfx.moe.routing import Router, assign_slots, route, router_losses
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: intra-op threads only add overhead."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _router(moe: MoEConfig, hidden: int = 8, *, layer: int = 0, weight: torch.Tensor | None = None) -> Router:

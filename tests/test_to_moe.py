@@ -13,11 +13,9 @@ under test runs per case.
 
 from __future__ import annotations
 
-import copy
 import functools
 import json
 import math
-import sys
 
 import pytest
 import torch
@@ -28,7 +26,7 @@ import tedfx
 from tedfx import MoEConfig
 from tedfx.moe.routing import Router
 
-from models import VOCAB, tiny_gpt, tiny_gpt2, tiny_llama
+from models import VOCAB, patch_capture, tiny_gpt, tiny_gpt2, tiny_llama
 
 BUILDERS = {
     "gpt-gelu": lambda: tiny_gpt("gelu", n_layer=4),  # 4 FFNs, so "every_other" has two to pick
@@ -57,33 +55,10 @@ def dense(name: str) -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
     return model.eval(), inputs
 
 
-_captures: dict[tuple, tuple[nn.Module, nn.Module]] = {}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The models are tiny: intra-op threads only add overhead (and contention on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(autouse=True)
 def capture_once(monkeypatch):
     """Every pipeline that captures gets a deep copy of a cached capture of the same model and input shapes."""
-    real = tedfx.capture
-
-    def cached(model, example_inputs, example_kwargs=None, **kwargs):
-        shapes = tuple(tuple(t.shape) if isinstance(t, torch.Tensor) else t for t in example_inputs)
-        key = (id(model), model.training, shapes, repr(example_kwargs), repr(kwargs))
-        if key not in _captures:  # the model is kept with its capture, so its id stays unique
-            _captures[key] = (model, real(model, example_inputs, example_kwargs, **kwargs))
-        return copy.deepcopy(_captures[key][1])
-
-    for module in list(sys.modules.values()):
-        if getattr(module, "__name__", "").startswith("tedfx") and getattr(module, "capture", None) is real:
-            monkeypatch.setattr(module, "capture", cached)
+    patch_capture(monkeypatch.setattr)
 
 
 def logits(out) -> torch.Tensor:
