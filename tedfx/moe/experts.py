@@ -45,7 +45,7 @@ class ExpertWeights(nn.Module):
             if t is None:
                 continue
             t = t.detach()
-            copies = t.unsqueeze(0).repeat(num_experts, *([1] * t.dim())).clone()
+            copies = t.unsqueeze(0).expand(num_experts, *t.shape).clone()  # one copy of the bytes
             if noise > 0 and name.startswith("w"):
                 scale = noise * float(t.float().std())
                 copies += scale * torch.randn(copies.shape, generator=generator).to(copies.dtype)
