@@ -13,7 +13,7 @@ from __future__ import annotations
 import copy
 import inspect
 import logging
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.fx as fx
@@ -21,7 +21,7 @@ from torch import nn
 
 from ._compat import dropout_targets, export_dim_auto, is_symbolic, pytree, sdpa_target
 
-__all__ = ["CaptureError", "TedGraphModule", "capture"]
+__all__ = ["CaptureError", "TedGraphModule", "capture", "own_tensors"]
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +51,7 @@ def capture(
     example_kwargs: dict[str, Any] | None = None,
     *,
     dynamic: bool = True,
+    copy_params: bool = True,
 ) -> TedGraphModule:
     """Capture `model` as a `TedGraphModule` in the ATen training IR.
 
@@ -63,9 +64,12 @@ def capture(
         example_kwargs: keyword inputs of one call.
         dynamic: capture dims 0 and 1 of every input tensor (batch, sequence) as
             dynamic where export allows; dims it fixes are checked at call time.
+        copy_params: False captures the model itself (its settings are changed for the
+            capture and restored) and the result shares the model's tensors: for a
+            pipeline that replaces most of them and then calls `own_tensors`.
 
     Returns:
-        A `TedGraphModule` that owns its own copy of the parameters.
+        A `TedGraphModule` that owns its own copy of the parameters (with copy_params).
 
     Example:
         >>> gm = capture(model, (tokens,))
@@ -75,10 +79,23 @@ def capture(
         example_inputs = (example_inputs,)
     example_kwargs = dict(example_kwargs or {})
     was_training = model.training
-    model = copy.deepcopy(model)
-    _prepare_hf_model(model)
+    original = model
+    if copy_params:
+        model = copy.deepcopy(model)
+    restore_cache = _prepare_hf_model(model)
     model.train()  # capture dropout as train=True; TedGraphModule.train/eval flips it
+    try:
+        gm = _export(model, example_inputs, example_kwargs, dynamic)
+    finally:
+        if not copy_params:
+            restore_cache()
+            original.train(was_training)
+    gm.train(was_training)
+    return gm
 
+
+def _export(model: nn.Module, example_inputs: tuple, example_kwargs: dict, dynamic: bool) -> TedGraphModule:
+    """torch.export (dynamic batch and sequence dims first, static on failure) -> TedGraphModule."""
     ep, dynamic_used = None, False
     if dynamic:
         try:
@@ -102,17 +119,34 @@ def capture(
     gm.meta["tedfx_input_dims"] = _input_dims(gm.graph)
     gm.meta["tedfx_dynamic"] = dynamic_used
     gm.register_forward_pre_hook(_check_input_shapes, with_kwargs=True)
-    gm.train(was_training)
     return gm
 
 
-def _prepare_hf_model(model: nn.Module) -> None:
-    """Set on tedfx's own copy what export needs from HF transformers models."""
+def own_tensors(gm: nn.Module, model: nn.Module) -> None:
+    """Give `gm` its own copy of every tensor it still shares with `model` (ties kept: one copy per tensor)."""
+    shared = {id(t) for t in [*model.parameters(), *model.buffers()]}
+    copies: dict[int, torch.Tensor] = {}
+    for module in gm.modules():
+        for store in (module._parameters, module._buffers):
+            for name, t in list(store.items()):
+                if t is None or id(t) not in shared:
+                    continue
+                if id(t) not in copies:
+                    clone = t.detach().clone()
+                    copies[id(t)] = nn.Parameter(clone, requires_grad=t.requires_grad) \
+                        if isinstance(t, nn.Parameter) else clone
+                store[name] = copies[id(t)]
+
+
+def _prepare_hf_model(model: nn.Module) -> Callable[[], None]:
+    """Set what export needs from HF transformers models; returns what undoes it."""
     config = getattr(model, "config", None)
     if config is not None and getattr(config, "use_cache", False):
         config.use_cache = False
-        log.warning("tedfx: set config.use_cache=False on its copy of %s (a KV cache cannot be exported)",
+        log.warning("tedfx: set config.use_cache=False for the capture of %s (a KV cache cannot be exported)",
                     type(model).__name__)
+        return lambda: setattr(config, "use_cache", True)
+    return lambda: None
 
 
 def _auto_dynamic_shapes(model: nn.Module, args: tuple, kwargs: dict) -> Any:

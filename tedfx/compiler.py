@@ -13,7 +13,7 @@ from typing import Any
 import torch.fx as fx
 from torch import nn
 
-from .capture import capture
+from .capture import capture, own_tensors
 from .config import MoEConfig, ParallelConfig
 from .moe.experts import ExpertWeights
 from .passes.checkpoint import activation_checkpoint_pass, cache_all_to_all_pass, outline_regions_pass
@@ -49,9 +49,14 @@ def build_moe_graph(
     debug: bool = False,
 ) -> tuple[fx.GraphModule, PassContext]:
     """Capture and convert FFNs to MoE blocks: the single-process reference graph."""
-    gm = capture(model, example_inputs, example_kwargs)
-    ctx = PassContext(moe=moe, debug=debug)
-    gm = run_passes(gm, MOE_PASSES, ctx=ctx)
+    # Capture the model itself, convert, then copy what is left of its tensors: the dense FFN
+    # weights the MoE blocks replace are never copied (most of a transformer's bytes).
+    gm = capture(model, example_inputs, example_kwargs, copy_params=False)
+    try:
+        ctx = PassContext(moe=moe, debug=debug)
+        gm = run_passes(gm, MOE_PASSES, ctx=ctx)
+    finally:
+        own_tensors(gm, model)
     return gm, ctx
 
 

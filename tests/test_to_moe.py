@@ -298,3 +298,24 @@ def test_explain_all_experts_active_when_k_equals_e():
     model, inputs = dense("gpt-gelu")
     report = tedfx.explain(model, inputs, moe=MoEConfig(num_experts=2, top_k=2))
     assert report.params_active == report.params_moe
+
+
+def test_the_dense_model_is_left_untouched(monkeypatch):
+    """to_moe captures the model itself but copies what it keeps: training the MoE model changes nothing
+    of the dense one, whose settings (train/eval, HF use_cache) come back as they were."""
+    from tedfx.compiler import build_moe_graph
+
+    monkeypatch.undo()  # the real capture, not the test cache's copies
+
+    model, inputs = tiny_gpt2()
+    model.eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    moe_gm, _ = build_moe_graph(model, inputs, moe=tedfx.MoEConfig(num_experts=2, top_k=1))
+    assert model.config.use_cache is True and not model.training
+    dense_ids = {id(t) for t in [*model.parameters(), *model.buffers()]}
+    assert not dense_ids & {id(t) for t in [*moe_gm.parameters(), *moe_gm.buffers()]}
+    moe_gm.train()
+    logits(moe_gm(*inputs)).sum().backward()
+    torch.optim.SGD(moe_gm.parameters(), lr=1.0).step()
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key

@@ -51,7 +51,8 @@ def shard_tensor(full: torch.Tensor, spec: ParamShard, coords: dict[str, int], s
             out = torch.cat([p.chunk(n, dim=dim)[i] for p in _tp_pieces(out, dim, spec.chunks)], dim=dim)
         else:
             out = out.chunk(n, dim=dim)[i]
-    return out.contiguous()
+    # Always fresh memory: a view would keep the whole unsharded tensor alive on every rank.
+    return out.clone(memory_format=torch.contiguous_format)
 
 
 def unshard_tensor(shards: dict[tuple[int, ...], torch.Tensor], spec: ParamShard, sizes: dict[str, int]) -> torch.Tensor:
