@@ -48,13 +48,13 @@ from typing import Callable
 import torch
 
 import tedfx
-from tedfx.capture import capture
+from tedfx.capture import capture, own_tensors
 from tedfx.compiler import MOE_PASSES
 from tedfx.models.nanogpt import GPT, GPTConfig
 from tedfx.moe.experts import ExpertWeights
 from tedfx.passes.runner import PassContext, pass_name, run_passes
 
-STEPS = ["capture"] + [pass_name(p) for p in MOE_PASSES]
+STEPS = ["capture"] + [pass_name(p) for p in MOE_PASSES] + ["own_tensors"]
 """What is timed, in pipeline order (the pass names come from the compiler's own list)."""
 DIAGNOSTICS = ["capture_static"]
 """Timed too, outside the total: capture(dynamic=False), to show what dynamic batch/sequence dims cost."""
@@ -129,7 +129,9 @@ def run_pipeline(depth: int, args: argparse.Namespace, moe: tedfx.MoEConfig) -> 
     """Capture and run each MoE pass once, timing each step; returns the samples and construction seconds."""
     model, inputs, construct_s = build_model(depth, args)
     faults = _faults()
-    gm, wall, cpu = timed(lambda: capture(model, inputs))
+    # As tedfx.compiler.build_moe_graph does it: capture the model itself, run the passes, then copy
+    # the tensors the MoE graph kept (own_tensors; the dense FFN weights it replaced are never copied).
+    gm, wall, cpu = timed(lambda: capture(model, inputs, copy_params=False))
     samples = [Sample(depth, "capture", wall, cpu, len(gm.graph.nodes), _faults() - faults)]
     ctx = PassContext(moe=moe)
     for p in MOE_PASSES:
@@ -139,6 +141,9 @@ def run_pipeline(depth: int, args: argparse.Namespace, moe: tedfx.MoEConfig) -> 
         gm, _, cpu = timed(lambda: run_passes(gm, [p], ctx=ctx))
         rec = ctx.timings[-1]
         samples.append(Sample(depth, rec.name, rec.seconds, cpu, rec.nodes_after, _faults() - faults))
+    faults = _faults()
+    _, wall, cpu = timed(lambda: own_tensors(gm, model))
+    samples.append(Sample(depth, "own_tensors", wall, cpu, len(gm.graph.nodes), _faults() - faults))
     del gm, ctx
     gc.collect()
     faults = _faults()
@@ -231,10 +236,10 @@ def profile_step(step: str, depth: int, args: argparse.Namespace, top: int = 12)
     profiler = cProfile.Profile()
     if step == "capture":
         profiler.enable()
-        capture(model, inputs)
+        capture(model, inputs, copy_params=False)
         profiler.disable()
     else:
-        gm, ctx = capture(model, inputs), PassContext(moe=_moe(args))
+        gm, ctx = capture(model, inputs, copy_params=False), PassContext(moe=_moe(args))
         for p in MOE_PASSES:
             if pass_name(p) == step:
                 profiler.enable()
@@ -242,6 +247,10 @@ def profile_step(step: str, depth: int, args: argparse.Namespace, top: int = 12)
             if pass_name(p) == step:
                 profiler.disable()
                 break
+        if step == "own_tensors":
+            profiler.enable()
+            own_tensors(gm, model)
+            profiler.disable()
     stats = pstats.Stats(profiler)
     rows = sorted(stats.stats.items(), key=lambda kv: -kv[1][2])[:top]  # by tottime
     del model
