@@ -134,9 +134,9 @@ class ParallelConfig:
     activation_checkpointing: Literal["none", "block", "moe"] = "none"
     """Recompute activations per transformer block, per MoE layer, or not at all."""
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    """Compute precision of the ranks' graphs."""
+    """Compute precision of the ranks' graphs (only "fp32" runs today; others raise in parallelize)."""
     zero: bool = False
-    """Shard optimizer state over each parameter's data-parallel group."""
+    """Shard optimizer state over each parameter's data-parallel group (not yet: True raises in parallelize)."""
     timeout: float = 300.0
     """Seconds a collective may wait before the run fails instead of hanging."""
     bucket_mb: float = 25.0
@@ -158,6 +158,15 @@ class ParallelConfig:
             _fail(cls, "timeout", self.timeout, "a number of seconds > 0")
         if not self.bucket_mb > 0:
             _fail(cls, "bucket_mb", self.bucket_mb, "a number of MiB > 0")
+
+    def check_supported(self) -> None:
+        """Raise for options this version of tedfx declares but does not run yet (never ignore them silently)."""
+        if self.precision != "fp32":
+            raise ValueError(f"ParallelConfig.precision={self.precision!r} is not implemented yet: tedfx runs "
+                             f"fp32 today; use precision='fp32'.")
+        if self.zero:
+            raise ValueError("ParallelConfig.zero=True (optimizer-state sharding) is not implemented yet; "
+                             "use zero=False and any torch optimizer on pm.parameters().")
 
     def data_degree(self, world_size: int) -> int:
         """D for `world_size` ranks; raises when T * X * D != world_size."""

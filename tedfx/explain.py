@@ -50,6 +50,8 @@ def explain(
         >>> print(tedfx.explain(model, (tokens,), moe=moe, parallel=tedfx.ParallelConfig(tensor=2, expert=2),
         ...                     world_size=8))
     """
+    if parallel is not None:
+        parallel.check_supported()
     layout = Layout.build(world_size, parallel) if parallel is not None else None
     moe_model = to_moe(model, example_inputs, moe=moe, example_kwargs=example_kwargs)
     ctx: PassContext = moe_model.meta["tedfx_ctx"]

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from tedfx import MoEConfig
+from tedfx import MoEConfig, ParallelConfig
 from tedfx.moe import ops
 from tedfx.moe.routing import Router, assign_slots, route, router_losses
 
@@ -464,3 +464,11 @@ def test_layers_out_of_range_names_indices_and_ffn_count():
     assert "MoEConfig.layers" in message and "[7, 9]" in message and "4 FFNs" in message
     assert MoEConfig(layers=[1, 3]).selects(3, "h.3.mlp", 4)
     assert not MoEConfig(layers=[1, 3]).selects(2, "h.2.mlp", 4)
+
+
+def test_parallel_options_not_implemented_yet_raise_instead_of_being_ignored():
+    ParallelConfig().check_supported()
+    with pytest.raises(ValueError, match=r"precision='bf16' is not implemented yet"):
+        ParallelConfig(precision="bf16").check_supported()
+    with pytest.raises(ValueError, match=r"zero=True .* is not implemented yet"):
+        ParallelConfig(zero=True).check_supported()

@@ -148,6 +148,7 @@ def parallelize(
     if not dist.is_initialized():
         raise RuntimeError("tedfx.parallelize needs torch.distributed: run it inside tedfx.launch(...) or "
                            "under torchrun after tedfx.runtime.init_distributed().")
+    parallel.check_supported()
     mesh = TedMesh.build(parallel)
     _compat.set_group_timeouts([None, *mesh.groups().values()], parallel.timeout)
     _check_same_weights(model, mesh)
