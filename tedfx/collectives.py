@@ -619,8 +619,10 @@ def agree_max(value: int, axis: str) -> int:
     g = _lookup(axis, "agree_max")
     if g.size == 1:
         return value
-    t = torch.tensor([int(value)], dtype=torch.int64)
-    _count(g, "all_reduce", t, "forward")
     if _simulated(g):
+        _count(g, "all_reduce", torch.tensor([int(value)], dtype=torch.int64), "forward")
         return int(value)
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(g.group) == "nccl" else "cpu"
+    t = torch.tensor([int(value)], dtype=torch.int64, device=device)  # nccl takes only GPU tensors
+    _count(g, "all_reduce", t, "forward")
     return int(_compat.wait_collective(_compat.funcol.all_reduce(t, "max", g.group)).item())

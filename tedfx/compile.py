@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import re
+import weakref
 from typing import Any, Callable
 
 import torch
@@ -35,8 +36,8 @@ log = logging.getLogger(__name__)
 
 __all__ = ["compiled_module", "tedfx_backend"]
 
-# id of a model parameter -> the module tedfx built from the graph that read it.
-_BUILT: dict[int, nn.Module] = {}
+# A model parameter -> the module tedfx built from the graph that read it (gone with the parameter).
+_BUILT: "weakref.WeakKeyDictionary[torch.Tensor, nn.Module]" = weakref.WeakKeyDictionary()
 _SOURCE = re.compile(r"(?:^|_)(modules|parameters|buffers)_")
 _ROOT = re.compile(r"[lL]_(?:self|args_0|kwargs_self)_")
 
@@ -49,7 +50,8 @@ def tedfx_backend(gm: fx.GraphModule, example_inputs: list[Any], options: dict[s
     Options:
         moe: the MoEConfig (required).
         parallel: the ParallelConfig; with torch.distributed initialised the model is parallelized.
-        release_dense: free the storage of the model's dense parameters (default True).
+        release_dense: free the storage of the model's dense parameters (default True): tedfx trains
+            its own MoE copy, and the dense model can no longer be called or saved after compiling.
     """
     options = dict(options or {})
     moe = options.get("moe")
@@ -67,9 +69,13 @@ def tedfx_backend(gm: fx.GraphModule, example_inputs: list[Any], options: dict[s
 
     # A recompile (new strides, a dim turned dynamic) reads the same model: reuse what was built
     # (its dense storage may already be released).
-    previous = {id(_BUILT.get(id(example_inputs[i]))) for i in state_positions}
-    if state_positions and len(previous) == 1 and _BUILT.get(id(example_inputs[state_positions[0]])) is not None:
-        return run_with(_BUILT[id(example_inputs[state_positions[0]])])
+    previous = _BUILT.get(example_inputs[state_positions[0]]) if state_positions else None
+    if previous is not None:
+        return run_with(previous)
+    if parallel is not None and not dist.is_initialized():
+        raise ValueError('torch.compile(backend="tedfx") was given options["parallel"] but torch.distributed is '
+                         "not initialised: run the script under tedfx.launch(...) or torchrun (after "
+                         "tedfx.init_distributed()), or leave out \"parallel\" for one process.")
     lifted = _Lifted(gm, {i: (_fqn(_placeholders(gm)[i].name), example_inputs[i]) for i in state_positions},
                      user_positions, {i: v for i, v in enumerate(example_inputs) if not isinstance(v, torch.Tensor)})
     user_inputs = tuple(example_inputs[i] for i in user_positions)
@@ -86,7 +92,7 @@ def tedfx_backend(gm: fx.GraphModule, example_inputs: list[Any], options: dict[s
                     "the model (HF models: set config.use_cache=False)", len(gm.graph.nodes))
         return gm.forward
     for i in state_positions:
-        _BUILT[id(example_inputs[i])] = built
+        _BUILT[example_inputs[i]] = built
     if options.get("release_dense", True):
         _release([example_inputs[i] for i in state_positions if isinstance(example_inputs[i], nn.Parameter)])
     del lifted
@@ -99,7 +105,7 @@ def compiled_module(model: nn.Module) -> nn.Module:
     Exists after the compiled model's first call. Its parameters are the ones to train.
     """
     for p in model.parameters():
-        built = _BUILT.get(id(p))
+        built = _BUILT.get(p)
         if built is not None:
             return built
     raise LookupError("tedfx has not compiled this model yet: call the torch.compile'd model once first.")

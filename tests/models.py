@@ -61,14 +61,14 @@ def tiny_gpt2() -> tuple[nn.Module, tuple[torch.Tensor]]:
     return transformers.GPT2LMHeadModel(cfg), (_tokens(),)
 
 
-def tiny_llama() -> tuple[nn.Module, tuple[torch.Tensor]]:
-    """HF Llama (SwiGLU MLP, grouped-query attention, rotary embeddings), FFN width 64."""
+def tiny_llama(kv_heads: int = 2) -> tuple[nn.Module, tuple[torch.Tensor]]:
+    """HF Llama (SwiGLU MLP, grouped-query attention with `kv_heads` KV heads, rotary embeddings), FFN width 64."""
     import transformers
 
     _quiet_transformers()
     torch.manual_seed(0)
     cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=64,
-                                   num_hidden_layers=LAYERS, num_attention_heads=HEADS, num_key_value_heads=2,
+                                   num_hidden_layers=LAYERS, num_attention_heads=HEADS, num_key_value_heads=kv_heads,
                                    max_position_embeddings=32, bos_token_id=0, eos_token_id=0, pad_token_id=0)
     return transformers.LlamaForCausalLM(cfg), (_tokens(),)
 

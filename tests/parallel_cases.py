@@ -126,6 +126,7 @@ BUILDERS: dict[str, Callable[[], nn.Module]] = {
     "gpt": lambda: tiny_gpt()[0],
     "gpt2": lambda: _no_dropout(tiny_gpt2()[0]),
     "llama": lambda: tiny_llama()[0],
+    "llama_kv1": lambda: tiny_llama(kv_heads=1)[0],
 }
 TP_SHARDED = {
     # Non-expert weights that Megatron tensor parallelism must split when T > 1 (one per layer).
@@ -133,6 +134,8 @@ TP_SHARDED = {
     "gpt2": ("attn.c_attn.weight", "attn.c_proj.weight"),
     "llama": ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight",
               "self_attn.o_proj.weight"),
+    # One KV head does not divide by T: k and v stay replicated, each rank narrows them to its query heads.
+    "llama_kv1": ("self_attn.q_proj.weight", "self_attn.o_proj.weight"),
 }
 _models: dict[str, nn.Module] = {}
 
@@ -422,3 +425,23 @@ def run_missing_peer(timeout_s: float) -> dict[str, Any]:
     except Exception as e:  # gloo reports the timeout as a RuntimeError
         return {"error": f"{type(e).__name__}: {e}", "seconds": time.perf_counter() - start}
     return {"error": None, "seconds": time.perf_counter() - start}
+
+
+def run_accumulation() -> float:
+    """Two backwards before reading the grads (gradient accumulation) on X=2: the largest gradient error
+    against the reference accumulating all four token-group backwards and averaging."""
+    from tedfx.passes.sharding import shard_tensor
+
+    tokens, targets = _batches(4)  # micro-batch m of token group g: index 2 * m + g
+    moe = tedfx.MoEConfig(num_experts=4, top_k=2, capacity_factor=1.0, min_capacity=1)
+    pm = parallelize(_model("gpt"), (tokens[0],), moe=moe, parallel=tedfx.ParallelConfig(expert=2))
+    ref = tedfx.to_moe(_model("gpt"), (tokens[0],), moe=moe)
+    group = pm.mesh.coords["ep"]
+    for micro in range(2):
+        _loss(pm, tokens[2 * micro + group], targets[2 * micro + group]).backward()
+        for g in range(2):
+            _loss(ref, tokens[2 * micro + g], targets[2 * micro + g]).backward()
+    full = dict(ref.named_parameters())
+    sizes = {"tp": 1, "ep": 2, "edp": 1}
+    return max(_max_abs(p.grad, shard_tensor(full[name].grad / 2, pm.shards[name], pm.mesh.coords, sizes))
+               for name, p in pm.graph.named_parameters())

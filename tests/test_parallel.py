@@ -59,6 +59,7 @@ WORLD_CASES: dict[int, list[Case | ErrorCase]] = {
         *_gpt_cases([(2, 2), (1, 4)]),
         *_comm_cases(2, 2),
         *_hf_cases(2, 2),
+        Case("llama_kv1", 2, 2, top_k=2),
         ErrorCase("tensor_does_not_divide_world", tensor=3),
         ErrorCase("different_input_shapes", tensor=2),
     ],
@@ -281,3 +282,12 @@ def test_a_missing_peer_fails_within_the_timeout_instead_of_hanging():
     rank0, _ = launch(run_missing_peer, 2, 2.0, backend="gloo", timeout=LAUNCH_TIMEOUT_S)
     assert rank0["error"] is not None, "rank 0's forward returned without its peer"
     assert rank0["seconds"] < 15.0, f"rank 0 waited {rank0['seconds']:.1f} s with a 2 s timeout"
+
+
+def test_gradient_accumulation_averages_each_backward_once():
+    """Expert gradients reduce over "edp" (D ranks) but average over X * D token groups: with two backwards
+    per step, the second must not re-average the first's already-averaged gradient."""
+    from parallel_cases import run_accumulation
+
+    errors = launch(run_accumulation, 2, backend="gloo", timeout=LAUNCH_TIMEOUT_S)
+    assert max(errors) < 1e-6, errors

@@ -67,6 +67,8 @@ class _Plan:
     row: list[fx.Node] = field(default_factory=list)
     chunks: dict[fx.Node, tuple[int, ...]] = field(default_factory=dict)
     shape_edits: dict[fx.Node, tuple[int, int]] = field(default_factory=dict)  # node -> (arg position in list, dim)
+    kv_slices: list[tuple[fx.Node, int]] = field(default_factory=list)
+    """(sdpa node, argument index) of replicated k/v that each rank narrows to its query heads."""
 
 
 # ---------------------------------------------------------------- linears
@@ -214,7 +216,7 @@ def _reshape(node, ins, plan, T):
     size = dst[out_dim]
     if not isinstance(size, int) or size % T:
         raise _Fail(p.seeds, node, f"dim {out_dim} of shape {tuple(dst)} (size {size}, e.g. the number of "
-                    f"attention heads) is not divisible by T={T}", hard=True)
+                    f"attention heads) is not divisible by T={T}")
     plan.shape_edits[node] = (1, out_dim)
     return Placement("S", out_dim, p.seeds)
 
@@ -235,7 +237,14 @@ def _sdpa(node, ins, plan, T):
         if mask.kind == "S":
             raise _Fail(mask.seeds, node, "sharded attention mask with replicated q, k, v")
         return R
-    if not (q.kind == k.kind == v.kind == "S" and q.dim == k.dim == v.dim == 1):
+    if q.kind == "S" and q.dim == 1 and "R" in (k.kind, v.kind) and not node.kwargs.get("enable_gqa", False):
+        # GQA whose KV heads do not divide by T: k and v stay replicated (already repeated to one per
+        # query head), and each rank narrows them to its own query heads.
+        bad = [p for p in (k, v) if p.kind == "S" and p.dim != 1]
+        if bad:  # blame k/v only: the query's shard is fine
+            raise _Fail(_all_seeds(bad), node, "k or v sharded on a dim other than heads")
+        plan.kv_slices.extend((node, i) for i, p in ((1, k), (2, v)) if p.kind == "R")
+    elif not (q.kind == k.kind == v.kind == "S" and q.dim == k.dim == v.dim == 1):
         raise _Fail(_all_seeds(ins), node, "q, k, v must all be sharded on the heads dim")
     if len(node.args) > 3 and isinstance(node.args[3], fx.Node):
         mask = _val(node.args[3])
@@ -366,8 +375,17 @@ def _plan(gm: fx.GraphModule, T: int) -> tuple[_Plan, list[str]]:
             notes.append(f"kept replicated {sorted(s.name for s in fail.seeds)}: {fail.reason}")
             seeds -= fail.seeds
             continue
-        # A column shard must end in a row-parallel linear; one that only fed
-        # other placements (never reached a linear) has already failed above.
+        # Attention left whole means its heads did not divide by T: an error for the user, not a
+        # silently replicated model.
+        for node in gm.graph.nodes:
+            if node.op == "call_function" and node.target == aten.scaled_dot_product_attention.default \
+                    and plan.place.get(node, R).kind == "R":
+                heads = _val(node.args[0]).shape[1] if _val(node.args[0]) is not None else "?"
+                raise ValueError(
+                    f"tensor parallelism with ParallelConfig.tensor={T} cannot split the attention of "
+                    f"{_module_path(node) or node.name}: its {heads} query heads are not divisible by {T} "
+                    f"({'; '.join(notes[-2:]) or 'no projection could be split'}). Choose a tensor degree "
+                    f"that divides the attention heads and the FFN width.")
         return plan, notes
 
 
@@ -435,6 +453,13 @@ def shard_tensor_parallel_pass(gm: fx.GraphModule, *, ctx: PassContext) -> fx.Gr
 
     for node, (pos, dim) in plan.shape_edits.items():
         _edit_shape(node, pos, dim, T)
+    for node, i in plan.kv_slices:
+        kv = node.args[i]
+        with graph.inserting_before(node):
+            local = graph.call_function(collectives.slice_for_rank, (kv, "tp", 1))
+        local.meta["nn_module_stack"] = dict(node.meta.get("nn_module_stack", {}))
+        node.replace_input_with(kv, local)
+        record["notes"].append(f"{node.name}: replicated {'kv'[i - 1]} narrowed to this rank's query heads")
     return gm
 
 

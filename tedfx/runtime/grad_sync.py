@@ -13,7 +13,9 @@ all-reduce starts as soon as all of its gradients are accumulated, in bucket
 order on every rank (so all ranks issue the same collectives in the same
 order), and overlaps with the rest of the backward; the end of backward waits
 for all of them and copies the averages back. On a group of one rank nothing
-is sent: the gradients are only divided.
+is sent: the gradients are only divided. With gradient accumulation (several
+backwards before a step), only each backward's new gradient is reduced and
+averaged, and added to the average already in `.grad`.
 """
 
 from __future__ import annotations
@@ -102,8 +104,25 @@ class GradSync:
         self._where = {id(p): i for i, b in enumerate(self.buckets) for p in b.params}
         self._next = 0
         self._callback_queued = False
-        self._handles = [p.register_post_accumulate_grad_hook(self._on_grad)
-                         for _, p, _ in params if p.requires_grad]
+        self._previous: dict[int, torch.Tensor] = {}
+        """This backward's starting .grad of each parameter that had one (gradient accumulation)."""
+        trained = [p for _, p, _ in params if p.requires_grad]
+        self._handles = [p.register_hook(self._remember_previous(p)) for p in trained]
+        self._handles += [p.register_post_accumulate_grad_hook(self._on_grad) for p in trained]
+
+    def _remember_previous(self, p: nn.Parameter):
+        def hook(grad: torch.Tensor) -> None:
+            if p.grad is not None and id(p) not in self._previous:
+                self._previous[id(p)] = p.grad.detach().clone()
+
+        return hook
+
+    def _new_grad(self, p: nn.Parameter) -> torch.Tensor:
+        """What this backward added to p.grad (all of it, without accumulation)."""
+        if p.grad is None:
+            return torch.zeros_like(p)
+        previous = self._previous.get(id(p))
+        return p.grad if previous is None else p.grad - previous
 
     def _on_grad(self, p: nn.Parameter) -> None:
         if not self._callback_queued:
@@ -123,8 +142,7 @@ class GradSync:
             self._next += 1
 
     def _launch(self, b: _Bucket) -> None:
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in b.params]
-        b.flat = torch.cat([g.reshape(-1) for g in grads])
+        b.flat = torch.cat([self._new_grad(p).reshape(-1) for p in b.params])
         if self.stats is not None:
             self.stats.record("all_reduce", b.plan.axis, "backward", b.flat.numel() * b.flat.element_size())
         b.work = dist.all_reduce(b.flat, group=b.group, async_op=True)
@@ -140,17 +158,21 @@ class GradSync:
             offset = 0
             for p in b.params:
                 chunk = b.flat[offset:offset + p.numel()].view_as(p)
+                previous = self._previous.get(id(p))
                 if p.grad is None:
                     p.grad = chunk.clone()
                 else:
-                    p.grad.copy_(chunk)
+                    p.grad.copy_(chunk if previous is None else previous + chunk)
                 offset += p.numel()
             b.ready.clear()
             b.flat = b.work = None
         if self.divisor > 1:
             for p in self.local:
                 if p.grad is not None:
-                    p.grad.div_(self.divisor)
+                    previous = self._previous.get(id(p))
+                    new = self._new_grad(p).div(self.divisor)
+                    p.grad.copy_(new if previous is None else previous + new)
+        self._previous.clear()
         self._next = 0
         self._callback_queued = False
 
