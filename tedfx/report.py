@@ -180,6 +180,8 @@ class Report:
         console.print(t)
         sizes = sorted(set(self.param_bytes_per_rank.values()))
         console.print("parameter bytes per rank: " + ", ".join(_fmt_count(b) + "B" for b in sizes))
+        console.print("predicted training state per rank (params + grads + AdamW moments, no activations): "
+                      + ", ".join(_fmt_count(4 * b) + "B" for b in sizes))
         c = Table(title="Collectives per training step (rank 0)", title_justify="left")
         for col in ("kind", "axis", "phase", "calls", "bytes"):
             c.add_column(col, justify="right" if col in ("calls", "bytes") else "left")

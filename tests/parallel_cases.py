@@ -99,7 +99,8 @@ class ErrorCase:
 
     kind: "tensor_does_not_divide_world" (ParallelConfig(tensor=3) on a world not divisible by 3),
         "experts_do_not_divide" (num_experts=3 with expert=2), "different_weights" (rank 1
-        perturbs one weight), "different_input_shapes" (rank 1 passes a longer sequence).
+        perturbs one weight), "different_input_shapes" (rank 1 passes a longer sequence),
+        "different_rng" (dropout on, tensor ranks seeded differently).
     """
 
     kind: str
@@ -379,7 +380,12 @@ def _error(case: ErrorCase) -> dict[str, Any]:
             if rank == 1:
                 with torch.no_grad():
                     model.h[1].attn.c_proj.weight[0, 0] += 1e-3
+        elif case.kind == "different_rng":
+            model = tiny_gpt(dropout=0.1)[0]
         pm = parallelize(model, (x,), moe=moe, parallel=parallel)
+        if case.kind == "different_rng":
+            torch.manual_seed(1000 + rank)  # per-rank seeds: the tensor ranks' dropout masks would differ
+            pm(x)
         if case.kind == "different_input_shapes":
             long = torch.randint(0, VOCAB, (BATCH, 2 * SEQ), generator=torch.Generator().manual_seed(7))
             pm(long if rank == 1 else x)

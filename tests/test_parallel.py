@@ -62,6 +62,7 @@ WORLD_CASES: dict[int, list[Case | ErrorCase]] = {
         Case("llama_kv1", 2, 2, top_k=2),
         ErrorCase("tensor_does_not_divide_world", tensor=3),
         ErrorCase("different_input_shapes", tensor=2),
+        ErrorCase("different_rng", tensor=2),
     ],
     8: [
         *_gpt_cases([(2, 2), (2, 4), (1, 2)]),
@@ -77,6 +78,7 @@ EXPECTED_ERRORS = {
     "different_weights": r"rank 1 holds different weights from rank 0 for \['h\.1\.attn\.c_proj\.weight'\]",
     "tensor_does_not_divide_world": r"world size 4 is not divisible by tensor \* expert = 3 \* 1 = 3",
     "different_input_shapes": r"different input shapes .*rank 1: \[\(2, 16\)\]",
+    "different_rng": r"tensor-parallel ranks \[\d, \d\] hold different torch RNG states while dropout is on",
 }
 ERROR_WITHIN_S = 30.0
 """A bad input must fail well inside the collective timeout: nothing may wait for a peer that never comes."""

@@ -96,19 +96,55 @@ class ParallelModule(nn.Module):
         return out
 
     def _check_same_shapes(self, args: tuple, kwargs: dict) -> None:
-        """Every rank must call with the same input shapes: the all-to-alls exchange equal buffers."""
+        """Every rank must call with the same input shapes: the all-to-alls exchange equal buffers.
+
+        While dropout is active, the tensor ranks of a group must also hold the same RNG state, or
+        their masks on the replicated activations differ and the replicas drift apart silently.
+        """
         shapes = [tuple(x.shape) if isinstance(x, torch.Tensor) else None for x in pytree.tree_leaves((args, kwargs))]
-        mine = [shapes]
+        rng = _rng_fingerprint() if self.training and self._dropout else None
         everyone: list[Any] = [None] * self.mesh.layout.world_size
-        dist.all_gather_object(everyone, mine[0])
-        bad = [r for r, s in enumerate(everyone) if s != shapes]
+        dist.all_gather_object(everyone, (shapes, rng))
+        bad = [r for r, (s, _) in enumerate(everyone) if s != shapes]
         if bad:
-            detail = "; ".join(f"rank {r}: {everyone[r]}" for r in [self.mesh.rank, *bad])
+            detail = "; ".join(f"rank {r}: {everyone[r][0]}" for r in [self.mesh.rank, *bad])
             raise ValueError(
                 f"ranks called the ParallelModule with different input shapes ({detail}). Every rank must "
                 f"pass a micro-batch of the same shape (the expert all-to-alls exchange equal-size buffers); "
                 f"pad or drop the last batch."
             )
+        tp_group = self.mesh.group_ranks("tp")
+        if rng is not None and any(everyone[r][1] != rng for r in tp_group):
+            raise ValueError(
+                f"the tensor-parallel ranks {tp_group} hold different torch RNG states while dropout is on, so "
+                f"their dropout masks on replicated activations would differ. Seed torch identically on the "
+                f"ranks of a tensor group (e.g. torch.manual_seed(seed + data_parallel_rank))."
+            )
+
+    @property
+    def _dropout(self) -> bool:
+        if not hasattr(self, "_has_dropout"):
+            self._has_dropout = _has_dropout(self.module)
+        return self._has_dropout
+
+
+def _rng_fingerprint() -> int:
+    return hash(torch.get_rng_state().numpy().tobytes())
+
+
+def _has_dropout(module: nn.Module) -> bool:
+    """Whether any graph of `module` (checkpointed regions included) drops out with p > 0."""
+    graphs = [m.graph for m in module.modules() if isinstance(m, torch.fx.GraphModule)]
+    graphs += [m.region.graph for m in module.modules() if hasattr(m, "region")]
+    for graph in graphs:
+        for node in graph.nodes:
+            if node.op != "call_function":
+                continue
+            if node.target in _compat.dropout_targets and node.args[1] > 0:
+                return True
+            if node.target is _compat.sdpa_target and node.meta.get("tedfx_dropout_p", 0.0) > 0:
+                return True
+    return False
 
 
 def parallelize(
