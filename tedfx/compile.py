@@ -36,8 +36,19 @@ log = logging.getLogger(__name__)
 
 __all__ = ["compiled_module", "tedfx_backend"]
 
-# A model parameter -> the module tedfx built from the graph that read it (gone with the parameter).
-_BUILT: "weakref.WeakKeyDictionary[torch.Tensor, nn.Module]" = weakref.WeakKeyDictionary()
+# id of a model parameter -> (a weak reference to it, the module tedfx built from the graph that read it).
+# Keyed by id, checked by identity: tensors compare elementwise, and a released one must not be read.
+_BUILT: dict[int, tuple[weakref.ref, nn.Module]] = {}
+
+
+def _remember(t: torch.Tensor, built: nn.Module) -> None:
+    key = id(t)
+    _BUILT[key] = (weakref.ref(t, lambda _: _BUILT.pop(key, None)), built)
+
+
+def _built_for(t: torch.Tensor) -> nn.Module | None:
+    entry = _BUILT.get(id(t))
+    return entry[1] if entry is not None and entry[0]() is t else None
 _SOURCE = re.compile(r"(?:^|_)(modules|parameters|buffers)_")
 _ROOT = re.compile(r"[lL]_(?:self|args_0|kwargs_self)_")
 
@@ -69,7 +80,7 @@ def tedfx_backend(gm: fx.GraphModule, example_inputs: list[Any], options: dict[s
 
     # A recompile (new strides, a dim turned dynamic) reads the same model: reuse what was built
     # (its dense storage may already be released).
-    previous = _BUILT.get(example_inputs[state_positions[0]]) if state_positions else None
+    previous = _built_for(example_inputs[state_positions[0]]) if state_positions else None
     if previous is not None:
         return run_with(previous)
     if parallel is not None and not dist.is_initialized():
@@ -92,7 +103,7 @@ def tedfx_backend(gm: fx.GraphModule, example_inputs: list[Any], options: dict[s
                     "the model (HF models: set config.use_cache=False)", len(gm.graph.nodes))
         return gm.forward
     for i in state_positions:
-        _BUILT[example_inputs[i]] = built
+        _remember(example_inputs[i], built)
     if options.get("release_dense", True):
         _release([example_inputs[i] for i in state_positions if isinstance(example_inputs[i], nn.Parameter)])
     del lifted
@@ -105,7 +116,7 @@ def compiled_module(model: nn.Module) -> nn.Module:
     Exists after the compiled model's first call. Its parameters are the ones to train.
     """
     for p in model.parameters():
-        built = _BUILT.get(p)
+        built = _built_for(p)
         if built is not None:
             return built
     raise LookupError("tedfx has not compiled this model yet: call the torch.compile'd model once first.")
