@@ -78,6 +78,12 @@ def capture(
     if not isinstance(example_inputs, tuple):
         example_inputs = (example_inputs,)
     example_kwargs = dict(example_kwargs or {})
+    released = [n for n, p in model.named_parameters() if p.numel() and p.untyped_storage().nbytes() == 0]
+    if released:
+        raise ValueError(
+            f"the parameters of {type(model).__name__} ({released[0]}, ...) were released: "
+            f'torch.compile(backend="tedfx") frees the dense model once it has built its MoE copy. Use '
+            f"tedfx.compiled_module(model), or compile with options={{'release_dense': False}}.")
     was_training = model.training
     original = model
     if copy_params:

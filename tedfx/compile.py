@@ -36,19 +36,20 @@ log = logging.getLogger(__name__)
 
 __all__ = ["compiled_module", "tedfx_backend"]
 
-# id of a model parameter -> (a weak reference to it, the module tedfx built from the graph that read it).
-# Keyed by id, checked by identity: tensors compare elementwise, and a released one must not be read.
-_BUILT: dict[int, tuple[weakref.ref, nn.Module]] = {}
+# id of a model parameter -> (a weak reference to it, the module tedfx built from the graph that read it,
+# what runs it: the module or its inductor-compiled form). Keyed by id, checked by identity: tensors
+# compare elementwise, and a released one must not be read.
+_BUILT: dict[int, tuple[weakref.ref, nn.Module, Callable[..., Any]]] = {}
 
 
-def _remember(t: torch.Tensor, built: nn.Module) -> None:
+def _remember(t: torch.Tensor, built: nn.Module, runner: Callable[..., Any]) -> None:
     key = id(t)
-    _BUILT[key] = (weakref.ref(t, lambda _: _BUILT.pop(key, None)), built)
+    _BUILT[key] = (weakref.ref(t, lambda _: _BUILT.pop(key, None)), built, runner)
 
 
-def _built_for(t: torch.Tensor) -> nn.Module | None:
+def _entry(t: torch.Tensor) -> tuple | None:
     entry = _BUILT.get(id(t))
-    return entry[1] if entry is not None and entry[0]() is t else None
+    return entry if entry is not None and entry[0]() is t else None
 _SOURCE = re.compile(r"(?:^|_)(modules|parameters|buffers)_")
 _ROOT = re.compile(r"[lL]_(?:self|args_0|kwargs_self)_")
 
@@ -61,6 +62,7 @@ def tedfx_backend(gm: fx.GraphModule, example_inputs: list[Any], options: dict[s
     Options:
         moe: the MoEConfig (required).
         parallel: the ParallelConfig; with torch.distributed initialised the model is parallelized.
+        inductor: run the rewritten graph through inductor instead of eagerly (default False).
         release_dense: free the storage of the model's dense parameters (default True): tedfx trains
             its own MoE copy, and the dense model can no longer be called or saved after compiling.
     """
@@ -80,9 +82,9 @@ def tedfx_backend(gm: fx.GraphModule, example_inputs: list[Any], options: dict[s
 
     # A recompile (new strides, a dim turned dynamic) reads the same model: reuse what was built
     # (its dense storage may already be released).
-    previous = _built_for(example_inputs[state_positions[0]]) if state_positions else None
+    previous = _entry(example_inputs[state_positions[0]]) if state_positions else None
     if previous is not None:
-        return run_with(previous)
+        return run_with(previous[2])
     if parallel is not None and not dist.is_initialized():
         raise ValueError('torch.compile(backend="tedfx") was given options["parallel"] but torch.distributed is '
                          "not initialised: run the script under tedfx.launch(...) or torchrun (after "
@@ -102,12 +104,14 @@ def tedfx_backend(gm: fx.GraphModule, example_inputs: list[Any], options: dict[s
         log.warning("tedfx backend: a graph of %d nodes holds no FFN and runs unchanged; graph breaks split "
                     "the model (HF models: set config.use_cache=False)", len(gm.graph.nodes))
         return gm.forward
+    # Eagerly, or the rewritten graph itself through inductor (its MoE ops and collectives trace).
+    runner = torch.compile(built, backend="inductor") if options.get("inductor", False) else built
     for i in state_positions:
-        _remember(example_inputs[i], built)
+        _remember(example_inputs[i], built, runner)
     if options.get("release_dense", True):
         _release([example_inputs[i] for i in state_positions if isinstance(example_inputs[i], nn.Parameter)])
     del lifted
-    return run_with(built)
+    return run_with(runner)
 
 
 def compiled_module(model: nn.Module) -> nn.Module:
@@ -116,9 +120,9 @@ def compiled_module(model: nn.Module) -> nn.Module:
     Exists after the compiled model's first call. Its parameters are the ones to train.
     """
     for p in model.parameters():
-        built = _built_for(p)
-        if built is not None:
-            return built
+        entry = _entry(p)
+        if entry is not None:
+            return entry[1]
     raise LookupError("tedfx has not compiled this model yet: call the torch.compile'd model once first.")
 
 
