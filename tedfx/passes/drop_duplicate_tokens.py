@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch.fx as fx
 
 from .. import collectives
-from .ffn_to_moe import MOE_META
+from .ffn_to_moe import MOE_META, moe_blocks
 from .runner import PassContext
 
 __all__ = ["drop_duplicate_tokens_pass"]
@@ -38,12 +38,7 @@ def drop_duplicate_tokens_pass(gm: fx.GraphModule, *, ctx: PassContext) -> fx.Gr
     T, X = ctx.parallel.tensor, ctx.parallel.expert
     if not ctx.parallel.dtd or T == 1 or X == 1:
         return gm
-    blocks: dict[str, dict[str, fx.Node]] = {}
-    for node in gm.graph.nodes:
-        meta = node.meta.get(MOE_META)
-        if meta and node.op == "call_function":
-            blocks.setdefault(meta["path"], {})[meta["role"]] = node
-    for path, roles in blocks.items():
+    for roles in moe_blocks(gm.graph).values():
         _rewrite(gm.graph, roles, T)
     return gm
 

@@ -28,10 +28,21 @@ from ..moe.routing import Router
 from .find_ffns import FFNMatch, LinearRef, find_ffns
 from .runner import PassContext
 
-__all__ = ["MoEBlockRecord", "ffn_to_moe_pass", "MOE_META"]
+__all__ = ["MoEBlockRecord", "ffn_to_moe_pass", "moe_blocks", "MOE_META"]
 
 MOE_META = "tedfx_moe"
 """node.meta key on every node of an MoE block: {"path": ..., "role": ...}."""
+
+
+def moe_blocks(graph: fx.Graph) -> dict[str, dict[str, fx.Node]]:
+    """Every MoE block's nodes, {ffn path: {role: node}}; weights by their name ("w1", "b2", ...)."""
+    blocks: dict[str, dict[str, fx.Node]] = {}
+    for node in graph.nodes:
+        meta = node.meta.get(MOE_META)
+        if meta:
+            role = node.target.rsplit(".", 1)[1] if node.op == "get_attr" else meta["role"]
+            blocks.setdefault(meta["path"], {}).setdefault(role, node)
+    return blocks
 
 
 @dataclass(frozen=True)

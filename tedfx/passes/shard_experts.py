@@ -23,7 +23,7 @@ from torch import nn
 
 from .. import collectives
 from ..moe import ops
-from .ffn_to_moe import MOE_META
+from .ffn_to_moe import MOE_META, moe_blocks
 from .runner import PassContext
 from .sharding import ParamShard, shard_tensor
 
@@ -57,14 +57,7 @@ def shard_experts_pass(gm: fx.GraphModule, *, ctx: PassContext) -> fx.GraphModul
     record = {"params": {}}
     ctx.records[EXPERT_RECORD] = record
 
-    blocks: dict[str, dict[str, fx.Node]] = {}
-    for node in gm.graph.nodes:
-        meta = node.meta.get(MOE_META)
-        if meta:
-            roles = blocks.setdefault(meta["path"], {})
-            roles.setdefault(meta["role"] if node.op != "get_attr" else node.target.rsplit(".", 1)[1], node)
-
-    for path, roles in blocks.items():
+    for path, roles in moe_blocks(gm.graph).items():
         for name in ("w1", "b1", "w3", "b3", "w2", "b2"):
             if name in roles:
                 _slice_expert_param(gm, roles[name].target, name, sizes, coords, record)
