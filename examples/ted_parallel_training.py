@@ -13,6 +13,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import tedfx
+from tedfx.data import get_batch
 from tedfx.models.nanogpt import GPT, GPTConfig
 
 T, X, RANKS = 2, 2, 8
@@ -30,11 +31,11 @@ def main() -> dict:
     token_group = coords["edp"] * X + coords["ep"]  # tensor ranks of a group share its batches
     data = torch.Generator().manual_seed(100 + token_group)
     opt = torch.optim.AdamW(pm.parameters(), lr=3e-3)
-    for step in range(10):
-        x = torch.randint(0, 256, (4, 65), generator=data)
-        if step == 9:
+    for step in range(30):
+        x, y = get_batch("train", 4, 64, data)  # the public-domain corpus shipped with tedfx, byte-level
+        if step == 29:
             pm.comm_stats().reset()
-        loss = F.cross_entropy(pm(x[:, :-1]).flatten(0, 1), x[:, 1:].flatten())
+        loss = F.cross_entropy(pm(x).flatten(0, 1), y.flatten())
         loss.backward()
         opt.step()
         opt.zero_grad()
