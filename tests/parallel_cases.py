@@ -280,38 +280,35 @@ def _full_grads(pm) -> dict[str, torch.Tensor]:
     return {name: full[name] for name in full if name in params}
 
 
+def _compare(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], tol: dict
+             ) -> tuple[dict[str, float], dict[str, str]]:
+    """(max abs error, assert_close message of each mismatch) per key of `expected` (numel-0 tensors skipped)."""
+    errs, mismatch = {}, {}
+    for key, want in expected.items():
+        if want.numel() == 0:
+            continue
+        got = actual.get(key)
+        if got is None or got.shape != want.shape:
+            mismatch[key] = f"{'missing' if got is None else f'shape {tuple(got.shape)}'}, reference {tuple(want.shape)}"
+            continue
+        errs[key] = _max_abs(got, want)
+        msg = _mismatch(got, want, tol)
+        if msg is not None:
+            mismatch[key] = msg
+    return errs, mismatch
+
+
 def _compare_grads(grads: dict[str, torch.Tensor], ref: nn.Module) -> dict[str, Any]:
     """Step-0 gradients against the reference's averaged ones (before either optimizer steps)."""
-    mismatch, errs = {}, {}
-    for name, p in ref.named_parameters():
-        expected = p.grad if p.grad is not None else torch.zeros_like(p)
-        actual = grads.get(name)
-        if actual is None or actual.shape != expected.shape:
-            mismatch[name] = f"no gradient of shape {tuple(expected.shape)}"
-            continue
-        errs[name] = _max_abs(actual, expected)
-        msg = _mismatch(actual, expected, GRAD_TOL)
-        if msg is not None:
-            mismatch[name] = msg
+    expected = {n: p.grad if p.grad is not None else torch.zeros_like(p) for n, p in ref.named_parameters()}
+    errs, mismatch = _compare(grads, expected, GRAD_TOL)
     return {"grad_err": max(errs.values(), default=0.0), "grad_mismatch": mismatch}
 
 
 def _compare_state(full: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) -> dict[str, Any]:
-    state_mismatch = {}
-    errs = {}
-    for key, expected in ref.items():
-        if key not in full or expected.numel() == 0:
-            continue
-        actual = full[key]
-        if actual.shape != expected.shape:
-            state_mismatch[key] = f"shape {tuple(actual.shape)} != reference {tuple(expected.shape)}"
-            continue
-        errs[key] = _max_abs(actual, expected)
-        msg = _mismatch(actual, expected, TRAINED_TOL)
-        if msg is not None:
-            state_mismatch[key] = msg
+    errs, mismatch = _compare(full, {k: v for k, v in ref.items() if k in full}, TRAINED_TOL)
     return {"missing_keys": sorted(set(ref) - set(full)), "extra_keys": sorted(set(full) - set(ref)),
-            "state_err": max(errs.values(), default=0.0), "state_mismatch": state_mismatch}
+            "state_err": max(errs.values(), default=0.0), "state_mismatch": mismatch}
 
 
 def _is_expert(module: nn.Module, name: str) -> bool:

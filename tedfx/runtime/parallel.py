@@ -52,6 +52,7 @@ class ParallelModule(nn.Module):
         self.shards = shards
         self.parallel = parallel
         self.check_inputs = check_inputs
+        self._dropout = _has_dropout(gm)
         self._stats = collectives.CommStats()
         world = mesh.layout.world_size
         self._grad_sync = GradSync(grad_sync_params(gm), mesh.groups(), world // parallel.tensor,
@@ -120,12 +121,6 @@ class ParallelModule(nn.Module):
                 f"their dropout masks on replicated activations would differ. Seed torch identically on the "
                 f"ranks of a tensor group (e.g. torch.manual_seed(seed + data_parallel_rank))."
             )
-
-    @property
-    def _dropout(self) -> bool:
-        if not hasattr(self, "_has_dropout"):
-            self._has_dropout = _has_dropout(self.module)
-        return self._has_dropout
 
 
 def _rng_fingerprint() -> int:
