@@ -16,7 +16,7 @@ order, so drift in the machine's speed hits all alike; the table reports medians
 Each tedfx variant's collectives per step (rank 0, from `pm.comm_stats()`) are
 checked against `tedfx.explain`'s prediction, call for call and byte for byte.
 
-Two networks (DESIGN §4):
+Two networks:
   loopback   all ranks on the host's loopback: every link is a memory copy, so moving
              fewer bytes saves little and DTD's extra all-gather can cost more than it saves;
   emulated   two "nodes" (network namespaces, benchmarks/netem.py) joined by a veth limited
@@ -63,7 +63,7 @@ from tedfx.runtime.mesh import Layout
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))  # peers and netem sit next to this script, also in launched ranks
 
-import netem  # after the sys.path line above
+import netem  # noqa: E402 - after the sys.path line above
 
 VARIANTS: dict[str, dict[str, bool]] = {
     "baseline": {"dtd": False, "cac": False},
@@ -437,7 +437,8 @@ def _print_why(s: dict[str, Any]) -> None:
 
 def print_summary(summaries: list[dict[str, Any]]) -> None:
     print("\n== Summary: median step ms (speedup vs baseline of medians / of minima)")
-    print(f"   {'network':<9} {'world':>5} {'layout':<10} {'baseline':>9} {'dtd':>21} {'dtd+cac':>21} {'deepspeed':>21}")
+    print(f"   {'network':<9} {'world':>5} {'layout':<10} {'baseline':>9} {'dtd':>21} {'dtd+cac':>21} "
+          f"{'deepspeed':>21}")
     for s in summaries:
         v = s["variants"]
         cells = [f"{v[n]['median_ms']:.0f} ({v[n]['speedup_vs_baseline']:.2f}x/{v[n]['speedup_vs_baseline_min']:.2f}x)"
@@ -468,7 +469,10 @@ def _networks(requested: str) -> tuple[list[str], str | None]:
 
 
 def _wait_for_quiet(threshold: float, max_wait_s: float) -> None:
-    """Wait until the 1-minute load average is below `threshold` (other jobs on a shared machine), at most `max_wait_s`."""
+    """Wait until the 1-minute load average is below `threshold` (other jobs on a shared machine).
+
+    Waits at most `max_wait_s`.
+    """
     deadline = time.monotonic() + max_wait_s
     load = os.getloadavg()[0]
     if load >= threshold:
@@ -509,7 +513,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=None, help="timed rounds per variant")
     parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/bench_dtd_cac[_quick].json)")
     parser.add_argument("--quiet-load", type=float, default=None,
-                        help="before each launch wait (up to --max-wait s) for the 1-min load average to fall below this")
+                        help="before each launch wait (up to --max-wait s) for the 1-min load average to fall "
+                              "below this")
     parser.add_argument("--max-wait", type=float, default=600.0, help="longest wait for --quiet-load, s")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

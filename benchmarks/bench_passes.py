@@ -1,7 +1,7 @@
 """Compile time of the dense -> MoE pipeline: capture, find_ffns, ffn_to_moe, by model depth.
 
 Builds nanoGPT-style models (tedfx.models.nanogpt.GPT) of 12, 24 and 48 layers at
-hidden size 512 and times each step of `tedfx.compiler.build_moe_graph` separately:
+hidden size 512 and times each step of `tedfx.pipeline.build_moe_graph` separately:
 
     capture     tedfx.capture.capture (deep copy + torch.export, dynamic batch/sequence dims)
     find_ffns   the FFN matcher pass
@@ -49,12 +49,12 @@ import torch
 
 import tedfx
 from tedfx.capture import capture, own_tensors
-from tedfx.compiler import MOE_PASSES
 from tedfx.models.nanogpt import GPT, GPTConfig
 from tedfx.moe.experts import ExpertWeights
 from tedfx.passes.runner import PassContext, pass_name, run_passes
+from tedfx.pipeline import moe_passes
 
-STEPS = ["capture"] + [pass_name(p) for p in MOE_PASSES] + ["own_tensors"]
+STEPS = ["capture"] + [pass_name(p) for p in moe_passes(tedfx.MoEConfig())] + ["own_tensors"]
 """What is timed, in pipeline order (the pass names come from the compiler's own list)."""
 DIAGNOSTICS = ["capture_static"]
 """Timed too, outside the total: capture(dynamic=False), to show what dynamic batch/sequence dims cost."""
@@ -129,14 +129,14 @@ def run_pipeline(depth: int, args: argparse.Namespace, moe: tedfx.MoEConfig) -> 
     """Capture and run each MoE pass once, timing each step; returns the samples and construction seconds."""
     model, inputs, construct_s = build_model(depth, args)
     faults = _faults()
-    # As tedfx.compiler.build_moe_graph does it: capture the model itself, run the passes, then copy
+    # As tedfx.pipeline.build_moe_graph does it: capture the model itself, run the passes, then copy
     # the tensors the MoE graph kept (own_tensors; the dense FFN weights it replaced are never copied).
     gm, wall, cpu = timed(lambda: capture(model, inputs, copy_params=False))
     samples = [Sample(depth, "capture", wall, cpu, len(gm.graph.nodes), _faults() - faults)]
     ctx = PassContext(moe=moe)
-    for p in MOE_PASSES:
+    for p in moe_passes(moe):
         # One pass per run_passes call, so CPU time can be read around each; the wall time is
-        # the runner's own PassRecord (it includes the lint and recompile after the pass).
+        # the runner's own PassTiming (it includes the lint and recompile after the pass).
         faults = _faults()
         gm, _, cpu = timed(lambda: run_passes(gm, [p], ctx=ctx))
         rec = ctx.timings[-1]
@@ -144,12 +144,12 @@ def run_pipeline(depth: int, args: argparse.Namespace, moe: tedfx.MoEConfig) -> 
     faults = _faults()
     _, wall, cpu = timed(lambda: own_tensors(gm, model))
     samples.append(Sample(depth, "own_tensors", wall, cpu, len(gm.graph.nodes), _faults() - faults))
-    del gm, ctx
+    gm = ctx = None  # freed before the static capture (not `del`: the lambdas above read these names)
     gc.collect()
     faults = _faults()
     static, wall, cpu = timed(lambda: capture(model, inputs, dynamic=False))
     samples.append(Sample(depth, "capture_static", wall, cpu, len(static.graph.nodes), _faults() - faults))
-    del static, model
+    static = model = None
     gc.collect()
     return samples, construct_s
 
@@ -161,7 +161,8 @@ def _moe(args: argparse.Namespace) -> tedfx.MoEConfig:
 def _warm_up(args: argparse.Namespace) -> float:
     """The first export in a process pays one-time initialisation: pay it on a 1-layer model."""
     model, inputs, _ = build_model(1, argparse.Namespace(**{**vars(args), "hidden": 64, "heads": 4}))
-    _, wall, _ = timed(lambda: run_passes(capture(model, inputs), MOE_PASSES, ctx=PassContext(moe=_moe(args))))
+    moe = _moe(args)
+    _, wall, _ = timed(lambda: run_passes(capture(model, inputs), moe_passes(moe), ctx=PassContext(moe=moe)))
     return wall
 
 
@@ -240,7 +241,7 @@ def profile_step(step: str, depth: int, args: argparse.Namespace, top: int = 12)
         profiler.disable()
     else:
         gm, ctx = capture(model, inputs, copy_params=False), PassContext(moe=_moe(args))
-        for p in MOE_PASSES:
+        for p in moe_passes(_moe(args)):
             if pass_name(p) == step:
                 profiler.enable()
             gm = run_passes(gm, [p], ctx=ctx)
@@ -305,7 +306,8 @@ def upcycle_copy_check(args: argparse.Namespace, repeats: int = 5) -> dict:
 def print_report(summary: dict, args: argparse.Namespace, verdict: dict) -> None:
     rows, growth = summary["per_depth"], summary["growth"]
     cols = ["construct"] + STEPS + ["total"] + DIAGNOSTICS
-    print(f"\nnanoGPT hidden {args.hidden}, {args.heads} heads, vocab {args.vocab}, example [{args.batch}, {args.seq}], "
+    print(f"\nnanoGPT hidden {args.hidden}, {args.heads} heads, vocab {args.vocab}, "
+          f"example [{args.batch}, {args.seq}], "
           f"MoE E={args.experts} top-{args.top_k}, all FFNs; median of {args.repeats}. Seconds, wall (cpu).")
     print(f"{'layers':>6} " + " ".join(f"{c:>17}" for c in cols) + f" {'s/layer':>13} {'nodes':>6} {'RSS MiB':>8}")
     for d, r in rows.items():
@@ -325,7 +327,8 @@ def print_report(summary: dict, args: argparse.Namespace, verdict: dict) -> None
     for step, prof in verdict.get("profiles", {}).items():
         print(f"\nprofile of {step} at {hi} layers (own time, top {len(prof)}):")
         for row in prof:
-            print(f"  {row['own_s']:8.3f} s own {row['cumulative_s']:8.3f} s cum {row['calls']:>7} calls  {row['function']}")
+            print(f"  {row['own_s']:8.3f} s own {row['cumulative_s']:8.3f} s cum {row['calls']:>7} calls  "
+                  f"{row['function']}")
         faults = {d: r["page_faults_median"][step] for d, r in rows.items()}
         print(f"  page faults in {step} (4 KiB each, median): "
               + ", ".join(f"{d} layers {f} ({f / d:.0f}/layer)" for d, f in faults.items()))
@@ -348,7 +351,8 @@ def judge(summary: dict, args: argparse.Namespace) -> dict:
         met = wall < TARGET_S
         verdict["target_met"] = met
         verdict["target"] = (f"{'MET' if met else 'NOT MET'}: {wall:.2f} s wall, {cpu:.2f} s cpu"
-                             + ("" if met or cpu >= TARGET_S else " (cpu time alone would meet it: the machine is loaded)"))
+                             + ("" if met or cpu >= TARGET_S
+                                 else " (cpu time alone would meet it: the machine is loaded)"))
     else:
         verdict["target_met"] = None
         verdict["target"] = f"not evaluated (this run's largest model: {hi} layers at hidden {args.hidden})"

@@ -4,7 +4,7 @@ One launch of 4 CPU ranks (gloo) builds every variant from the same seeded dense
 (tedfx.models.nanogpt) and times them side by side:
 
     ddp           the dense GPT under torch.nn.parallel.DistributedDataParallel on all ranks
-    ted_T{t}X{x}  tedfx.runtime.parallel.parallelize with ParallelConfig(tensor=t, expert=x)
+    ted_T{t}X{x}  tedfx.parallelize with ParallelConfig(tensor=t, expert=x)
     ds_ep{x}      the same GPT with every FFN replaced by deepspeed.moe.layer.MoE(ep_size=x),
                   trained through deepspeed.initialize (fp32, no ZeRO, expert data parallel
                   groups made by DeepSpeed itself)
@@ -54,9 +54,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import tedfx
+from tedfx.api import parallelize
 from tedfx.models.nanogpt import GPT, GPTConfig
 from tedfx.runtime import launch
-from tedfx.runtime.parallel import parallelize
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "bench_ted_vs_peers.json"
 AUX_LOSS_COEF = 0.01
@@ -211,7 +211,8 @@ def build_deepspeed(dense: GPT, cfg: dict, ep_size: int) -> Variant:
     with contextlib.redirect_stdout(io.StringIO()):  # DeepSpeed prints every group it creates
         for block in model.h:
             block.mlp = DeepSpeedFFN(block.mlp, cfg, ep_size)
-        groups = split_params_into_different_moe_groups_for_optimizer({"params": list(model.parameters()), "name": "all"})
+        groups = split_params_into_different_moe_groups_for_optimizer(
+            {"params": list(model.parameters()), "name": "all"})
         opt = torch.optim.AdamW(groups, lr=1e-4)
         ds_config = {"train_micro_batch_size_per_gpu": cfg["micro_batch"], "gradient_accumulation_steps": 1,
                      "steps_per_print": 10**9, "wall_clock_breakdown": False}
@@ -420,8 +421,9 @@ def print_report(rows: dict[str, dict], args: argparse.Namespace, note_lines: li
         tput_ds = f"{r['throughput_ratio_vs_deepspeed']:.2f}" if r["throughput_ratio_vs_deepspeed"] else "-"
         comm = r["comm_bytes_per_step_total_rank0"] / mib
         print(f"{name:<10} {layout:>7} {r['step_ms_median']:>9.1f} {r['step_ms_p25']:>6.0f}-{r['step_ms_p75']:<6.0f} "
-              f"{r['step_ratio_vs_ddp']:>7.2f} {vs_ds:>6} {r['tokens_per_s']:>9.0f} {r['throughput_ratio_vs_ddp']:>8.2f} "
-              f"{tput_ds:>7} {r['param_bytes_per_rank'] / mib:>10.2f} {comm:>12.2f}{'*' if r['comm_source'] == 'derived' else ''}")
+              f"{r['step_ratio_vs_ddp']:>7.2f} {vs_ds:>6} {r['tokens_per_s']:>9.0f} "
+              f"{r['throughput_ratio_vs_ddp']:>8.2f} {tput_ds:>7} {r['param_bytes_per_rank'] / mib:>10.2f} "
+              f"{comm:>12.2f}{'*' if r['comm_source'] == 'derived' else ''}")
     print("vs ddp / vs ds: step-time ratios (>1 = slower), tput: tokens/s ratios (>1 = faster); both paired per "
           "repetition, median over repetitions; * derived")
     print("\ncommunication per step, rank 0 (MiB):")

@@ -1,6 +1,6 @@
 """An emulated two-node cluster on one host: two network namespaces joined by a rate-limited veth.
 
-DESIGN §4: the communication optimizations of TED pay off when expert all-to-alls cross
+The communication optimizations of TED pay off when expert all-to-alls cross
 a slow link between nodes while tensor-parallel traffic stays inside a node. This module
 builds that on one machine, as root:
 
@@ -117,7 +117,8 @@ def _run(argv: list[str], *, check: bool = True) -> subprocess.CompletedProcess:
     proc = subprocess.run(argv, capture_output=True, text=True, check=False)
     if check and proc.returncode != 0:
         raise NetemUnavailable(
-            f"`{' '.join(argv)}` failed with exit code {proc.returncode}: {proc.stderr.strip() or proc.stdout.strip()}. "
+            f"`{' '.join(argv)}` failed with exit code {proc.returncode}: "
+            f"{proc.stderr.strip() or proc.stdout.strip()}. "
             f"Network namespaces and tc need root and a kernel with veth and sch_tbf (a container may need "
             f"CAP_NET_ADMIN)."
         )

@@ -271,7 +271,7 @@ class DeepSpeedMoEGPT(nn.Module):
                     num_experts=moe.num_experts, ep_size=expert, k=moe.top_k,
                     capacity_factor=moe.capacity_factor, eval_capacity_factor=moe.eval_capacity_factor,
                     min_capacity=moe.min_capacity, drop_tokens=moe.drop_tokens,
-                    # Deterministic routing: the tensor ranks of a group must route alike (DESIGN §2).
+                    # Deterministic routing: the tensor ranks of a group must route alike (docs/parallelism.md).
                     use_rts=False, top2_2nd_expert_sampling=False, noisy_gate_policy=None,
                     enable_expert_tensor_parallelism=tensor > 1,
                 )
@@ -304,7 +304,7 @@ def _install_gloo_gather_fix() -> None:
     """DeepSpeed's token gather passes a flat output and a shaped input to all_gather_into_tensor.
 
     NCCL accepts that; gloo requires the input to have the output's shape per rank, so the
-    input is flattened when the output is flat (DESIGN §4). Installed once, only on gloo.
+    input is flattened when the output is flat. Installed once, only on gloo.
     """
     import deepspeed.comm as ds_comm
 
@@ -389,7 +389,8 @@ def build_deepspeed_moe(model: GPT, *, moe: tedfx.MoEConfig, tensor: int, expert
     from deepspeed.utils import groups
 
     if not dist.is_initialized():
-        raise RuntimeError("build_deepspeed_moe needs torch.distributed initialised (tedfx.launch or init_distributed).")
+        raise RuntimeError("build_deepspeed_moe needs torch.distributed initialised "
+                           "(tedfx.launch or init_distributed).")
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     deepspeed.init_distributed(dist_backend=dist.get_backend(), auto_mpi_discovery=False, verbose=False)
     if dist.get_backend() == "gloo":

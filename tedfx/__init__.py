@@ -7,33 +7,33 @@
 
     pm = tedfx.parallelize(model, (tokens,), moe=moe, parallel=tedfx.ParallelConfig(tensor=2, expert=2))
     compiled = torch.compile(model, backend="tedfx", options={"moe": moe, "parallel": parallel})
+
+The doors are in tedfx.api; docs/architecture.md says which module does what.
 """
 
 from . import collectives
-from .api import moe_losses, to_moe
+from .api import check_collective_order, compiled_module, explain, moe_losses, parallelize, to_moe
 from .capture import CaptureError, TedGraphModule, capture
-from .check import CollectiveOrderError, check_collective_order
-from .compile import compiled_module
+from .check import CollectiveOrderError
 from .config import MoEConfig, ParallelConfig
-from .explain import explain
 from .report import Report
+from .runtime.executor import ParallelModule
 from .runtime.launch import LaunchError, RankError, init_distributed, launch
-from .runtime.parallel import ParallelModule, parallelize
 
 __all__ = [
     "CaptureError",
     "CollectiveOrderError",
     "LaunchError",
-    "ParallelModule",
-    "RankError",
     "MoEConfig",
     "ParallelConfig",
+    "ParallelModule",
+    "RankError",
     "Report",
     "TedGraphModule",
     "capture",
     "check_collective_order",
-    "compiled_module",
     "collectives",
+    "compiled_module",
     "explain",
     "init_distributed",
     "launch",

@@ -1,17 +1,37 @@
-"""The public entry points that run in one process: to_moe and moe_losses."""
+"""The doors of tedfx: every public entry point that turns a model into something, in one place.
+
+    to_moe                  dense model -> MoE GraphModule, one process
+    parallelize             dense model -> this rank's TED-parallel module, every rank
+    explain                 what tedfx does to a model, as a Report, no processes
+    check_collective_order  every rank of a layout issues matching collectives, no processes
+    compiled_module         the module the torch.compile backend built for a model
+    moe_losses              the last forward's MoE losses of a module
+
+The doors only orchestrate: capture and passes live in tedfx.pipeline, the
+per-rank executor in tedfx.runtime, predictions in tedfx.predict, the
+torch.compile backend in tedfx.backend (docs/architecture.md).
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
+import torch.distributed as dist
 from torch import nn
 
+from . import _compat, backend, pipeline
 from .capture import TedGraphModule
-from .compiler import build_moe_graph
-from .config import MoEConfig
-from .moe.routing import Router
+from .check import check_layout, check_live_ranks
+from .collectives import CommCall
+from .config import MoEConfig, ParallelConfig
+from .graph_summary import summarize_graph
+from .moe.routing import moe_losses
+from .predict import build_report
+from .report import Report
+from .runtime.executor import ParallelModule, check_same_weights
+from .runtime.mesh import Layout, TedMesh
 
-__all__ = ["moe_losses", "to_moe"]
+__all__ = ["check_collective_order", "compiled_module", "explain", "moe_losses", "parallelize", "to_moe"]
 
 
 def to_moe(
@@ -30,34 +50,162 @@ def to_moe(
             stay dynamic where export allows.
         moe: which FFNs to convert and how to route.
         example_kwargs: keyword inputs of one call.
-        debug: keep each pass's code before and after in `module.meta["tedfx_ctx"].dumps`.
+        debug: keep each pass's code before and after in `module.meta["tedfx_dumps"]`
+            as (pass name, before, after).
 
     Returns:
         A module with the model's call signature that trains with any torch
         optimizer. Its state dict has the model's keys, except that each
         converted FFN's keys are replaced by `<path>.router.weight` and
-        `<path>.experts.{w1,b1,w3,b3,w2,b2}` (see ExpertWeights).
+        `<path>.experts.{w1,b1,w3,b3,w2,b2}` (docs/moe.md, "State dict").
 
     Example:
         >>> moe_model = tedfx.to_moe(model, (tokens,), moe=tedfx.MoEConfig(num_experts=8, top_k=2))
         >>> loss = F.cross_entropy(moe_model(tokens).flatten(0, 1), targets.flatten())
         >>> loss.backward()  # the MoE aux and z losses are included
     """
-    gm, ctx = build_moe_graph(model, example_inputs, moe=moe, example_kwargs=example_kwargs, debug=debug)
-    gm.meta["tedfx_ctx"] = ctx
+    gm, ctx = pipeline.build_moe_graph(model, example_inputs, moe=moe, example_kwargs=example_kwargs, debug=debug)
+    if debug:
+        gm.meta["tedfx_dumps"] = list(ctx.dumps)
     return gm
 
 
-def moe_losses(module: nn.Module) -> dict[str, float]:
-    """The last forward's MoE losses, unweighted and summed over the MoE blocks.
+def parallelize(
+    model: nn.Module,
+    example_inputs: tuple[Any, ...],
+    *,
+    moe: MoEConfig,
+    parallel: ParallelConfig,
+    example_kwargs: dict[str, Any] | None = None,
+    check_inputs: bool = True,
+    check_collectives: bool = True,
+) -> ParallelModule:
+    """Turn a dense model into this rank's part of a TED-parallel MoE model. Call on every rank.
+
+    In order:
+    1. Build the mesh (D, X, T) and its process groups.
+    2. Check that every rank was handed the same dense weights (one small all-gather).
+    3. Capture and convert to MoE (identical on every rank: seeded by MoEConfig.seed).
+    4. With `check_collectives`, check that every process group's members would issue the
+       same collectives in the same order.
+    5. Shard for this rank's coordinates and wrap the graph in a ParallelModule, which
+       registers the bucketed gradient sync over each parameter's data-parallel group.
+
+    Args:
+        model: the dense model, with the same weights on every rank (checked).
+        example_inputs: one micro-batch's positional inputs.
+        moe: the MoE rewrite.
+        parallel: the layout (T, X; D inferred) and runtime options.
+        example_kwargs: one micro-batch's keyword inputs.
+        check_inputs: check every call that all ranks pass the same input shapes
+            (one small all-gather per forward); a mismatch is an error, not a hang.
+        check_collectives: before the first step, simulate one step of this rank's graph
+            and check with one all-gather that every process group's members would issue
+            the same collectives in the same order (tedfx.check); a mismatch is an error.
 
     Returns:
-        {"aux_loss": ..., "z_loss": ..., "blocks": number of MoE blocks}
+        The rank's ParallelModule.
+
+    Example:
+        >>> def main():
+        ...     pm = tedfx.parallelize(model, (tokens,), moe=moe, parallel=tedfx.ParallelConfig(tensor=2, expert=2))
+        ...     loss = F.cross_entropy(pm(tokens).flatten(0, 1), targets.flatten())
+        ...     loss.backward(); opt.step()
+        >>> tedfx.launch(main, nprocs=4)
     """
-    routers = [m for m in module.modules() if isinstance(m, Router)]
-    totals = {"aux_loss": 0.0, "z_loss": 0.0}
-    for r in routers:
-        for key, value in r.last_losses.items():
-            totals[key] += float(value)
-    totals["blocks"] = len(routers)
-    return totals
+    if not dist.is_initialized():
+        raise RuntimeError("tedfx.parallelize needs torch.distributed: run it inside tedfx.launch(...) or "
+                           "under torchrun after tedfx.init_distributed().")
+    parallel.check_supported()
+    mesh = TedMesh.build(parallel)
+    _compat.set_group_timeouts([None, *mesh.groups().values()], parallel.timeout)
+    check_same_weights(model, mesh)
+    moe_gm, moe_ctx = pipeline.build_moe_graph(model, example_inputs, moe=moe, example_kwargs=example_kwargs)
+    if check_collectives:
+        check_live_ranks(moe_gm, moe_ctx, parallel=parallel, mesh=mesh, example_inputs=example_inputs,
+                         example_kwargs=example_kwargs)
+    gm, ctx = pipeline.shard_for_rank(moe_gm, moe_ctx, parallel=parallel, coords=mesh.coords)
+    del moe_gm
+    return ParallelModule(gm, mesh, pipeline.param_shards(gm, ctx), parallel, pipeline.grad_sync_params(gm),
+                          check_inputs)
+
+
+def explain(
+    model: nn.Module,
+    example_inputs: tuple[Any, ...],
+    *,
+    moe: MoEConfig,
+    parallel: ParallelConfig | None = None,
+    world_size: int = 1,
+    example_kwargs: dict[str, Any] | None = None,
+) -> Report:
+    """What tedfx does to `model`, computed in this process without starting any others.
+
+    Args:
+        model: the dense model (not modified).
+        example_inputs: one micro-batch's positional inputs (what each rank will see).
+        moe: the MoE rewrite.
+        parallel: the layout; None for the single-process MoE model.
+        world_size: ranks to predict for (T * X * D).
+        example_kwargs: one micro-batch's keyword inputs.
+
+    Returns:
+        A Report: converted FFNs with paths and dims; parameter counts before and
+        after (total and active per token); with `parallel`, the sharding of every
+        parameter, per-rank parameter bytes, and every collective of one training
+        step on rank 0 (kind, axis, phase, shape, bytes), predicted by running the
+        rank's graph against simulated process groups; `graphs` holds the dense
+        graph and rank 0's rewritten graph for `Report.to_svg` / `to_html`.
+
+    Example:
+        >>> print(tedfx.explain(model, (tokens,), moe=moe, parallel=tedfx.ParallelConfig(tensor=2, expert=2),
+        ...                     world_size=8))
+    """
+    if parallel is not None:
+        parallel.check_supported()
+        Layout.build(world_size, parallel)  # a layout that does not fit the world fails before any work
+    # One capture: the dense graph is summarised before the MoE passes rewrite it in place.
+    dense_gm = pipeline.capture_dense(model, example_inputs, example_kwargs)
+    dense_graph = summarize_graph(dense_gm, example_inputs, example_kwargs)
+    moe_gm, ctx = pipeline.convert_to_moe(dense_gm, model, moe=moe)
+    return build_report(model, moe_gm, ctx, moe=moe, parallel=parallel, world_size=world_size,
+                        example_inputs=example_inputs, example_kwargs=example_kwargs, dense_graph=dense_graph)
+
+
+def check_collective_order(
+    model: nn.Module,
+    example_inputs: tuple[Any, ...],
+    *,
+    moe: MoEConfig,
+    parallel: ParallelConfig,
+    world_size: int,
+    example_kwargs: dict[str, Any] | None = None,
+) -> dict[int, list[CommCall]]:
+    """Build every rank's graph of the layout, in this process, and check their collectives agree.
+
+    Returns:
+        {rank: trace} when every group agrees.
+
+    Raises:
+        CollectiveOrderError: naming the group, the ranks and the first differing collective.
+
+    Example:
+        >>> tedfx.check_collective_order(model, (tokens,), moe=moe, parallel=par, world_size=8)
+    """
+    layout = Layout.build(world_size, parallel)
+    moe_gm, moe_ctx = pipeline.build_moe_graph(model, example_inputs, moe=moe, example_kwargs=example_kwargs)
+    return check_layout(moe_gm, moe_ctx, parallel=parallel, layout=layout, example_inputs=example_inputs,
+                        example_kwargs=example_kwargs)
+
+
+def compiled_module(model: nn.Module) -> nn.Module:
+    """The module `torch.compile(model, backend="tedfx")` built for `model`: a ParallelModule or a to_moe module.
+
+    Exists after the compiled model's first call. Its parameters are the ones to train.
+
+    Example:
+        >>> compiled = torch.compile(model, backend="tedfx", options={"moe": moe})
+        >>> compiled(tokens)
+        >>> opt = torch.optim.AdamW(tedfx.compiled_module(model).parameters(), lr=3e-4)
+    """
+    return backend.built_module(model)

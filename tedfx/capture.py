@@ -1,4 +1,4 @@
-"""Capture: any model -> a GraphModule in the ATen training IR (DESIGN §3).
+"""Capture: any model -> a GraphModule in the ATen training IR (docs/architecture.md, "One IR").
 
 Every front end of tedfx ends here. The IR is what
 `torch.export.export(..., strict=False)` produces: `aten.linear`/`aten.addmm`
@@ -16,14 +16,18 @@ import logging
 from typing import Any, Callable
 
 import torch
+import torch.distributed as dist
 import torch.fx as fx
 from torch import nn
 
 from ._compat import dropout_targets, export_dim_auto, is_symbolic, pytree, sdpa_target
 
-__all__ = ["CaptureError", "TedGraphModule", "capture", "own_tensors"]
+__all__ = ["CaptureError", "DROPOUT_P_META", "TedGraphModule", "capture", "notice_once", "own_tensors"]
 
 log = logging.getLogger(__name__)
+
+DROPOUT_P_META = "tedfx_dropout_p"
+"""node.meta key on attention nodes: the dropout probability captured in train mode (eval sets it to 0)."""
 
 
 class CaptureError(RuntimeError):
@@ -149,10 +153,22 @@ def _prepare_hf_model(model: nn.Module) -> Callable[[], None]:
     config = getattr(model, "config", None)
     if config is not None and getattr(config, "use_cache", False):
         config.use_cache = False
-        log.warning("tedfx: set config.use_cache=False for the capture of %s (a KV cache cannot be exported)",
-                    type(model).__name__)
+        notice_once(f"tedfx: set config.use_cache=False for the capture of {type(model).__name__} (a KV cache "
+                    f"cannot be exported); the model's setting is restored afterwards")
         return lambda: setattr(config, "use_cache", True)
     return lambda: None
+
+
+_noticed: set[str] = set()
+
+
+def notice_once(message: str) -> None:
+    """Log `message` once per process, and only on rank 0 when torch.distributed runs: once per run."""
+    if message in _noticed:
+        return
+    _noticed.add(message)
+    if not dist.is_available() or not dist.is_initialized() or dist.get_rank() == 0:
+        log.warning(message)
 
 
 def _auto_dynamic_shapes(model: nn.Module, args: tuple, kwargs: dict) -> Any:
@@ -199,7 +215,7 @@ def _set_dropout_mode(graph: fx.Graph, training: bool) -> bool:
             node.args = (*node.args[:2], training, *node.args[3:])
             changed = True
         elif node.target is sdpa_target:
-            p = node.meta.setdefault("tedfx_dropout_p", _sdpa_dropout_p(node))
+            p = node.meta.setdefault(DROPOUT_P_META, _sdpa_dropout_p(node))
             want = p if training else 0.0
             if _sdpa_dropout_p(node) != want:
                 if len(node.args) > 4:

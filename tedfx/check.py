@@ -1,13 +1,13 @@
 """The collective-order check: no rank can hang waiting for a collective its group never issues.
 
 Every rank of a process group must issue the same collectives, in the same
-order, with the same shapes and dtypes (DESIGN §2 pitfalls; a rank whose
-experts get no tokens included). The check simulates one training step of each
+order, with the same shapes and dtypes (docs/parallelism.md, "Every rank issues
+the same collectives"; a rank whose experts get no tokens included). The check simulates one training step of each
 rank's graph against simulated groups (tedfx.predict), keeps each rank's trace
 of calls, and compares the traces of the members of every group.
-`parallelize` runs it across the live ranks (one small all-gather);
-`tedfx inspect --check` and `check_collective_order` run it for every rank of a
-layout in one process.
+`parallelize` runs it across the live ranks (`check_live_ranks`, one small
+all-gather); `tedfx inspect --check` and `tedfx.check_collective_order` run it
+for every rank of a layout in one process (`check_layout`).
 """
 
 from __future__ import annotations
@@ -15,15 +15,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from torch import nn
+import torch.distributed as dist
+import torch.fx as fx
 
+from .axes import GROUP_AXES
 from .collectives import CommCall
-from .compiler import build_moe_graph
-from .config import MoEConfig, ParallelConfig
+from .config import ParallelConfig
+from .passes.context import PassContext
 from .predict import predict_rank
-from .runtime.mesh import GROUP_AXES, Layout
+from .runtime.mesh import Layout, TedMesh
 
-__all__ = ["CollectiveOrderError", "OrderMismatch", "check_collective_order", "compare_traces"]
+__all__ = ["CollectiveOrderError", "OrderMismatch", "check_layout", "check_live_ranks", "compare_traces"]
 
 
 @dataclass(frozen=True)
@@ -91,16 +93,16 @@ def compare_traces(traces: dict[int, list[CommCall]], layout: Layout, *,
     return mismatches
 
 
-def check_collective_order(
-    model: nn.Module,
-    example_inputs: tuple[Any, ...],
+def check_layout(
+    moe_gm: fx.GraphModule,
+    moe_ctx: PassContext,
     *,
-    moe: MoEConfig,
     parallel: ParallelConfig,
-    world_size: int,
+    layout: Layout,
+    example_inputs: tuple[Any, ...],
     example_kwargs: dict[str, Any] | None = None,
 ) -> dict[int, list[CommCall]]:
-    """Build every rank's graph of the layout, in this process, and check their collectives agree.
+    """Build every rank's graph of `layout` in this process and check their collectives agree.
 
     Returns:
         {rank: trace} when every group agrees.
@@ -108,14 +110,35 @@ def check_collective_order(
     Raises:
         CollectiveOrderError: naming the group, the ranks and the first differing collective.
     """
-    layout = Layout.build(world_size, parallel)
-    moe_gm, moe_ctx = build_moe_graph(model, example_inputs, moe=moe, example_kwargs=example_kwargs)
     traces = {
         rank: predict_rank(moe_gm, moe_ctx, parallel=parallel, layout=layout, rank=rank,
                            example_inputs=example_inputs, example_kwargs=example_kwargs).comm.trace
-        for rank in range(world_size)
+        for rank in range(layout.world_size)
     }
-    mismatches = compare_traces(traces, layout, exact_shapes=moe.drop_tokens)
+    mismatches = compare_traces(traces, layout, exact_shapes=moe_ctx.moe.drop_tokens)
     if mismatches:
         raise CollectiveOrderError(mismatches)
     return traces
+
+
+def check_live_ranks(
+    moe_gm: fx.GraphModule,
+    moe_ctx: PassContext,
+    *,
+    parallel: ParallelConfig,
+    mesh: TedMesh,
+    example_inputs: tuple[Any, ...],
+    example_kwargs: dict[str, Any] | None = None,
+) -> None:
+    """On every rank: simulate this rank's step, gather every rank's trace, and compare them group by group.
+
+    Raises:
+        CollectiveOrderError: on every rank alike, before any rank can hang.
+    """
+    mine = predict_rank(moe_gm, moe_ctx, parallel=parallel, layout=mesh.layout, rank=mesh.rank,
+                        example_inputs=example_inputs, example_kwargs=example_kwargs).comm.trace
+    traces: list[Any] = [None] * mesh.layout.world_size
+    dist.all_gather_object(traces, mine)
+    mismatches = compare_traces(dict(enumerate(traces)), mesh.layout, exact_shapes=moe_ctx.moe.drop_tokens)
+    if mismatches:
+        raise CollectiveOrderError(mismatches)

@@ -117,22 +117,31 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _cmd_inspect(args: argparse.Namespace) -> int:
     import tedfx
     from tedfx.passes.find_ffns import NoFFNFoundError
+    from tedfx.runtime.mesh import Layout
 
-    model, example_inputs = _call_factory(args.target)
+    layout_given = args.tensor is not None or args.expert is not None
+    if layout_given and args.world_size == 1 and (args.tensor or 1) * (args.expert or 1) > 1:
+        raise UsageError(f"--tensor {args.tensor or 1} --expert {args.expert or 1} describe a layout of several "
+                         f"ranks: give --world-size N too (a multiple of T x X = "
+                         f"{(args.tensor or 1) * (args.expert or 1)})")
     try:
         moe = tedfx.MoEConfig(num_experts=args.experts, top_k=args.top_k, layers=_parse_layers(args.layers),
                               capacity_factor=args.capacity_factor)
         parallel = None
-        if args.tensor is not None or args.expert is not None or args.world_size != 1:
+        if layout_given or args.world_size != 1:
             parallel = tedfx.ParallelConfig(tensor=args.tensor or 1, expert=args.expert or 1)
+            Layout.build(args.world_size, parallel)
     except ValueError as e:
         raise UsageError(str(e)) from e
+    model, example_inputs = _call_factory(args.target)
     if args.check:
         return _check_order(model, example_inputs, moe, parallel, args.world_size)
     try:
         report = tedfx.explain(model, example_inputs, moe=moe, parallel=parallel, world_size=args.world_size)
     except (tedfx.CaptureError, NoFFNFoundError) as e:
         raise UsageError(f"tedfx cannot convert the model of {args.target}: {e}") from e
+    except ValueError as e:  # the options do not fit this model (e.g. --layers naming a missing FFN)
+        raise UsageError(str(e)) from e
     if args.output:
         try:
             report.save(args.output)
@@ -154,7 +163,8 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
 def _check_order(model: Any, example_inputs: tuple, moe: Any, parallel: Any, world_size: int) -> int:
     """`tedfx inspect --check`: exit 0 when every group agrees, 1 (with the first mismatches) when not."""
-    from tedfx.check import CollectiveOrderError, check_collective_order
+    from tedfx.api import check_collective_order
+    from tedfx.check import CollectiveOrderError
 
     if parallel is None:
         raise UsageError("--check needs a layout: give --tensor, --expert and --world-size")
@@ -163,6 +173,8 @@ def _check_order(model: Any, example_inputs: tuple, moe: Any, parallel: Any, wor
     except CollectiveOrderError as e:
         print(f"collective order: FAILED\n{e}")
         return 1
+    except ValueError as e:
+        raise UsageError(str(e)) from e
     calls = {len(t) for t in traces.values()}
     print(f"collective order: OK: the {world_size} ranks of T={parallel.tensor} x X={parallel.expert} x "
           f"D={world_size // (parallel.tensor * parallel.expert)} issue matching collectives in every group "

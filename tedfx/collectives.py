@@ -1,7 +1,7 @@
 """Differentiable, counted collectives that graph nodes call by mesh axis name.
 
 Passes insert calls such as `all_to_all(x, "ep")`; they name mesh axes and never
-hold a process group (DESIGN §3). The runtime binds axis names to process groups
+hold a process group (docs/architecture.md, "Collectives name axes"). The runtime binds axis names to process groups
 around a step:
 
     with bind_axes(mesh.groups(), stats):
@@ -9,7 +9,7 @@ around a step:
     loss.backward()          # works after the context has exited
 
 Each op is a `torch.autograd.Function` over `torch.distributed._functional_collectives`,
-paired with its autograd partner (DESIGN §3):
+paired with its autograd partner:
 
     op                            forward                     backward
     all_reduce                    all-reduce (sum)            identity              (Megatron "g")

@@ -21,7 +21,7 @@ def _fail(cls: str, name: str, value: object, expected: str) -> None:
 
 @dataclass(frozen=True, kw_only=True)
 class MoEConfig:
-    """How dense FFN blocks become Mixture-of-Experts blocks (DESIGN §2)."""
+    """How dense FFN blocks become Mixture-of-Experts blocks (docs/moe.md)."""
 
     num_experts: int = 8
     """E: experts per MoE block."""
@@ -119,7 +119,7 @@ class MoEConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class ParallelConfig:
-    """The TED layout and what the runtime does on top of it (DESIGN §2)."""
+    """The TED layout and what the runtime does on top of it (docs/parallelism.md)."""
 
     tensor: int = 1
     """T: tensor-parallel degree (mesh axis "tp", consecutive ranks)."""

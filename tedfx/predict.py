@@ -8,26 +8,33 @@ a real run counts them; the gradient sync is the same bucket plan GradSync
 issues. So what `explain` predicts is what `pm.comm_stats()` measures, call for
 call and byte for byte (with drop_tokens=True; dropless capacities follow the
 routing of the example inputs).
+
+`build_report` assembles what `tedfx.explain` returns from these predictions.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.fx as fx
+from torch import nn
 
 from . import collectives
 from ._compat import pytree
-from .compiler import grad_sync_params, param_shards, shard_for_rank
-from .config import ParallelConfig
-from .passes.runner import PassContext
-from .passes.sharding import ParamShard
+from .axes import GROUP_AXES
+from .config import MoEConfig, ParallelConfig
+from .graph_summary import summarize_graph
+from .passes.context import PassContext
+from .pipeline import grad_sync_params, param_shards, shard_for_rank
+from .report import Report
 from .runtime.grad_sync import plan_buckets
-from .runtime.mesh import GROUP_AXES, Layout
+from .runtime.mesh import Layout
+from .sharding import ParamShard
 
-__all__ = ["RankPrediction", "predict_rank", "simulate_step", "simulated_axes"]
+__all__ = ["RankPrediction", "build_report", "predict_rank", "simulate_step", "simulated_axes"]
 
 
 @dataclass
@@ -100,3 +107,90 @@ def simulate_step(
     for plan in plan_buckets(grad_sync_params(gm), sizes, bucket_mb):
         stats.record("all_reduce", plan.axis, "backward", plan.nbytes, (plan.nbytes // 4,), torch.float32)
     return stats
+
+
+# --- the report of tedfx.explain -------------------------------------------------------------------
+
+
+def build_report(
+    model: nn.Module,
+    moe_gm: fx.GraphModule,
+    ctx: PassContext,
+    *,
+    moe: MoEConfig,
+    parallel: ParallelConfig | None,
+    world_size: int,
+    example_inputs: tuple[Any, ...],
+    example_kwargs: dict[str, Any] | None,
+    dense_graph: list[dict[str, Any]],
+) -> Report:
+    """The Report of `tedfx.explain` for a converted model (`moe_gm`, `ctx`) and, with `parallel`, its layout."""
+    blocks = ctx.records.moe_blocks
+    params_moe = _count_params(moe_gm)
+    report = Report(
+        model=type(model).__name__,
+        moe={f: getattr(moe, f) if not callable(getattr(moe, f)) else "<predicate>"
+             for f in moe.__dataclass_fields__},
+        blocks=list(blocks),
+        ffns_found=[dataclasses.asdict(f) for f in ctx.records.ffns],
+        params_dense=_count_params(model),
+        params_moe=params_moe,
+        params_active=params_moe - sum(b.moe_params - b.active_params for b in blocks),
+        pass_timings=[(r.name, r.seconds) for r in ctx.timings],
+        world_size=world_size,
+    )
+    report.graphs["dense"] = dense_graph
+    if parallel is None:
+        report.graphs["rank0"] = summarize_graph(moe_gm, example_inputs, example_kwargs)
+        return report
+    layout = Layout.build(world_size, parallel)
+    report.parallel = {f: getattr(parallel, f) for f in parallel.__dataclass_fields__}
+    report.layout = str(layout)
+    # Rank 0 in full, and the parameter bytes of every distinct (ep, tp) position.
+    bytes_by_rank = {}
+    rank0 = None
+    for x in range(layout.expert):
+        for t in range(layout.tensor):
+            rank = layout.rank(0, x, t)
+            pred = predict_rank(moe_gm, ctx, parallel=parallel, layout=layout, rank=rank,
+                                example_inputs=example_inputs, example_kwargs=example_kwargs)
+            bytes_by_rank[rank] = pred.param_bytes
+            if rank == 0:
+                rank0 = pred
+    full = moe_gm.state_dict()
+    report.parameters = [
+        {"name": name, "full_shape": list(full[name].shape), "local_shape": list(rank0.local_shapes[name]),
+         "splits": [f"{axis}:{dim}" for axis, dim in spec.splits],
+         "chunks": list(spec.chunks) if spec.chunks else None}
+        for name, spec in rank0.shards.items()
+    ]
+    report.param_bytes_per_rank = {rank: bytes_by_rank[layout.rank(0, c["ep"], c["tp"])]
+                                   for rank in range(layout.world_size) for c in [layout.coords(rank)]}
+    report.collectives = [call._asdict() for call in rank0.comm.trace]
+    report.comm_table = [list(row) for row in rank0.comm.table()]
+    report.graphs["rank0"] = summarize_graph(rank0.graph, example_inputs, example_kwargs,
+                                             axes=simulated_axes(layout, 0), shards=rank0.shards)
+    report.comm_variants = _optimization_variants(moe_gm, ctx, parallel, layout, example_inputs, example_kwargs,
+                                                  current=rank0.comm)
+    return report
+
+
+def _optimization_variants(moe_gm, ctx, parallel, layout, example_inputs, example_kwargs, current):
+    """Rank 0's bytes per step by collective kind, with and without DTD and CAC."""
+    variants = {"baseline": dict(dtd=False, cac=False), "dtd": dict(dtd=True, cac=False),
+                "cac": dict(dtd=False, cac=True), "dtd+cac": dict(dtd=True, cac=True)}
+    out = {}
+    for name, flags in variants.items():
+        variant = dataclasses.replace(parallel, **flags)
+        if variant == parallel:
+            stats = current
+        else:
+            stats = predict_rank(moe_gm, ctx, parallel=variant, layout=layout, rank=0,
+                                 example_inputs=example_inputs, example_kwargs=example_kwargs).comm
+        out[name] = {f"{kind}/{axis}/{phase}": [calls, nbytes] for kind, axis, phase, calls, nbytes in stats.table()}
+    return out
+
+
+def _count_params(module: nn.Module) -> int:
+    """Distinct parameters (a tied weight counts once)."""
+    return sum(p.numel() for p in module.parameters())

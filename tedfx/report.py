@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Report"]
+__all__ = ["Chips", "Report", "Table"]
 
 
 def _fmt_count(n: int) -> str:
@@ -82,7 +82,7 @@ class Report:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Report":
         """A Report from `to_dict()`'s output (blocks come back as MoEBlockRecords)."""
-        from .passes.ffn_to_moe import MoEBlockRecord
+        from .passes.context import MoEBlockRecord
 
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
@@ -138,133 +138,123 @@ class Report:
             return f"rank 0 of {self.layout}" if self.layout else "MoE graph"
         return f"{which} graph"
 
+    def tables(self) -> list[Table]:
+        """Every table of the report, built once; `str(report)` and `to_html()` render the same tables."""
+        converted = {b.index if not isinstance(b, dict) else b["index"] for b in self.blocks}
+        ffns = Table("FFNs", ["#", "module path", "kind", "activation", "H", "F", "MoE"], numeric=(0, 4, 5),
+                     anchor="ffns")
+        for f in self.ffns_found:
+            ffns.rows.append([f["index"], f["path"], f["kind"], f["activation"], f["hidden_dim"], f["ffn_dim"],
+                              "yes" if f["index"] in converted else "-"])
+        params = Table("Parameters", ["", "total", "active per token"], numeric=(1, 2), anchor="parameters",
+                       rows=[["dense", _fmt_count(self.params_dense), _fmt_count(self.params_dense)],
+                             ["MoE", _fmt_count(self.params_moe), _fmt_count(self.params_active)]])
+        tables = [ffns, params]
+        if self.parallel is not None:
+            tables += self._parallel_tables()
+        return tables
+
+    def _parallel_tables(self) -> list[Table]:
+        """Sharding, collectives per step and the DTD/CAC comparison (rank 0)."""
+        sharded = [p for p in self.parameters if p["splits"]]
+        sizes = sorted(set(self.param_bytes_per_rank.values()))
+        sharding = Table(f"Sharded parameters (rank 0; {len(self.parameters) - len(sharded)} others replicated)",
+                         ["parameter", "full shape", "split (axis:dim)", "rank-0 shape"], anchor="sharding")
+        for p in sharded:
+            chunks = f" per chunk {p['chunks']}" if p["chunks"] else ""
+            sharding.rows.append([p["name"], str(tuple(p["full_shape"])), Chips(p["splits"], chunks),
+                                  str(tuple(p["local_shape"]))])
+        sharding.notes = [
+            f"layout: {self.layout}",
+            "parameter bytes per rank: " + ", ".join(_fmt_count(b) + "B" for b in sizes),
+            "predicted training state per rank (params + grads + AdamW moments, no activations): "
+            + ", ".join(_fmt_count(4 * b) + "B" for b in sizes)]
+        comm = Table("Collectives per training step (rank 0)", ["kind", "axis", "phase", "calls", "bytes"],
+                     numeric=(3, 4), anchor="collectives")
+        for kind, axis, phase, calls, nbytes in self.comm_table:
+            comm.rows.append([kind, Chips([axis]), phase, calls, _fmt_count(nbytes) + "B"])
+        variants = Table("With and without DTD and CAC (rank 0, per step)",
+                         ["variant", "all-to-all calls", "all-to-all bytes", "all bytes"], numeric=(1, 2, 3),
+                         anchor="variants")
+        current = (bool(self.parallel.get("dtd")), bool(self.parallel.get("cac")))
+        for name, totals in self.comm_variants.items():
+            a2a = [cb for key, cb in totals.items() if key.startswith("all_to_all/")]
+            mine = ("dtd" in name, "cac" in name) == current
+            variants.rows.append([name + (" (this layout)" if mine else ""), sum(c for c, _ in a2a),
+                                  _fmt_count(sum(b for _, b in a2a)) + "B",
+                                  _fmt_count(sum(b for _, b in totals.values())) + "B"])
+        return [sharding, comm] + ([variants] if self.comm_variants else [])
+
     def __str__(self) -> str:
         from rich.console import Console
-        from rich.table import Table
 
         buf = io.StringIO()
         console = Console(file=buf, width=120, force_terminal=False, color_system=None)
         moe = self.moe
         console.print(f"tedfx: {self.model} -> MoE (E={moe['num_experts']}, k={moe['top_k']}, "
                       f"capacity_factor={moe['capacity_factor']}, layers={moe['layers']!r})")
-        converted = {b.index for b in self.blocks}
-        t = Table(title="FFNs", title_justify="left")
-        for col in ("#", "module path", "kind", "activation", "H", "F", "MoE"):
-            t.add_column(col)
-        for f in self.ffns_found:
-            t.add_row(str(f["index"]), f["path"], f["kind"], f["activation"], str(f["hidden_dim"]),
-                      str(f["ffn_dim"]), "yes" if f["index"] in converted else "-")
-        console.print(t)
-        p = Table(title="Parameters", title_justify="left")
-        for col in ("", "total", "active per token"):
-            p.add_column(col, justify="right")
-        p.add_row("dense", _fmt_count(self.params_dense), _fmt_count(self.params_dense))
-        p.add_row("MoE", _fmt_count(self.params_moe), _fmt_count(self.params_active))
-        console.print(p)
-        if self.parallel is not None:
-            self._print_parallel(console, Table)
+        for table in self.tables():
+            for note in table.notes:
+                console.print(note)
+            console.print(table.to_rich())
         if self.pass_timings:
             console.print("passes: " + ", ".join(f"{name} {sec * 1e3:.0f} ms" for name, sec in self.pass_timings))
         return buf.getvalue()
 
-    def _print_parallel(self, console: Any, Table: Any) -> None:
-        console.print(f"layout: {self.layout}")
-        sharded = [p for p in self.parameters if p["splits"]]
-        t = Table(title=f"Sharded parameters (rank 0; {len(self.parameters) - len(sharded)} others replicated)",
-                  title_justify="left")
-        for col in ("parameter", "full shape", "split", "rank-0 shape"):
-            t.add_column(col)
-        for p in sharded:
-            split = ", ".join(p["splits"]) + (f" per chunk {p['chunks']}" if p["chunks"] else "")
-            t.add_row(p["name"], str(tuple(p["full_shape"])), split, str(tuple(p["local_shape"])))
-        console.print(t)
-        sizes = sorted(set(self.param_bytes_per_rank.values()))
-        console.print("parameter bytes per rank: " + ", ".join(_fmt_count(b) + "B" for b in sizes))
-        console.print("predicted training state per rank (params + grads + AdamW moments, no activations): "
-                      + ", ".join(_fmt_count(4 * b) + "B" for b in sizes))
-        c = Table(title="Collectives per training step (rank 0)", title_justify="left")
-        for col in ("kind", "axis", "phase", "calls", "bytes"):
-            c.add_column(col, justify="right" if col in ("calls", "bytes") else "left")
-        for kind, axis, phase, calls, nbytes in self.comm_table:
-            c.add_row(kind, axis, phase, str(calls), _fmt_count(nbytes) + "B")
-        console.print(c)
-        if self.comm_variants:
-            v = Table(title="With and without the communication optimizations (rank 0, per step)",
-                      title_justify="left")
-            v.add_column("variant")
-            for col in ("all-to-all calls", "all-to-all bytes", "all bytes"):
-                v.add_column(col, justify="right")
-            for name, rows in self.comm_variants.items():
-                a2a = [cb for key, cb in rows.items() if key.startswith("all_to_all/")]
-                v.add_row(name, str(sum(c for c, _ in a2a)), _fmt_count(sum(b for _, b in a2a)) + "B",
-                          _fmt_count(sum(b for _, b in rows.values())) + "B")
-            console.print(v)
-
     def html_tables(self) -> str:
         """The report's tables as HTML sections (FFNs, parameters; sharding, collectives and DTD/CAC when parallel)."""
-        converted = {b.index if not isinstance(b, dict) else b["index"] for b in self.blocks}
-        ffns = [[f["index"], f["path"], f["kind"], f["activation"], f["hidden_dim"], f["ffn_dim"],
-                 "yes" if f["index"] in converted else "-"] for f in self.ffns_found]
-        params = [["dense", _fmt_count(self.params_dense), _fmt_count(self.params_dense)],
-                  ["MoE", _fmt_count(self.params_moe), _fmt_count(self.params_active)]]
-        parts = ['<section id="ffns"><h2>FFNs</h2>',
-                 _html_table(["#", "module path", "kind", "activation", "H", "F", "MoE"], ffns, numeric=(0, 4, 5)),
-                 '</section><section id="parameters"><h2>Parameters</h2>',
-                 _html_table(["", "total", "active per token"], params, numeric=(1, 2)), "</section>"]
-        if self.parallel is not None:
-            parts += self._parallel_html()
-        return "\n".join(parts)
-
-    def _parallel_html(self) -> list[str]:
-        """Sharding, collectives per step and the DTD/CAC comparison, as HTML sections."""
-        sharded = [p for p in self.parameters if p["splits"]]
-        rows = [[p["name"], str(tuple(p["full_shape"])),
-                 _Raw(" ".join(_axis_chip(s) for s in p["splits"])
-                      + html.escape(f" per chunk {p['chunks']}" if p["chunks"] else "")),
-                 str(tuple(p["local_shape"]))] for p in sharded]
-        sizes = sorted(set(self.param_bytes_per_rank.values()))
-        comm = [[kind, _Raw(_axis_chip(axis)), phase, calls, _fmt_count(nbytes) + "B"]
-                for kind, axis, phase, calls, nbytes in self.comm_table]
-        current = (bool(self.parallel.get("dtd")), bool(self.parallel.get("cac")))
-        variants = []
-        for name, totals in self.comm_variants.items():
-            a2a = [cb for key, cb in totals.items() if key.startswith("all_to_all/")]
-            mine = ("dtd" in name, "cac" in name) == current
-            all_bytes = sum(b for _, b in totals.values())
-            variants.append([name + (" (this layout)" if mine else ""), sum(c for c, _ in a2a),
-                             _fmt_count(sum(b for _, b in a2a)) + "B", _fmt_count(all_bytes) + "B"])
-        return [
-            '<section id="sharding"><h2>Sharding (rank 0)</h2>',
-            f"<p>{len(sharded)} parameters sharded, {len(self.parameters) - len(sharded)} replicated. "
-            f"Parameter bytes per rank: {', '.join(_fmt_count(b) + 'B' for b in sizes)}.</p>",
-            _html_table(["parameter", "full shape", "split (axis:dim)", "rank-0 shape"], rows), "</section>",
-            '<section id="collectives"><h2>Collectives per training step (rank 0)</h2>',
-            _html_table(["kind", "axis", "phase", "calls", "bytes"], comm, numeric=(3, 4)), "</section>",
-            '<section id="variants"><h2>With and without DTD and CAC (rank 0, per step)</h2>',
-            _html_table(["variant", "all-to-all calls", "all-to-all bytes", "all bytes"], variants, numeric=(1, 2, 3)),
-            "</section>",
-        ]
+        return "\n".join(table.to_html() for table in self.tables())
 
 
-class _Raw(str):
-    """Table cell text that is already HTML."""
+@dataclass
+class Chips:
+    """A table cell of mesh axes (or "axis:dim" splits): plain text in a terminal, coloured chips in HTML."""
+
+    splits: list[str]
+    suffix: str = ""
+
+    def __str__(self) -> str:
+        return ", ".join(self.splits) + self.suffix
+
+    def html(self) -> str:
+        from .viz import AXIS_COLORS
+
+        chips = " ".join(f'<span class="chip" style="background:{AXIS_COLORS.get(s.split(":")[0], "#6b7280")}">'
+                         f"{html.escape(s)}</span>" for s in self.splits)
+        return chips + html.escape(self.suffix)
 
 
-def _axis_chip(split: str) -> str:
-    """A mesh axis (or "axis:dim" split) in its picture colour."""
-    from .viz import AXIS_COLORS
+@dataclass
+class Table:
+    """One table of a Report: built once, rendered for the terminal (rich) or as HTML."""
 
-    axis = split.split(":")[0]
-    return (f'<span class="chip" style="background:{AXIS_COLORS.get(axis, "#6b7280")}">'
-            f"{html.escape(split)}</span>")
+    title: str
+    columns: list[str]
+    rows: list[list[Any]] = field(default_factory=list)
+    numeric: tuple[int, ...] = ()
+    """Columns aligned right."""
+    anchor: str = ""
+    """The HTML section id."""
+    notes: list[str] = field(default_factory=list)
+    """Lines printed before the table."""
 
+    def to_rich(self) -> Any:
+        from rich.table import Table as RichTable
 
-def _html_table(header: list[str], rows: list[list[Any]], numeric: tuple[int, ...] = ()) -> str:
-    """An HTML table; cells are escaped unless _Raw, and the `numeric` columns align right."""
-    def cell(i: int, value: Any) -> str:
-        text = value if isinstance(value, _Raw) else html.escape(str(value))
-        return f'<td class="num">{text}</td>' if i in numeric else f"<td>{text}</td>"
+        table = RichTable(title=self.title, title_justify="left")
+        for i, col in enumerate(self.columns):
+            table.add_column(col, justify="right" if i in self.numeric else "left")
+        for row in self.rows:
+            table.add_row(*(str(cell) for cell in row))
+        return table
 
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
-    body = "".join("<tr>" + "".join(cell(i, v) for i, v in enumerate(row)) + "</tr>" for row in rows)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+    def to_html(self) -> str:
+        def cell(i: int, value: Any) -> str:
+            text = value.html() if isinstance(value, Chips) else html.escape(str(value))
+            return f'<td class="num">{text}</td>' if i in self.numeric else f"<td>{text}</td>"
+
+        head = "".join(f"<th>{html.escape(c)}</th>" for c in self.columns)
+        body = "".join("<tr>" + "".join(cell(i, v) for i, v in enumerate(row)) + "</tr>" for row in self.rows)
+        notes = "".join(f"<p>{html.escape(n)}</p>" for n in self.notes)
+        return (f'<section id="{self.anchor}"><h2>{html.escape(self.title)}</h2>{notes}'
+                f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></section>")

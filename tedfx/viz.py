@@ -25,7 +25,7 @@ from typing import Any
 
 import networkx as nx
 
-from .graph_summary import display_graph
+from .display import display_graph
 
 __all__ = ["AXIS_COLORS", "MOE_COLOR", "PARAM_COLOR", "to_dot", "to_html", "to_svg"]
 
@@ -407,7 +407,7 @@ def to_svg(
     Args:
         nodes: a `summarize_graph` list.
         title: printed above the picture.
-        collapse, expand, block, max_blocks: what to draw, as in `tedfx.graph_summary.display_graph`.
+        collapse, expand, block, max_blocks: what to draw, as in `tedfx.display.display_graph`.
         highlight: a module path framed with a dashed violet border (the dense FFN of a before/after).
         legend: draw the colour key under the title.
 
@@ -440,7 +440,7 @@ def _before_after_html(report: Any) -> list[str]:
     dense, after = report.graphs.get("dense"), report.graphs.get("rank0")
     if not dense or not after:
         return []
-    from .graph_summary import block_of
+    from .display import block_of
 
     moe_paths = [n["moe_path"] for n in after if n["moe_path"]]
     if not moe_paths:

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import tedfx
-from tedfx.compile import compiled_module
+from tedfx.api import compiled_module
 
 from models import VOCAB, tiny_gpt, tiny_gpt2
 

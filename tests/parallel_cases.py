@@ -5,7 +5,7 @@ result dict per case, in order. Starting ranks costs seconds, so the tests start
 one world per size and run all of its cases inside; the pytest side only asserts
 on the returned numbers and messages.
 
-Parity cases follow the oracle of DESIGN §2: the rank's ParallelModule against
+Parity cases follow the parity oracle (docs/architecture.md, "Tests"): the rank's ParallelModule against
 `tedfx.to_moe(model)` in the same process, on the rank's token group, for the
 forward, the loss of every step and the full state dict after a few AdamW steps.
 The reference accumulates one backward per token group and averages, which is
@@ -30,12 +30,12 @@ import torch.nn.functional as F
 from torch import nn
 
 import tedfx
+from tedfx.api import parallelize
 from tedfx.check import CollectiveOrderError
-from tedfx.compiler import build_moe_graph
-from tedfx.predict import predict_rank
 from tedfx.moe.experts import ExpertWeights
 from tedfx.moe.routing import Router
-from tedfx.runtime.parallel import parallelize
+from tedfx.pipeline import build_moe_graph
+from tedfx.predict import predict_rank
 
 from models import VOCAB, patch_capture, tiny_gpt, tiny_gpt2, tiny_llama
 
@@ -80,8 +80,10 @@ class Case:
     @property
     def name(self) -> str:
         routing = "dropless" if self.dropless else "cf1"
-        extra = ("" if self.dtd else "-nodtd") + ("" if self.checkpointing == "none" else f"-ckpt{self.checkpointing}") \
-            + ("" if self.cac or self.checkpointing == "none" else "-nocac") + ("" if self.seq == SEQ else f"-seq{self.seq}")
+        extra = ("" if self.dtd else "-nodtd") \
+            + ("" if self.checkpointing == "none" else f"-ckpt{self.checkpointing}") \
+            + ("" if self.cac or self.checkpointing == "none" else "-nocac") \
+            + ("" if self.seq == SEQ else f"-seq{self.seq}")
         return f"{self.model}-T{self.tensor}X{self.expert}-top{self.top_k}-{routing}{extra}"
 
     def parallel(self) -> tedfx.ParallelConfig:
@@ -289,7 +291,8 @@ def _compare(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor],
             continue
         got = actual.get(key)
         if got is None or got.shape != want.shape:
-            mismatch[key] = f"{'missing' if got is None else f'shape {tuple(got.shape)}'}, reference {tuple(want.shape)}"
+            found = "missing" if got is None else f"shape {tuple(got.shape)}"
+            mismatch[key] = f"{found}, reference {tuple(want.shape)}"
             continue
         errs[key] = _max_abs(got, want)
         msg = _mismatch(got, want, tol)
@@ -433,7 +436,7 @@ def run_missing_peer(timeout_s: float) -> dict[str, Any]:
 def run_accumulation() -> float:
     """Two backwards before reading the grads (gradient accumulation) on X=2: the largest gradient error
     against the reference accumulating all four token-group backwards and averaging."""
-    from tedfx.passes.sharding import shard_tensor
+    from tedfx.sharding import shard_tensor
 
     tokens, targets = _batches(4)  # micro-batch m of token group g: index 2 * m + g
     moe = tedfx.MoEConfig(num_experts=4, top_k=2, capacity_factor=1.0, min_capacity=1)

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import torch.fx as fx
 import pytest
+import torch.fx as fx
 
 import tedfx
 from tedfx import collectives
-from tedfx.check import CollectiveOrderError, check_collective_order, compare_traces
-from tedfx.compiler import build_moe_graph, shard_for_rank
+from tedfx.api import check_collective_order
+from tedfx.check import CollectiveOrderError, compare_traces
+from tedfx.pipeline import build_moe_graph, shard_for_rank
 from tedfx.predict import simulate_step
 from tedfx.runtime.mesh import Layout
 

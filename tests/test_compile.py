@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import tedfx
-from tedfx.compile import compiled_module
+from tedfx.api import compiled_module
 from tedfx.runtime import launch
 
 from compile_cases import run_compile_cases

@@ -1,6 +1,6 @@
-"""Routing semantics of the MoE block (DESIGN §2), against hand-computed numbers.
+"""Routing semantics of the MoE block (docs/moe.md), against hand-computed numbers.
 
-Tier (a) of STYLE §9: no processes, no graph capture. Every expectation here
+Tier (a) of the tests (docs/architecture.md, "Tests"): no processes, no graph capture. Every expectation here
 is written out by hand from the formulas of the design, so a change to
 capacity, slot assignment, gate normalisation, the losses, their gradients,
 dispatch/combine or the seeded noise shows up as a failing number.
@@ -19,8 +19,6 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from tedfx import MoEConfig, ParallelConfig
 from tedfx.moe import ops
 from tedfx.moe.routing import Router, assign_slots, route, router_losses
-
-
 
 
 def _router(moe: MoEConfig, hidden: int = 8, *, layer: int = 0, weight: torch.Tensor | None = None) -> Router:
@@ -237,7 +235,7 @@ def _moe_forward(router: Router, x_SH: torch.Tensor) -> torch.Tensor:
 
 
 def _loss_formula_grad(weight: torch.Tensor, x_SH: torch.Tensor, moe: MoEConfig) -> torch.Tensor:
-    """d(aux_coef * aux + z_coef * z)/d(weight), by autograd on the formula of DESIGN §2."""
+    """d(aux_coef * aux + z_coef * z)/d(weight), by autograd on the formula of docs/moe.md."""
     w = weight.detach().clone().requires_grad_(True)
     logits_SE = x_SH @ w.t()
     probs_SE = torch.softmax(logits_SE, -1)

@@ -1,6 +1,6 @@
-"""parallelize on gloo against the single-process reference: the parity oracle (DESIGN §2).
+"""parallelize on gloo against the single-process reference: the parity oracle (docs/architecture.md, "Tests").
 
-Tier (b) of STYLE §9. For every layout (T, X, D) the rank's ParallelModule must give
+Tier (b) of the tests. For every layout (T, X, D) the rank's ParallelModule must give
 the same logits and losses as `tedfx.to_moe(model)` on the rank's token group, and
 after three AdamW steps `pm.full_state_dict()` must equal the reference's state dict,
 which averaged the X * D token groups' gradients as DDP does. Each rank must hold

@@ -1,6 +1,6 @@
-"""The Report's pictures: graph summaries, DOT, SVG and the HTML page (DESIGN §1 "a picture a person can open").
+"""The Report's pictures: graph summaries, DOT, SVG and the HTML page (a picture a person can open).
 
-Tier (a) of STYLE §9, no processes: `explain` predicts rank 0 of the test GPT
+Tier (a) of the tests, no processes: `explain` predicts rank 0 of the test GPT
 on T=2 x X=2 (world 4) once per module; every test reads that report. The
 pictures are checked as data (XML, DOT text, parsed HTML), never by eye.
 """
@@ -15,8 +15,9 @@ from html.parser import HTMLParser
 import pytest
 
 import tedfx
-from tedfx.api import to_moe
-from tedfx.graph_summary import display_graph, summarize_graph
+from tedfx.display import display_graph
+from tedfx.graph_summary import summarize_graph
+from tedfx.pipeline import build_moe_graph
 from tedfx.predict import predict_rank, simulated_axes
 from tedfx.runtime.mesh import Layout
 from tedfx.viz import AXIS_COLORS, MOE_COLOR, to_svg
@@ -101,10 +102,9 @@ def test_checkpoint_regions_are_expanded():
     outside the regions."""
     model, inputs = tiny_gpt()
     parallel = tedfx.ParallelConfig(tensor=2, expert=2, activation_checkpointing="block")
-    moe_model = to_moe(model, inputs, moe=MOE)
+    moe_model, ctx = build_moe_graph(model, inputs, moe=MOE)
     layout = Layout.build(4, parallel)
-    pred = predict_rank(moe_model, moe_model.meta["tedfx_ctx"], parallel=parallel, layout=layout, rank=0,
-                        example_inputs=inputs)
+    pred = predict_rank(moe_model, ctx, parallel=parallel, layout=layout, rank=0, example_inputs=inputs)
     nodes = summarize_graph(pred.graph, inputs, axes=simulated_axes(layout, 0))
     assert not any(n["target"] == "CheckpointRegion" for n in nodes)
     names = {n["name"] for n in nodes}

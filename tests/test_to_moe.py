@@ -1,6 +1,6 @@
-"""to_moe and explain end to end, in one process (DESIGN §1-2).
+"""to_moe and explain end to end, in one process.
 
-Tier (c) of STYLE §9: the upcycled MoE equals the dense model at step 0 (for
+Tier (c) of the tests (docs/architecture.md, "Tests"): the upcycled MoE equals the dense model at step 0 (for
 every E, k with normalised gates, no dropping, no noise), on the test GPT and
 on HF GPT-2 and Llama; plus the state-dict contract, training, seeding, the
 layer selection, errors and the report.
@@ -25,6 +25,7 @@ from torch import nn
 import tedfx
 from tedfx import MoEConfig
 from tedfx.moe.routing import Router
+from tedfx.passes.graph import moe_blocks
 
 from models import VOCAB, patch_capture, tiny_gpt, tiny_gpt2, tiny_llama
 
@@ -72,7 +73,8 @@ def exact_moe(E: int, k: int, **kwargs) -> MoEConfig:
 
 
 def ffn_paths(gm: nn.Module) -> list[str]:
-    return [b.path for b in gm.meta["tedfx_ctx"].records["ffn_to_moe"]]
+    """The converted FFNs of an MoE graph, in graph order, read from the graph itself."""
+    return list(moe_blocks(gm.graph))
 
 
 # --- upcycled MoE == dense ----------------------------------------------------------------------------------
@@ -303,7 +305,7 @@ def test_explain_all_experts_active_when_k_equals_e():
 def test_the_dense_model_is_left_untouched(monkeypatch):
     """to_moe captures the model itself but copies what it keeps: training the MoE model changes nothing
     of the dense one, whose settings (train/eval, HF use_cache) come back as they were."""
-    from tedfx.compiler import build_moe_graph
+    from tedfx.pipeline import build_moe_graph
 
     monkeypatch.undo()  # the real capture, not the test cache's copies
 

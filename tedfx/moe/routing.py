@@ -1,6 +1,6 @@
 """Routing: which experts each token goes to, in which slot, with what weight.
 
-DESIGN §2, in order:
+In order (docs/moe.md, "Routing"):
 1. logits_SE = x_SH @ w_EH.T in fp32 (jitter noise scales x first, if asked).
 2. probs_SE = softmax(logits); choose top-k experts (Gumbel noise is added to
    the logits for the choice only, if asked); gates are the chosen probs,
@@ -28,7 +28,7 @@ from torch import nn
 from .._compat import in_backward_pass
 from ..config import MoEConfig
 
-__all__ = ["RoutePlan", "Router", "assign_slots", "route", "router_losses"]
+__all__ = ["RoutePlan", "Router", "assign_slots", "moe_losses", "route", "router_losses"]
 
 
 @dataclass(frozen=True)
@@ -86,7 +86,8 @@ def assign_slots(
     return slot_N.view(K, S).t(), capacity
 
 
-def router_losses(logits_SE: torch.Tensor, probs_SE: torch.Tensor, expert_SK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def router_losses(logits_SE: torch.Tensor, probs_SE: torch.Tensor,
+                  expert_SK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(GShard load-balancing loss, z-loss) of one token group."""
     S, E = probs_SE.shape
     first_choice_E = torch.bincount(expert_SK[:, 0], minlength=E).to(probs_SE.dtype) / S
@@ -172,3 +173,18 @@ class Router(nn.Module):
         self.last_losses = {"aux_loss": aux.detach(), "z_loss": z.detach()}
         loss = moe.aux_loss_coef * aux + moe.z_loss_coef * z
         return plan.expert_SK, plan.slot_SK, plan.gate_SK, plan.capacity, loss
+
+
+def moe_losses(module: nn.Module) -> dict[str, float]:
+    """The last forward's MoE losses of `module`, unweighted and summed over its MoE blocks.
+
+    Returns:
+        {"aux_loss": ..., "z_loss": ..., "blocks": number of MoE blocks}
+    """
+    routers = [m for m in module.modules() if isinstance(m, Router)]
+    totals: dict[str, float] = {"aux_loss": 0.0, "z_loss": 0.0}
+    for r in routers:
+        for key, value in r.last_losses.items():
+            totals[key] += float(value)
+    totals["blocks"] = len(routers)
+    return totals

@@ -1,9 +1,9 @@
 """Activation checkpointing as graph passes, and DeepSpeed-TED's communication-aware variant (CAC).
 
-Three passes, in order:
+Three passes, in order (docs/parallelism.md, "Activation checkpointing and CAC"):
 1. `activation_checkpoint_pass` marks each node with the region it is
-   recomputed in (node.meta["tedfx_region"]): one region per transformer
-   block ("block") or per MoE block ("moe").
+   recomputed in (graph.REGION_META): one region per transformer block
+   (mode "block") or per MoE block (mode "moe").
 2. `cache_all_to_all_pass` (ParallelConfig.cac) takes the expert all-to-alls
    out of their regions, which splits a region around them. Their outputs
    become inputs of the next region, which checkpointing saves anyway, so the
@@ -21,6 +21,7 @@ Parameter objects); the rank's state dict and parameters do not change.
 from __future__ import annotations
 
 import operator
+from typing import Literal
 
 import torch
 import torch.fx as fx
@@ -29,29 +30,24 @@ from torch import nn
 
 from .. import collectives
 from ..capture import TedGraphModule
-from .ffn_to_moe import MOE_META
-from .runner import PassContext
+from .context import PassContext
+from .graph import MOE_META, REGION_META
+from .runner import requires
 
-__all__ = ["CheckpointRegion", "activation_checkpoint_pass", "cache_all_to_all_pass", "outline_regions_pass",
-           "REGION_META"]
-
-REGION_META = "tedfx_region"
-"""node.meta key: the name of the checkpointed region a node is recomputed in."""
+__all__ = ["CheckpointRegion", "activation_checkpoint_pass", "cache_all_to_all_pass", "outline_regions_pass"]
 
 
-def activation_checkpoint_pass(gm: fx.GraphModule, *, ctx: PassContext) -> fx.GraphModule:
-    """Mark the nodes of each transformer block (or MoE block) as one checkpointed region."""
-    mode = ctx.parallel.activation_checkpointing if ctx.parallel is not None else "none"
-    if mode == "none":
-        return gm
-    ffn_paths = [r.path for r in ctx.records.get("ffn_to_moe", [])]
+@requires("ffn_to_moe")
+def activation_checkpoint_pass(gm: fx.GraphModule, *, ctx: PassContext,
+                               mode: Literal["block", "moe"] = "block") -> fx.GraphModule:
+    """Mark the nodes of each transformer block (mode "block") or MoE block ("moe") as one checkpointed region."""
     if mode == "moe":
         for node in gm.graph.nodes:
-            meta = node.meta.get(MOE_META)
-            if meta and node.op in ("call_function", "call_module"):
-                node.meta[REGION_META] = f"moe:{meta['path']}"
+            tag = node.meta.get(MOE_META)
+            if tag is not None and node.op in ("call_function", "call_module"):
+                node.meta[REGION_META] = f"moe:{tag.path}"
         return gm
-    ffn_paths += [m.path for m in ctx.records.get("find_ffns", [])]
+    ffn_paths = [r.path for r in ctx.records.moe_blocks] + [f.path for f in ctx.records.ffns]
     blocks = sorted({_block_path(p) for p in ffn_paths}, key=len, reverse=True)
     for node in gm.graph.nodes:
         if node.op not in ("call_function", "call_module"):
@@ -63,10 +59,9 @@ def activation_checkpoint_pass(gm: fx.GraphModule, *, ctx: PassContext) -> fx.Gr
     return gm
 
 
+@requires("activation_checkpoint", "shard_experts")
 def cache_all_to_all_pass(gm: fx.GraphModule, *, ctx: PassContext) -> fx.GraphModule:
     """CAC: keep the expert all-to-alls out of checkpointed regions, so recomputation reuses their outputs."""
-    if ctx.parallel is None or not ctx.parallel.cac:
-        return gm
     for node in gm.graph.nodes:
         if node.op == "call_function" and node.target is collectives.all_to_all:
             node.meta.pop(REGION_META, None)
@@ -95,6 +90,7 @@ class CheckpointRegion(nn.Module):
                                                  context_fn=collectives.checkpoint_contexts)
 
 
+@requires("activation_checkpoint")
 def outline_regions_pass(gm: fx.GraphModule, *, ctx: PassContext) -> fx.GraphModule:
     """Move every marked region into a CheckpointRegion; a region split by CAC becomes several."""
     runs: list[list[fx.Node]] = []
@@ -115,7 +111,7 @@ def outline_regions_pass(gm: fx.GraphModule, *, ctx: PassContext) -> fx.GraphMod
     for i, run in enumerate(runs):
         if len(run) > 1 or run[0].op != "get_attr":
             outlined.append(_outline(gm, run, f"checkpoint_{i}"))
-    ctx.records["checkpoint"] = {"regions": outlined}
+    ctx.records.regions = outlined
     return gm
 
 

@@ -1,4 +1,4 @@
-"""ffn_to_moe: rewrite the selected dense FFNs into MoE blocks (DESIGN §2).
+"""ffn_to_moe: rewrite the selected dense FFNs into MoE blocks (docs/moe.md, "The MoE block").
 
 For each FFN that `MoEConfig.layers` selects, in order:
 1. Read the dense weights and lay them out [in, out] (nn.Linear stores
@@ -15,59 +15,30 @@ For each FFN that `MoEConfig.layers` selects, in order:
 from __future__ import annotations
 
 import operator
-from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
-from torch import nn
 
 from ..config import MoEConfig
 from ..moe import ops
 from ..moe.experts import ExpertWeights
 from ..moe.routing import Router
-from .find_ffns import FFNMatch, LinearRef, find_ffns
-from .runner import PassContext
+from .context import MoEBlockRecord, PassContext
+from .find_ffns import FFNMatch, LinearRef
+from .graph import MOE_META, MoETag, Role, get_by_target, has_target
+from .runner import requires
 
-__all__ = ["MoEBlockRecord", "ffn_to_moe_pass", "moe_blocks", "MOE_META"]
-
-MOE_META = "tedfx_moe"
-"""node.meta key on every node of an MoE block: {"path": ..., "role": ...}."""
-
-
-def moe_blocks(graph: fx.Graph) -> dict[str, dict[str, fx.Node]]:
-    """Every MoE block's nodes, {ffn path: {role: node}}; weights by their name ("w1", "b2", ...)."""
-    blocks: dict[str, dict[str, fx.Node]] = {}
-    for node in graph.nodes:
-        meta = node.meta.get(MOE_META)
-        if meta:
-            role = node.target.rsplit(".", 1)[1] if node.op == "get_attr" else meta["role"]
-            blocks.setdefault(meta["path"], {}).setdefault(role, node)
-    return blocks
+__all__ = ["ffn_to_moe_pass"]
 
 
-@dataclass(frozen=True)
-class MoEBlockRecord:
-    """One converted FFN, as reported by `explain`."""
-
-    index: int
-    path: str
-    kind: str
-    activation: str
-    hidden_dim: int
-    ffn_dim: int
-    num_experts: int
-    top_k: int
-    dense_params: int
-    moe_params: int
-    """Router + all experts."""
-    active_params: int
-    """Router + top_k experts: the parameters one token uses."""
-
-
+@requires("find_ffns")
 def ffn_to_moe_pass(gm: fx.GraphModule, *, ctx: PassContext) -> fx.GraphModule:
-    """Convert the FFNs `ctx.moe.layers` selects; records MoEBlockRecords in ctx.records["ffn_to_moe"]."""
-    moe: MoEConfig = ctx.moe
-    matches = ctx.records.get("find_ffns") or find_ffns(gm)
+    """Convert the FFNs `ctx.moe.layers` selects; records them in `ctx.records.moe_blocks`."""
+    moe = ctx.moe
+    matches = ctx.records.ffn_matches
+    if matches is None:
+        raise RuntimeError("ffn_to_moe needs find_ffns's matches on this graph (ctx.records.ffn_matches); "
+                           "run find_ffns_pass right before it.")
     selected = [m for m in matches if moe.selects(m.index, m.path, len(matches))]
     if not selected:
         raise ValueError(
@@ -79,7 +50,8 @@ def ffn_to_moe_pass(gm: fx.GraphModule, *, ctx: PassContext) -> fx.GraphModule:
         records.append(_convert(gm, match, moe))
     gm.graph.eliminate_dead_code()
     _delete_unused_params(gm)
-    ctx.records["ffn_to_moe"] = records
+    ctx.records.moe_blocks = records
+    ctx.records.ffn_matches = None  # nodes of the dense region, now erased
     return gm
 
 
@@ -87,13 +59,13 @@ def _dense_weights(gm: fx.GraphModule, match: FFNMatch) -> dict[str, torch.Tenso
     """The FFN's weights laid out [in, out], named as in ExpertWeights."""
 
     def weight_in_out(ref: LinearRef) -> torch.Tensor:
-        w = gm.get_parameter(ref.weight) if _is_param(gm, ref.weight) else gm.get_buffer(ref.weight)
-        return w.detach() if ref.transposed else w.detach().t()
+        w = get_by_target(gm, ref.weight).detach()
+        return w if ref.transposed else w.t()
 
     def bias(ref: LinearRef | None) -> torch.Tensor | None:
         if ref is None or ref.bias is None:
             return None
-        return gm.get_parameter(ref.bias).detach()
+        return get_by_target(gm, ref.bias).detach()
 
     dense = {"w1": weight_in_out(match.fc1), "b1": bias(match.fc1), "w2": weight_in_out(match.fc2),
              "b2": bias(match.fc2)}
@@ -101,14 +73,6 @@ def _dense_weights(gm: fx.GraphModule, match: FFNMatch) -> dict[str, torch.Tenso
         dense["w3"] = weight_in_out(match.up)
         dense["b3"] = bias(match.up)
     return dense
-
-
-def _is_param(gm: fx.GraphModule, target: str) -> bool:
-    try:
-        gm.get_parameter(target)
-        return True
-    except AttributeError:
-        return False
 
 
 def _convert(gm: fx.GraphModule, match: FFNMatch, moe: MoEConfig) -> MoEBlockRecord:
@@ -125,7 +89,7 @@ def _convert(gm: fx.GraphModule, match: FFNMatch, moe: MoEConfig) -> MoEBlockRec
     router.to(device=dense["w1"].device)
     prefix = f"{match.path}." if match.path else ""
     for name, module in (("router", router), ("experts", experts)):
-        if _has_attr(gm, prefix + name):
+        if has_target(gm, prefix + name):
             raise ValueError(f"cannot place the MoE block's {name!r} at {prefix + name!r}: the model already has it")
         gm.add_submodule(prefix + name, module)
 
@@ -133,34 +97,33 @@ def _convert(gm: fx.GraphModule, match: FFNMatch, moe: MoEConfig) -> MoEBlockRec
     graph = gm.graph
     meta_stack = _parent_stack(match)
 
-    def emit(op: str, target, args, kwargs=None, role: str = "") -> fx.Node:
+    def emit(op: str, target, args, kwargs=None, *, role: Role) -> fx.Node:
         node = graph.create_node(op, target, tuple(args), kwargs or {})
         node.meta["nn_module_stack"] = dict(meta_stack)
-        node.meta[MOE_META] = {"path": match.path, "role": role or getattr(target, "__name__", str(target)),
-                               "index": match.index}
+        node.meta[MOE_META] = MoETag(match.path, role, match.index)
         return node
 
     with graph.inserting_before(match.exit):
-        x_SH = emit("call_function", ops.flatten_tokens, [match.entry], role="flatten_tokens")
-        plan = emit("call_module", prefix + "router", [x_SH], role="router")
+        x_SH = emit("call_function", ops.flatten_tokens, [match.entry], role=Role.FLATTEN_TOKENS)
+        plan = emit("call_module", prefix + "router", [x_SH], role=Role.ROUTER)
         expert_SK, slot_SK, gate_SK, capacity, loss = (
             emit("call_function", operator.getitem, [plan, i], role=role)
-            for i, role in enumerate(("expert", "slot", "gate", "capacity", "loss")))
+            for i, role in enumerate((Role.EXPERT, Role.SLOT, Role.GATE, Role.CAPACITY, Role.LOSS)))
         x_ECH = emit("call_function", ops.dispatch, [x_SH, expert_SK, slot_SK, capacity],
-                     {"num_experts": moe.num_experts}, role="dispatch")
-        w = {name: emit("get_attr", f"{prefix}experts.{name}", [], role="weight")
+                     {"num_experts": moe.num_experts}, role=Role.DISPATCH)
+        w = {name: emit("get_attr", f"{prefix}experts.{name}", [], role=Role.WEIGHT)
              if getattr(experts, name) is not None else None for name in ("w1", "b1", "w3", "b3", "w2", "b2")}
         h_ECF = emit("call_function", ops.expert_fc1, [x_ECH, w["w1"], w["b1"], w["w3"], w["b3"]],
-                     {"activation": match.activation}, role="expert_fc1")
+                     {"activation": match.activation}, role=Role.EXPERT_FC1)
         if match.dropout_p > 0:
             h_ECF = emit("call_function", torch.ops.aten.dropout.default, [h_ECF, match.dropout_p, gm.training],
-                         role="expert_dropout")
-        y_ECH = emit("call_function", ops.expert_fc2, [h_ECF, w["w2"]], role="expert_fc2")
+                         role=Role.EXPERT_DROPOUT)
+        y_ECH = emit("call_function", ops.expert_fc2, [h_ECF, w["w2"]], role=Role.EXPERT_FC2)
         if w["b2"] is not None:
-            y_ECH = emit("call_function", ops.expert_bias, [y_ECH, w["b2"]], role="expert_bias")
-        y_SH = emit("call_function", ops.combine, [y_ECH, expert_SK, slot_SK, gate_SK], role="combine")
-        y_SH = emit("call_function", ops.attach_aux_loss, [y_SH, loss], role="attach_aux_loss")
-        y = emit("call_function", ops.unflatten_tokens, [y_SH, match.entry], role="unflatten_tokens")
+            y_ECH = emit("call_function", ops.expert_bias, [y_ECH, w["b2"]], role=Role.EXPERT_BIAS)
+        y_SH = emit("call_function", ops.combine, [y_ECH, expert_SK, slot_SK, gate_SK], role=Role.COMBINE)
+        y_SH = emit("call_function", ops.attach_aux_loss, [y_SH, loss], role=Role.ATTACH_AUX_LOSS)
+        y = emit("call_function", ops.unflatten_tokens, [y_SH, match.entry], role=Role.UNFLATTEN_TOKENS)
     y.meta["val"] = match.exit.meta.get("val")
     match.exit.replace_all_uses_with(y)
 
@@ -188,15 +151,6 @@ def _parent_stack(match: FFNMatch) -> dict:
             break
         kept[key] = (path, typ)
     return kept
-
-
-def _has_attr(gm: nn.Module, target: str) -> bool:
-    obj = gm
-    for part in target.split("."):
-        if not hasattr(obj, part):
-            return False
-        obj = getattr(obj, part)
-    return True
 
 
 def _delete_unused_params(gm: fx.GraphModule) -> None:

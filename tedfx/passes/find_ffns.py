@@ -1,4 +1,4 @@
-"""find_ffns: locate the dense FFN blocks of a captured model (DESIGN §3).
+"""find_ffns: locate the dense FFN blocks of a captured model (docs/architecture.md, "Passes").
 
 Match records only; `ffn_to_moe` does the rewriting.
 
@@ -24,7 +24,6 @@ The search, in order:
 from __future__ import annotations
 
 import logging
-import operator
 from collections import defaultdict, deque
 from dataclasses import dataclass, replace
 from typing import Literal
@@ -35,9 +34,10 @@ import torch.fx as fx
 
 from .._compat import dropout_targets
 from ..moe.ops import ACTIVATIONS as _EXPERT_ACTIVATIONS
-from .runner import PassContext
+from .context import FFNInfo, PassContext
+from .graph import as_linear, get_by_target, module_path
 
-__all__ = ["LinearRef", "FFNMatch", "NoFFNFoundError", "ACTIVATIONS", "find_ffns", "find_ffns_pass"]
+__all__ = ["ACTIVATIONS", "FFNMatch", "LinearRef", "NoFFNFoundError", "find_ffns", "find_ffns_pass"]
 
 log = logging.getLogger(__name__)
 aten = torch.ops.aten
@@ -94,6 +94,10 @@ class FFNMatch:
     dropout_p: float = 0.0
     """Dropout probability between the activation and fc2 (0.0 when there is none)."""
 
+    def info(self) -> FFNInfo:
+        """What the match says about the FFN, without graph nodes."""
+        return FFNInfo(self.index, self.path, self.kind, self.activation, self.hidden_dim, self.ffn_dim)
+
 
 class NoFFNFoundError(ValueError):
     """The graph has no FFN region tedfx can convert."""
@@ -118,32 +122,17 @@ _REPORTED_CANDIDATES = 8
 _ATOL = 1e-5
 
 
-def _get_attr(gm: fx.GraphModule, target: str) -> torch.Tensor:
-    return operator.attrgetter(target)(gm)
-
-
-def _param(gm: fx.GraphModule, arg: object, ndim: int) -> str | None:
-    """The get_attr target of `arg` when it is a parameter of rank `ndim`, else None."""
-    ok = isinstance(arg, fx.Node) and arg.op == "get_attr" and getattr(_get_attr(gm, arg.target), "ndim", -1) == ndim
-    return arg.target if ok else None
+def _is_param(gm: fx.GraphModule, node: fx.Node | None, ndim: int) -> bool:
+    """Whether `node` reads a tensor of rank `ndim` from the module (a parameter or buffer)."""
+    return node is not None and getattr(get_by_target(gm, node.target), "ndim", -1) == ndim
 
 
 def _projection(gm: fx.GraphModule, node: fx.Node) -> LinearRef | None:
-    """The LinearRef of `node` when it multiplies by a parameter weight, else None."""
-    if node.op != "call_function":
+    """The LinearRef of `node` when it multiplies by a 2-d weight of the module, else None."""
+    lin = as_linear(node)
+    if lin is None or not _is_param(gm, lin.weight, 2) or (lin.bias is not None and not _is_param(gm, lin.bias, 1)):
         return None
-    if node.target is aten.linear.default:
-        bias_arg = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
-        weight, bias = _param(gm, node.args[1], 2), _param(gm, bias_arg, 1)
-        ok = weight is not None and (bias_arg is None or bias is not None)  # a computed bias is not a parameter
-        return LinearRef(node, weight, bias, transposed=False) if ok else None
-    if node.target is aten.addmm.default and len(node.args) == 3 and not node.kwargs:
-        weight, bias = _param(gm, node.args[2], 2), _param(gm, node.args[0], 1)
-        return LinearRef(node, weight, bias, transposed=True) if weight and bias else None
-    if node.target in (aten.mm.default, aten.matmul.default):
-        weight = _param(gm, node.args[1], 2)
-        return LinearRef(node, weight, None, transposed=True) if weight else None
-    return None
+    return LinearRef(node, lin.weight.target, lin.bias.target if lin.bias is not None else None, lin.transposed)
 
 
 def _data_input(ref: LinearRef) -> fx.Node:
@@ -152,7 +141,7 @@ def _data_input(ref: LinearRef) -> fx.Node:
 
 def _in_out(gm: fx.GraphModule, ref: LinearRef) -> tuple[int, int]:
     """(in_features, out_features) of a projection."""
-    rows, cols = _get_attr(gm, ref.weight).shape
+    rows, cols = get_by_target(gm, ref.weight).shape
     return (rows, cols) if ref.transposed else (cols, rows)
 
 
@@ -292,7 +281,7 @@ def _evaluate(gm: fx.GraphModule, inner: list[fx.Node], env: dict[fx.Node, torch
         if arg in env:
             return env[arg]
         if arg.op == "get_attr":
-            tensor = _get_attr(gm, arg.target).detach()
+            tensor = get_by_target(gm, arg.target).detach()
             return tensor.double() if tensor.is_floating_point() else tensor
         raise _Rejected(f"activation reads {arg.name} ({_op_name(arg)}), which it cannot be evaluated without")
 
@@ -334,14 +323,8 @@ def _classify(gm: fx.GraphModule, sources: list[fx.Node], inner: list[fx.Node], 
                     f"in {', '.join(ACTIVATIONS)}")
 
 
-def _module_path(node: fx.Node) -> str:
-    """The innermost module of `node`: the last entry of its nn_module_stack."""
-    stack = node.meta.get("nn_module_stack") or {}
-    return list(stack.values())[-1][0] if stack else ""
-
-
 def _describe(node: fx.Node) -> str:
-    path = _module_path(node)
+    path = module_path(node)
     return f"{path} ({node.name})" if path else node.name
 
 
@@ -454,15 +437,17 @@ def find_ffns(gm: fx.GraphModule) -> list[FFNMatch]:
 
 
 def find_ffns_pass(gm: fx.GraphModule, *, ctx: PassContext) -> fx.GraphModule:
-    """Record the FFNs of `gm` in `ctx.records["find_ffns"]`; the graph is returned unchanged.
+    """Record the FFNs of `gm` in `ctx.records.ffns` (and the matches for ffn_to_moe); the graph is unchanged.
 
     Example:
-        >>> ctx = PassContext()
+        >>> ctx = PassContext(moe=MoEConfig())
         >>> gm = run_passes(gm, [find_ffns_pass], ctx=ctx)
-        >>> len(ctx.records["find_ffns"])
-        4
+        >>> [f.path for f in ctx.records.ffns]
+        ['h.0.mlp', 'h.1.mlp']
     """
-    ctx.records["find_ffns"] = find_ffns(gm)
+    matches = find_ffns(gm)
+    ctx.records.ffn_matches = matches
+    ctx.records.ffns = [m.info() for m in matches]
     return gm
 
 

@@ -1,4 +1,4 @@
-"""shard_experts: expert parallelism over "ep", each expert tensor-sliced over "tp" (DESIGN §2).
+"""shard_experts: expert parallelism over "ep", each expert tensor-sliced over "tp" (docs/parallelism.md).
 
 For every MoE block, for the rank at (x, t):
 1. Keep E/X experts (block x of the expert dim) and, of each, its 1/T slice
@@ -12,7 +12,7 @@ For every MoE block, for the rank at (x, t):
    agrees on the expert group's largest capacity (one int max-all-reduce),
    so every rank exchanges buffers of one size.
 
-The inserted nodes carry node.meta["tedfx_moe"]["role"] so that
+The inserted nodes carry their `Role` (graph.MOE_META) so that
 drop_duplicate_tokens and cache_all_to_all can find them.
 """
 
@@ -23,14 +23,12 @@ from torch import nn
 
 from .. import collectives
 from ..moe import ops
-from .ffn_to_moe import MOE_META, moe_blocks
-from .runner import PassContext
-from .sharding import ParamShard, shard_tensor
+from ..sharding import ParamShard, shard_tensor
+from .context import PassContext
+from .graph import Axis, Role, get_by_target, insert, moe_blocks, set_by_target
+from .runner import requires
 
-__all__ = ["shard_experts_pass", "EXPERT_RECORD", "expert_splits"]
-
-EXPERT_RECORD = "shard_experts"
-"""ctx.records key: {"params": {name: ParamShard}}"""
+__all__ = ["expert_splits", "shard_experts_pass"]
 
 # (axis, dim) splits of each stacked expert tensor, before dropping size-1 axes.
 _SPLITS = {
@@ -45,6 +43,7 @@ def expert_splits(name: str, sizes: dict[str, int]) -> tuple[tuple[str, int], ..
     return tuple((axis, dim) for axis, dim in _SPLITS[name] if sizes[axis] > 1)
 
 
+@requires("ffn_to_moe")
 def shard_experts_pass(gm: fx.GraphModule, *, ctx: PassContext) -> fx.GraphModule:
     """Shard every MoE block's experts for the rank at ctx.coords."""
     T, X = ctx.parallel.tensor, ctx.parallel.expert
@@ -54,73 +53,57 @@ def shard_experts_pass(gm: fx.GraphModule, *, ctx: PassContext) -> fx.GraphModul
                          f"each expert-parallel rank must hold the same number of experts.")
     sizes = {"ep": X, "tp": T}
     coords = {"ep": ctx.coords.get("ep", 0), "tp": ctx.coords.get("tp", 0)}
-    record = {"params": {}}
-    ctx.records[EXPERT_RECORD] = record
-
-    for path, roles in moe_blocks(gm.graph).items():
+    for roles in moe_blocks(gm.graph).values():
         for name in ("w1", "b1", "w3", "b3", "w2", "b2"):
             if name in roles:
-                _slice_expert_param(gm, roles[name].target, name, sizes, coords, record)
-        _rewrite_block(gm, path, roles, T, X, ctx.moe.drop_tokens)
+                target = roles[name].target
+                ctx.records.shards[target] = _slice_expert_param(gm, target, name, sizes, coords)
+        _rewrite_block(gm, roles, T, X, ctx.moe.drop_tokens)
     return gm
 
 
-def _slice_expert_param(gm, target, name, sizes, coords, record) -> None:
-    owner, _, attr = target.rpartition(".")
-    module = gm.get_submodule(owner)
-    full = getattr(module, attr)
+def _slice_expert_param(gm, target, name, sizes, coords) -> ParamShard:
+    full = get_by_target(gm, target)
     F_dim = dict(_SPLITS[name]).get("tp")
     if F_dim is not None and full.shape[F_dim] % sizes["tp"]:
         raise ValueError(f"{target}: FFN width {full.shape[F_dim]} is not divisible by ParallelConfig.tensor="
                          f"{sizes['tp']}; choose T dividing the FFN width.")
     spec = ParamShard(target, expert_splits(name, sizes), None, tuple(full.shape))
     local = shard_tensor(full.detach(), spec, coords, sizes)
-    setattr(module, attr, nn.Parameter(local, requires_grad=full.requires_grad))
-    record["params"][target] = spec
+    set_by_target(gm, target, nn.Parameter(local, requires_grad=full.requires_grad))
+    return spec
 
 
-def _rewrite_block(gm: fx.GraphModule, path: str, roles: dict[str, fx.Node], T: int, X: int,
-                   drop_tokens: bool) -> None:
-    graph = gm.graph
-    dispatch, fc1, fc2, combine = roles["dispatch"], roles["expert_fc1"], roles["expert_fc2"], roles["combine"]
-    index = dispatch.meta[MOE_META]["index"]
-
-    def emit(after: fx.Node, target, args, role: str) -> fx.Node:
-        with graph.inserting_after(after):
-            node = graph.call_function(target, tuple(args))
-        node.meta["nn_module_stack"] = dict(after.meta.get("nn_module_stack", {}))
-        node.meta[MOE_META] = {"path": path, "role": role, "index": index}
-        return node
+def _rewrite_block(gm: fx.GraphModule, roles: dict[str, fx.Node], T: int, X: int, drop_tokens: bool) -> None:
+    dispatch, fc1, fc2, combine = roles[Role.DISPATCH], roles[Role.EXPERT_FC1], roles[Role.EXPERT_FC2], \
+        roles[Role.COMBINE]
 
     # Dropless capacities follow each token group's largest load: the expert group agrees on the largest.
     if X > 1 and not drop_tokens:
         capacity = dispatch.args[3]
-        with graph.inserting_before(dispatch):
-            agreed = graph.call_function(collectives.agree_max, (capacity, "ep"))
-        agreed.meta["nn_module_stack"] = dict(dispatch.meta.get("nn_module_stack", {}))
-        agreed.meta[MOE_META] = {"path": path, "role": "agree_capacity", "index": index}
+        agreed = insert(dispatch, collectives.agree_max, (capacity, Axis.EP), before=True, role=Role.AGREE_CAPACITY)
         dispatch.replace_input_with(capacity, agreed)
 
     # Into the experts: dispatch -> all_to_all(ep) -> experts_in -> f(tp) -> fc1.
     x = dispatch
     if X > 1:
-        x = emit(x, collectives.all_to_all, [x, "ep"], "a2a_dispatch")
-        x = emit(x, ops.experts_in, [x, X], "experts_in")
+        x = insert(x, collectives.all_to_all, (x, Axis.EP), role=Role.A2A_DISPATCH)
+        x = insert(x, ops.experts_in, (x, X), role=Role.EXPERTS_IN)
     if T > 1:
-        x = emit(x, collectives.identity_fwd_all_reduce_bwd, [x, "tp"], "tp_f")
+        x = insert(x, collectives.identity_fwd_all_reduce_bwd, (x, Axis.TP), role=Role.TP_F)
     fc1.replace_input_with(dispatch, x)
 
     # Out of the experts: fc2 -> all_reduce(tp) -> experts_out -> bias -> all_to_all(ep) -> combine.
-    bias = roles.get("expert_bias")
+    bias = roles.get(Role.EXPERT_BIAS)
     y = fc2
     if T > 1:
-        y = emit(y, collectives.all_reduce, [y, "tp"], "tp_reduce")
+        y = insert(y, collectives.all_reduce, (y, Axis.TP), role=Role.TP_REDUCE)
     if X > 1:
-        y = emit(y, ops.experts_out, [y, X], "experts_out")
+        y = insert(y, ops.experts_out, (y, X), role=Role.EXPERTS_OUT)
     if bias is not None:
-        # The bias sits right after fc2, so it follows every node emitted above: read the reduced output.
+        # The bias sits right after fc2, so it follows every node inserted above: read the reduced output.
         bias.replace_input_with(fc2, y)
         y = bias
     if X > 1:
-        y = emit(y, collectives.all_to_all, [y, "ep"], "a2a_combine")
+        y = insert(y, collectives.all_to_all, (y, Axis.EP), role=Role.A2A_COMBINE)
     combine.replace_input_with(combine.args[0], y)

@@ -1,6 +1,7 @@
-"""The distributed runtime: device mesh and process groups, launcher (DESIGN §3).
+"""The distributed runtime: device mesh and process groups, the per-rank executor, gradient sync, launcher.
 
-Passes never import this package; they name mesh axes, and the runtime binds those
+Nothing here imports the passes, the predictions or the doors (docs/architecture.md,
+"Dependencies point one way"): passes name mesh axes, and the runtime binds those
 names to the process groups built here (see `tedfx.collectives.bind_axes`).
 """
 

@@ -12,7 +12,7 @@ The same script works both ways:
 
 Under torchrun (or any launcher that sets RANK and WORLD_SIZE) `launch` does not spawn:
 it initialises torch.distributed from the environment, calls `fn` in-process and returns
-`[result]`. Multi-node runs go through torchrun; `launch` is for one host only (DESIGN §3).
+`[result]`. Multi-node runs go through torchrun; `launch` is for one host only.
 """
 
 from __future__ import annotations
@@ -271,7 +271,14 @@ def _worker(rank: int, spec: _WorkerSpec) -> None:
 
 
 def _failure_report(exc: BaseException) -> dict[str, Any]:
-    return {"ok": False, "time": time.time(), "traceback": traceback.format_exc(), "error": _picklable(exc)}
+    return {"ok": False, "time": time.time(), "traceback": traceback.format_exc(), "error": _picklable(exc),
+            "headline": _headline(exc)}
+
+
+def _headline(exc: BaseException) -> str:
+    """"ValueError: <the message's first line>": the reason, not a note or the traceback's last line."""
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
 
 
 def _write_report(path: str, payload: dict[str, Any]) -> None:
@@ -346,14 +353,14 @@ def _raise_failure(rank: int, exitcode: int, spec: _WorkerSpec) -> None:
     if any(r == rank for _, r, _ in reports):
         _, r, payload = reports[0]
         tb = payload["traceback"].rstrip()
-        summary = tb.splitlines()[-1] if tb else "unknown error"
+        summary = payload.get("headline") or (tb.splitlines()[-1] if tb else "unknown error")
         raise RankError(
             f"rank {r} of {spec.nprocs} failed: {summary}\n\n--- remote traceback (rank {r}) ---\n{tb}",
             rank=r,
             remote_traceback=tb,
         ) from payload["error"]
     how = f"signal {signal.Signals(-exitcode).name}" if exitcode < 0 else f"exit code {exitcode}"
-    echoes = "".join(f"\n  then rank {r}: {p['traceback'].rstrip().splitlines()[-1]}" for _, r, p in reports)
+    echoes = "".join(f"\n  then rank {r}: {p.get('headline', '')}" for _, r, p in reports)
     raise LaunchError(
         f"rank {rank} of {spec.nprocs} died with {how} without raising a Python exception "
         f"(killed for memory, a crash in native code, or os._exit); the other ranks were stopped.{echoes}"
@@ -376,5 +383,6 @@ def _terminate(processes: list) -> None:
 def _read_result(spec: _WorkerSpec, rank: int) -> Any:
     path = os.path.join(spec.result_dir, f"rank{rank}.pkl")
     if not os.path.exists(path):
-        raise LaunchError(f"rank {rank} of {spec.nprocs} exited cleanly but left no result; this is a bug in tedfx.launch.")
+        raise LaunchError(f"rank {rank} of {spec.nprocs} exited cleanly but left no result; "
+                          f"this is a bug in tedfx.launch.")
     return torch.load(path, weights_only=False)["result"]

@@ -2,7 +2,7 @@
 
 `Layout` is arithmetic only (no processes): the mesh of shape (D, X, T) with axes
 ("edp", "ep", "tp") and rank = d*X*T + x*T + t, as in DeepSpeed's
-`_get_expert_parallel_ranks` with tensor groups of consecutive ranks (DESIGN §2):
+`_get_expert_parallel_ranks` with tensor groups of consecutive ranks (docs/parallelism.md, "Layout"):
 
     world 8, T=2, X=2, D=2       tp  groups: [0, 1] [2, 3] [4, 5] [6, 7]
     rank = d*4 + x*2 + t         ep  groups: [0, 2] [1, 3] [4, 6] [5, 7]
@@ -18,17 +18,17 @@ replicates experts, and "dp" (size X*D) replicates the non-expert weights.
 from __future__ import annotations
 
 from dataclasses import dataclass
+
 import torch.distributed as dist
 
 from tedfx import _compat
+from tedfx.axes import GROUP_AXES, MESH_AXES
 from tedfx.config import ParallelConfig
 
 __all__ = ["AXES", "GROUP_AXES", "Layout", "TedMesh"]
 
-AXES: tuple[str, str, str] = ("edp", "ep", "tp")
+AXES: tuple[str, str, str] = MESH_AXES
 """The mesh dims, outermost first (the order of `Layout.shape`)."""
-GROUP_AXES: tuple[str, ...] = ("tp", "ep", "edp", "dp")
-"""Every axis that names a process group: the three mesh dims and "dp" = ("edp", "ep") flattened."""
 
 
 def _check_axis(axis: str) -> None:

@@ -5,9 +5,8 @@ are graph inputs. The backend, in order:
 1. lifts those inputs back into a module that owns them under the model's own
    names (so the state dict keys are the model's), and whose forward calls the
    dynamo graph with the user inputs;
-2. runs the same pipeline as `tedfx.parallelize` on it (capture into the ATen
-   training IR, FFNs to MoE, sharding for this rank), or `tedfx.to_moe` when
-   torch.distributed is not initialised or no `parallel` is given;
+2. runs `tedfx.parallelize` on it (capture into the ATen training IR, FFNs to
+   MoE, sharding for this rank), or `tedfx.to_moe` when no `parallel` is given;
 3. releases the storage of the model's dense parameters (tedfx trains its own
    MoE copy; shapes stay, so dynamo's guards hold and nothing recompiles);
 4. returns a function that calls the rank's module on the user inputs.
@@ -28,13 +27,12 @@ import torch.distributed as dist
 import torch.fx as fx
 from torch import nn
 
-from .api import to_moe
 from .config import MoEConfig, ParallelConfig
 from .passes.find_ffns import NoFFNFoundError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["compiled_module", "tedfx_backend"]
+__all__ = ["built_module", "tedfx_backend"]
 
 # id of a model parameter -> (a weak reference to it, the module tedfx built from the graph that read it,
 # what runs it: the module or its inductor-compiled form). Keyed by id, checked by identity: tensors
@@ -92,13 +90,13 @@ def tedfx_backend(gm: fx.GraphModule, example_inputs: list[Any], options: dict[s
     lifted = _Lifted(gm, {i: (_fqn(_placeholders(gm)[i].name), example_inputs[i]) for i in state_positions},
                      user_positions, {i: v for i, v in enumerate(example_inputs) if not isinstance(v, torch.Tensor)})
     user_inputs = tuple(example_inputs[i] for i in user_positions)
-    try:
-        if parallel is not None and dist.is_initialized():
-            from .runtime.parallel import parallelize
+    from . import api  # the doors import this module for compiled_module: import them when compiling
 
-            built: nn.Module = parallelize(lifted, user_inputs, moe=moe, parallel=parallel)
+    try:
+        if parallel is not None:
+            built: nn.Module = api.parallelize(lifted, user_inputs, moe=moe, parallel=parallel)
         else:
-            built = to_moe(lifted, user_inputs, moe=moe)
+            built = api.to_moe(lifted, user_inputs, moe=moe)
     except NoFFNFoundError:
         # A graph break left this piece of the model without FFNs (every rank alike): it runs as captured.
         log.warning("tedfx backend: a graph of %d nodes holds no FFN and runs unchanged; graph breaks split "
@@ -114,10 +112,10 @@ def tedfx_backend(gm: fx.GraphModule, example_inputs: list[Any], options: dict[s
     return run_with(runner)
 
 
-def compiled_module(model: nn.Module) -> nn.Module:
+def built_module(model: nn.Module) -> nn.Module:
     """The module tedfx built for `model` under torch.compile (a ParallelModule, or the to_moe module).
 
-    Exists after the compiled model's first call. Its parameters are the ones to train.
+    Exists after the compiled model's first call (`tedfx.compiled_module` is the public door).
     """
     for p in model.parameters():
         entry = _entry(p)

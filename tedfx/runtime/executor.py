@@ -1,11 +1,9 @@
-"""ParallelModule: one rank's TED graph, run with its process groups (DESIGN §1).
+"""ParallelModule: one rank's TED graph, run with its process groups (docs/architecture.md, "Runtime").
 
-`parallelize` builds it on every rank, in order:
-1. Build the mesh (D, X, T) and its process groups.
-2. Check that every rank was handed the same dense weights (one small all-gather).
-3. Capture and convert to MoE (identical on every rank: seeded by MoEConfig.seed),
-   then shard for this rank's coordinates (tedfx.compiler).
-4. Register bucketed gradient sync over each parameter's data-parallel group.
+The module is built by `tedfx.parallelize` (tedfx.api) from a rank graph the
+pipeline produced; this file only runs it: it binds the mesh axes to the
+rank's process groups around each forward, checks that every rank calls it
+alike, and owns the gradient sync.
 """
 
 from __future__ import annotations
@@ -16,19 +14,16 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .. import collectives
-from ..api import moe_losses
-from ..compiler import build_moe_graph, grad_sync_params, param_shards, shard_for_rank
-from ..config import MoEConfig, ParallelConfig
-from ..passes.sharding import ParamShard, unshard_tensor
-from .. import _compat
+from .. import _compat, collectives
 from .._compat import pytree
-from ..check import CollectiveOrderError, compare_traces
-from ..predict import predict_rank
+from ..capture import DROPOUT_P_META
+from ..config import ParallelConfig
+from ..moe.routing import moe_losses
+from ..sharding import ParamShard, unshard_tensor
 from .grad_sync import GradSync
 from .mesh import TedMesh
 
-__all__ = ["ParallelModule", "parallelize"]
+__all__ = ["ParallelModule", "check_same_weights"]
 
 
 class ParallelModule(nn.Module):
@@ -45,7 +40,17 @@ class ParallelModule(nn.Module):
     """
 
     def __init__(self, gm: torch.fx.GraphModule, mesh: TedMesh, shards: dict[str, ParamShard],
-                 parallel: ParallelConfig, check_inputs: bool = True) -> None:
+                 parallel: ParallelConfig, sync_params: list[tuple[str, nn.Parameter, str]],
+                 check_inputs: bool = True) -> None:
+        """
+        Args:
+            gm: this rank's graph (tedfx.pipeline.shard_for_rank).
+            mesh: the rank's TedMesh.
+            shards: {state-dict key: ParamShard} of gm.
+            parallel: the ParallelConfig gm was built for.
+            sync_params: (name, parameter, data-parallel axis) of every parameter, for the gradient sync.
+            check_inputs: check on every call that all ranks pass the same input shapes.
+        """
         super().__init__()
         self.module = gm
         self.mesh = mesh
@@ -55,7 +60,7 @@ class ParallelModule(nn.Module):
         self._dropout = _has_dropout(gm)
         self._stats = collectives.CommStats()
         world = mesh.layout.world_size
-        self._grad_sync = GradSync(grad_sync_params(gm), mesh.groups(), world // parallel.tensor,
+        self._grad_sync = GradSync(sync_params, mesh.groups(), world // parallel.tensor,
                                    parallel.bucket_mb, self._stats)
 
     @property
@@ -137,62 +142,16 @@ def _has_dropout(module: nn.Module) -> bool:
                 continue
             if node.target in _compat.dropout_targets and node.args[1] > 0:
                 return True
-            if node.target is _compat.sdpa_target and node.meta.get("tedfx_dropout_p", 0.0) > 0:
+            if node.target is _compat.sdpa_target and node.meta.get(DROPOUT_P_META, 0.0) > 0:
                 return True
     return False
 
 
-def parallelize(
-    model: nn.Module,
-    example_inputs: tuple[Any, ...],
-    *,
-    moe: MoEConfig,
-    parallel: ParallelConfig,
-    example_kwargs: dict[str, Any] | None = None,
-    check_inputs: bool = True,
-    check_collectives: bool = True,
-) -> ParallelModule:
-    """Turn a dense model into this rank's part of a TED-parallel MoE model. Call on every rank.
+def check_same_weights(model: nn.Module, mesh: TedMesh) -> None:
+    """Every rank must start from the same dense model.
 
-    Args:
-        model: the dense model, with the same weights on every rank (checked).
-        example_inputs: one micro-batch's positional inputs.
-        moe: the MoE rewrite.
-        parallel: the layout (T, X; D inferred) and runtime options.
-        example_kwargs: one micro-batch's keyword inputs.
-        check_inputs: check every call that all ranks pass the same input shapes
-            (one small all-gather per forward); a mismatch is an error, not a hang.
-        check_collectives: before the first step, simulate one step of this rank's graph
-            and check with one all-gather that every process group's members would issue
-            the same collectives in the same order (tedfx.check); a mismatch is an error.
-
-    Returns:
-        The rank's ParallelModule.
-
-    Example:
-        >>> def main():
-        ...     pm = tedfx.parallelize(model, (tokens,), moe=moe, parallel=tedfx.ParallelConfig(tensor=2, expert=2))
-        ...     loss = F.cross_entropy(pm(tokens).flatten(0, 1), targets.flatten())
-        ...     loss.backward(); opt.step()
-        >>> tedfx.launch(main, nprocs=4)
+    One all-gather of a (sum, sum of squares) fingerprint per tensor; any difference is an error.
     """
-    if not dist.is_initialized():
-        raise RuntimeError("tedfx.parallelize needs torch.distributed: run it inside tedfx.launch(...) or "
-                           "under torchrun after tedfx.runtime.init_distributed().")
-    parallel.check_supported()
-    mesh = TedMesh.build(parallel)
-    _compat.set_group_timeouts([None, *mesh.groups().values()], parallel.timeout)
-    _check_same_weights(model, mesh)
-    moe_gm, moe_ctx = build_moe_graph(model, example_inputs, moe=moe, example_kwargs=example_kwargs)
-    if check_collectives:
-        _check_collective_order(moe_gm, moe_ctx, parallel, mesh, example_inputs, example_kwargs)
-    gm, ctx = shard_for_rank(moe_gm, moe_ctx, parallel=parallel, coords=mesh.coords)
-    del moe_gm
-    return ParallelModule(gm, mesh, param_shards(gm, ctx), parallel, check_inputs)
-
-
-def _check_same_weights(model: nn.Module, mesh: TedMesh) -> None:
-    """One all-gather of a (sum, sum of squares) fingerprint per tensor; any difference is an error."""
     names, rows = [], []
     for name, t in model.state_dict().items():
         if torch.is_floating_point(t):
@@ -210,14 +169,3 @@ def _check_same_weights(model: nn.Module, mesh: TedMesh) -> None:
                 f"Every rank must start from the same dense model: seed the initialisation identically "
                 f"(torch.manual_seed before building it) or load the same checkpoint on every rank."
             )
-
-
-def _check_collective_order(moe_gm, moe_ctx, parallel, mesh, example_inputs, example_kwargs) -> None:
-    """Simulate this rank's step, gather every rank's trace, and compare them group by group."""
-    mine = predict_rank(moe_gm, moe_ctx, parallel=parallel, layout=mesh.layout, rank=mesh.rank,
-                        example_inputs=example_inputs, example_kwargs=example_kwargs).comm.trace
-    traces: list[Any] = [None] * mesh.layout.world_size
-    dist.all_gather_object(traces, mine)
-    mismatches = compare_traces(dict(enumerate(traces)), mesh.layout, exact_shapes=moe_ctx.moe.drop_tokens)
-    if mismatches:
-        raise CollectiveOrderError(mismatches)

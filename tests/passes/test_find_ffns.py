@@ -18,12 +18,21 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from models import (
-    HIDDEN, tiny_attention_only, tiny_bert, tiny_gpt, tiny_gpt2, tiny_llama, tiny_mlp_with_dropout, tiny_opt,
-)
+import tedfx
 from tedfx.capture import capture
 from tedfx.passes.find_ffns import ACTIVATIONS, FFNMatch, LinearRef, NoFFNFoundError, find_ffns, find_ffns_pass
 from tedfx.passes.runner import PassContext, run_passes
+
+from models import (
+    HIDDEN,
+    tiny_attention_only,
+    tiny_bert,
+    tiny_gpt,
+    tiny_gpt2,
+    tiny_llama,
+    tiny_mlp_with_dropout,
+    tiny_opt,
+)
 
 aten = torch.ops.aten
 SDPA = aten.scaled_dot_product_attention.default
@@ -289,10 +298,10 @@ def test_model_without_projections_says_so() -> None:
 def test_pass_records_matches_and_leaves_the_graph_alone() -> None:
     gm, inputs = _captured(tiny_gpt, activation="relu", dropout=0.1)
     code, expected = gm.code, gm(*inputs)
-    ctx = PassContext()
+    ctx = PassContext(moe=tedfx.MoEConfig())
     out = run_passes(gm, [find_ffns_pass], ctx=ctx)
     assert out is gm and gm.code == code
-    assert [(m.index, m.path) for m in ctx.records["find_ffns"]] == [(0, "h.0.mlp"), (1, "h.1.mlp")]
+    assert [(m.index, m.path) for m in ctx.records.ffns] == [(0, "h.0.mlp"), (1, "h.1.mlp")]
     torch.testing.assert_close(out(*inputs), expected)
 
 

@@ -1,8 +1,9 @@
-"""How a parameter is split over the mesh: records written by the sharding passes.
+"""How a parameter is split over the mesh: the record the sharding passes write and the runtime reads.
 
 The passes slice full tensors into a rank's shard with `shard_tensor`; the
 runtime reassembles full tensors from every rank's shard with `unshard_tensor`
 (full_state_dict). Both read the same `ParamShard`, so they cannot disagree.
+It sits outside `tedfx.passes` and `tedfx.runtime` because both use it.
 """
 
 from __future__ import annotations
@@ -55,7 +56,8 @@ def shard_tensor(full: torch.Tensor, spec: ParamShard, coords: dict[str, int], s
     return out.clone(memory_format=torch.contiguous_format)
 
 
-def unshard_tensor(shards: dict[tuple[int, ...], torch.Tensor], spec: ParamShard, sizes: dict[str, int]) -> torch.Tensor:
+def unshard_tensor(shards: dict[tuple[int, ...], torch.Tensor], spec: ParamShard,
+                   sizes: dict[str, int]) -> torch.Tensor:
     """Reassemble a full tensor from shards keyed by the split axes' coordinates (in `spec.splits` order)."""
     if not spec.splits:
         return next(iter(shards.values()))
@@ -69,7 +71,8 @@ def unshard_tensor(shards: dict[tuple[int, ...], torch.Tensor], spec: ParamShard
             # Each part holds its 1/T of every chunk; regroup chunk by chunk.
             local_chunks = [c // sizes[axis] for c in spec.chunks]
             per_part = [torch.split(p, local_chunks, dim=dim) for p in parts]
-            return torch.cat([torch.cat([pp[c] for pp in per_part], dim=dim) for c in range(len(local_chunks))], dim=dim)
+            return torch.cat([torch.cat([pp[c] for pp in per_part], dim=dim) for c in range(len(local_chunks))],
+                             dim=dim)
         return torch.cat(parts, dim=dim)
 
     return build(0, ())
