@@ -164,6 +164,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 def _check_order(model: Any, example_inputs: tuple, moe: Any, parallel: Any, world_size: int) -> int:
     """`tedfx inspect --check`: exit 0 when every group agrees, 1 (with the first mismatches) when not."""
     from tedfx.api import check_collective_order
+    from tedfx.capture import CaptureError
     from tedfx.check import CollectiveOrderError
 
     if parallel is None:
@@ -173,6 +174,8 @@ def _check_order(model: Any, example_inputs: tuple, moe: Any, parallel: Any, wor
     except CollectiveOrderError as e:
         print(f"collective order: FAILED\n{e}")
         return 1
+    except CaptureError as e:
+        raise UsageError(f"tedfx cannot capture the model: {e}") from e
     except ValueError as e:
         raise UsageError(str(e)) from e
     calls = {len(t) for t in traces.values()}

@@ -18,6 +18,8 @@ paired with its autograd partner:
     all_gather                    all-gather along dim        reduce-scatter (sum)
     reduce_scatter                reduce-scatter (sum)        all-gather
     slice_for_rank                narrow to this rank's 1/n   all-gather
+    gather_replicated             all-gather along dim        narrow to this rank's 1/n (a replicated consumer)
+    agree_max                     all-reduce (max) of an int  - (no gradient)
 
 The op looks the group up when it runs forward and keeps it (and the CommStats)
 for its backward. An axis whose group has a single rank makes the op a no-op that

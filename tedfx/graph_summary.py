@@ -33,6 +33,7 @@ COLLECTIVE_KINDS: dict[str, tuple[str, str]] = {
     "reduce_scatter": ("reduce-scatter", "all-gather"),
     "slice_for_rank": ("slice", "all-gather"),
     "gather_replicated": ("all-gather", "slice"),
+    "agree_max": ("all-reduce (max of an int)", "-"),
 }
 """Every tedfx collective op: (what it does in the forward, what its backward does)."""
 

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["GPTConfig", "GPT"]
+__all__ = ["GPT", "GPTConfig", "demo_model"]
 
 
 @dataclass(frozen=True, kw_only=True)

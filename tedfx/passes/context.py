@@ -67,7 +67,7 @@ class PassRecords:
     moe_blocks: list[MoEBlockRecord] = field(default_factory=list)
     """ffn_to_moe: the converted FFNs."""
     shards: dict[str, ParamShard] = field(default_factory=dict)
-    """shard_tensor_parallel and shard_experts: every parameter they split, by state-dict key."""
+    """Every parameter shard_tensor_parallel splits and every expert tensor (split or not), by state-dict key."""
     tp_column: list[str] = field(default_factory=list)
     """shard_tensor_parallel: weights split column-parallel (output features)."""
     tp_row: list[str] = field(default_factory=list)

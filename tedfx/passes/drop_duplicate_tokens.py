@@ -39,8 +39,8 @@ def drop_duplicate_tokens_pass(gm: fx.GraphModule, *, ctx: PassContext) -> fx.Gr
     """Rewrite every baseline TED MoE block into its DTD form (the pipeline runs it when T > 1 and X > 1)."""
     T, X = ctx.parallel.tensor, ctx.parallel.expert
     if T == 1 or X == 1:
-        raise ValueError(f"duplicate token dropping needs T > 1 and X > 1, got T={T}, X={X}: there is no "
-                         f"duplicate to drop (the pipeline leaves this pass out there).")
+        raise RuntimeError(f"duplicate token dropping needs T > 1 and X > 1, got T={T}, X={X}: there is no "
+                           f"duplicate to drop (tedfx.pipeline leaves this pass out there).")
     for roles in moe_blocks(gm.graph).values():
         _rewrite(gm.graph, roles, T)
     return gm

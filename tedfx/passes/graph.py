@@ -42,7 +42,7 @@ REGION_META = "tedfx_region"
 
 
 class Role(StrEnum):
-    """What a node of an MoE block does. Written by ffn_to_moe and the sharding passes, read by later passes."""
+    """What a node of an MoE block does: written by ffn_to_moe, shard_experts and drop_duplicate_tokens."""
 
     FLATTEN_TOKENS = "flatten_tokens"
     ROUTER = "router"
@@ -193,7 +193,7 @@ def insert(
     if role is not None:
         base = tag or like.meta.get(MOE_META)
         if base is None:
-            raise ValueError(f"insert(role={role!s}): {like.name} belongs to no MoE block; pass tag=MoETag(...).")
+            raise RuntimeError(f"insert(role={role!s}): {like.name} belongs to no MoE block; pass tag=MoETag(...).")
         node.meta[MOE_META] = MoETag(base.path, role, base.index)
     return node
 

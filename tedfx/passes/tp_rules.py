@@ -283,7 +283,7 @@ RULES: dict[Callable, Callable] = {
     aten.scaled_dot_product_attention.default: _sdpa,
     operator.getitem: _passthrough,
 }
-"""One handler per aten op: (node, input placements, plan, T) -> output placement; raises _Fail."""
+"""One handler per aten op: (node, input placements, plan, T) -> output placement; raises Fail."""
 
 
 # ---------------------------------------------------------------- propagation

@@ -178,6 +178,7 @@ def launch(
     Raises:
         RankError: `fn` raised on some rank (the first one to fail is named, with its traceback).
         LaunchError: a rank died without a Python exception, or hung past the timeout.
+        ValueError: `nprocs`, `timeout` or `start_method` is invalid.
 
     Example:
         >>> def hello():
