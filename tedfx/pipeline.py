@@ -145,7 +145,10 @@ def _own_rank_tensors(gm: nn.Module, shared: dict[int, torch.Tensor], ctx: PassC
     sizes = {"tp": parallel.tensor, "ep": parallel.expert, "edp": 1}
     copies: dict[int, torch.Tensor] = {}
     missing = []
-    for module_name, module in gm.named_modules():
+    # Checkpointed regions are GraphModules held outside the module tree that read the same tensors.
+    regions = [m.region for m in gm.modules() if isinstance(getattr(m, "region", None), nn.Module)]
+    named = [item for root in (gm, *regions) for item in root.named_modules()]
+    for module_name, module in named:
         for store in (module._parameters, module._buffers):
             for name, t in list(store.items()):
                 if t is None or (id(t) not in shared and not t.is_meta):

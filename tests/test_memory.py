@@ -43,7 +43,8 @@ def _measure() -> dict:
     before = _status("VmRSS")
     with open("/proc/self/clear_refs", "w") as fh:
         fh.write("5")  # VmHWM := VmRSS
-    pm = tedfx.parallelize(model, (tokens,), moe=moe, parallel=tedfx.ParallelConfig(tensor=2, expert=2))
+    parallel = tedfx.ParallelConfig(tensor=2, expert=2, activation_checkpointing="block")
+    pm = tedfx.parallelize(model, (tokens,), moe=moe, parallel=parallel)
     peak = _status("VmHWM") - before
     gc.collect()
     kept = {id(t) for t in [*model.parameters(), *model.buffers(), *pm.parameters(), *pm.buffers()]}
@@ -57,7 +58,13 @@ def _measure() -> dict:
             if storage.data_ptr() not in kept_storages:
                 other[storage.data_ptr()] = storage.nbytes()
     full_experts = LAYERS * 3 * EXPERTS * HIDDEN * 4 * HIDDEN * 4
-    return {"own": sum(p.numel() * p.element_size() for p in pm.parameters()), "peak": peak,
+    # The rank graph shares nothing with the dense model: training it (checkpointed regions included)
+    # leaves the model as it was.
+    dense_before = {k: v.clone() for k, v in model.state_dict().items()}
+    pm(tokens).float().square().mean().backward()
+    torch.optim.SGD(pm.parameters(), lr=0.1).step()
+    changed = [k for k, v in model.state_dict().items() if not torch.equal(v, dense_before[k])]
+    return {"dense_changed": changed,"own": sum(p.numel() * p.element_size() for p in pm.parameters()), "peak": peak,
             "other_tensors": sum(other.values()), "largest_other": max(other.values(), default=0),
             "full_experts": full_experts}
 
@@ -73,6 +80,10 @@ def test_peak_memory_of_parallelize_is_twice_the_own_shards_plus_a_constant(rank
     for r in ranks:
         assert r["own"] < r["full_experts"] / 3  # the test is meaningful: whole experts would not fit the bound
         assert r["peak"] <= 2 * r["own"] + 384 * MIB, r
+
+
+def test_training_the_rank_graph_leaves_the_dense_model_alone(ranks):
+    assert [r["dense_changed"] for r in ranks] == [[]] * 4
 
 
 def test_nothing_of_the_unsharded_model_is_kept(ranks):
