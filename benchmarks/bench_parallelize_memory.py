@@ -98,8 +98,8 @@ def main() -> None:
         full_experts = args.layers * 3 * e * args.hidden * 4 * args.hidden * 4  # w1, w3, w2 per layer, fp32
         rows.append({**worst, "full_experts_bytes": full_experts,
                      "goal_bytes": 2 * worst["own_bytes"] + GOAL_CONSTANT_MIB * MIB})
-    print(f"\nparallelize on {world} CPU ranks (T={args.tensor} x X={args.expert}), {args.layers}-layer SwiGLU decoder, "
-          f"hidden {args.hidden}, FFN {4 * args.hidden}; worst rank per E")
+    print(f"\nparallelize on {world} CPU ranks (T={args.tensor} x X={args.expert}), {args.layers}-layer SwiGLU "
+          f"decoder, hidden {args.hidden}, FFN {4 * args.hidden}; worst rank per E")
     print(f"{'E':>5} {'own MiB':>9} {'peak MiB':>9} {'after MiB':>10} {'peak/own':>9} {'goal MiB':>9} "
           f"{'full experts MiB':>17}")
     for r in rows:
