@@ -69,11 +69,44 @@ def _measure() -> dict:
             "full_experts": full_experts}
 
 
+def _from_meta_model() -> dict:
+    """A dense model built on the meta device plus its state dict (as if read from a checkpoint) gives
+    the same rank graph as the real model."""
+    cfg = GPTConfig(n_layer=2, n_embd=32, n_head=4, block_size=16, activation="swiglu")
+    torch.manual_seed(0)
+    real = GPT(cfg)
+    with torch.device("meta"):
+        meta = GPT(cfg)
+    tokens = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(1))
+    moe = tedfx.MoEConfig(num_experts=4, top_k=2, expert_noise=0.1)
+    parallel = tedfx.ParallelConfig(tensor=2, expert=2)
+    reads = []
+    state = real.state_dict()
+
+    def read(key: str) -> torch.Tensor:
+        reads.append(key)
+        return state[key]
+
+    a = tedfx.parallelize(real, (tokens,), moe=moe, parallel=parallel).full_state_dict()
+    b = tedfx.parallelize(meta, (tokens,), moe=moe, parallel=parallel, dense_state=read).full_state_dict()
+    try:
+        tedfx.parallelize(meta, (tokens,), moe=moe, parallel=parallel)
+        error = None
+    except ValueError as e:
+        error = str(e)
+    return {"same": sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a),
+            "read_keys": sorted(set(reads)), "dense_keys": sorted(state), "error": error}
+
+
+def _rank() -> dict:
+    return {**_measure(), "meta": _from_meta_model()}
+
+
 @pytest.fixture(scope="module")
 def ranks():
     if not sys.platform.startswith("linux"):
         pytest.skip("reads /proc/self/status and resets VmHWM: Linux only")
-    return tedfx.launch(_measure, 4, backend="gloo", timeout=300)
+    return tedfx.launch(_rank, 4, backend="gloo", timeout=300)
 
 
 def test_peak_memory_of_parallelize_is_twice_the_own_shards_plus_a_constant(ranks):
@@ -90,3 +123,11 @@ def test_nothing_of_the_unsharded_model_is_kept(ranks):
     """Every live tensor is the dense model's or the rank's own, but for small ones (the capture's constants)."""
     for r in ranks:
         assert r["other_tensors"] <= 4 * MIB, r
+
+
+def test_a_dense_model_on_the_meta_device_is_filled_from_its_state_dict(ranks):
+    for r in ranks:
+        meta = r["meta"]
+        assert meta["same"]
+        assert set(meta["read_keys"]) <= set(meta["dense_keys"]) and meta["read_keys"]
+        assert "on the meta device: pass dense_state=" in meta["error"]
