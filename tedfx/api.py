@@ -14,8 +14,9 @@ torch.compile backend in tedfx.backend (docs/architecture.md).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable, Mapping
 
+import torch
 import torch.distributed as dist
 from torch import nn
 
@@ -79,17 +80,21 @@ def parallelize(
     example_kwargs: dict[str, Any] | None = None,
     check_inputs: bool = True,
     check_collectives: bool = True,
+    dense_state: Mapping[str, torch.Tensor] | Callable[[str], torch.Tensor] | None = None,
 ) -> ParallelModule:
     """Turn a dense model into this rank's part of a TED-parallel MoE model. Call on every rank.
 
-    In order:
+    No rank ever holds the unsharded MoE model: in order,
     1. Build the mesh (D, X, T) and its process groups.
     2. Check that every rank was handed the same dense weights (one small all-gather).
-    3. Capture and convert to MoE (identical on every rank: seeded by MoEConfig.seed).
-    4. With `check_collectives`, check that every process group's members would issue the
-       same collectives in the same order.
-    5. Shard for this rank's coordinates and wrap the graph in a ParallelModule, which
-       registers the bucketed gradient sync over each parameter's data-parallel group.
+    3. Capture and convert to MoE (identical on every rank: seeded by MoEConfig.seed), with the
+       experts left unmaterialised and the model's tensors shared, not copied.
+    4. Shard for this rank's coordinates: materialise only its own shards (its E/X experts, each
+       its 1/T of F; its slices of the dense weights) and copy its replicated tensors.
+    5. With `check_collectives`, simulate one step of the rank graph and check that every process
+       group's members would issue the same collectives in the same order.
+    6. Wrap the graph in a ParallelModule, which registers the bucketed gradient sync over each
+       parameter's data-parallel group.
 
     Args:
         model: the dense model, with the same weights on every rank (checked).
@@ -102,6 +107,10 @@ def parallelize(
         check_collectives: before the first step, simulate one step of this rank's graph
             and check with one all-gather that every process group's members would issue
             the same collectives in the same order (tedfx.check); a mismatch is an error.
+        dense_state: for a dense model built on the meta device (so that no rank holds it whole):
+            its state dict, or a function from a state-dict key to the tensor (e.g. reading a
+            checkpoint lazily). Each rank reads the tensors it needs, one at a time, and keeps
+            only its shards of them.
 
     Returns:
         The rank's ParallelModule.
@@ -119,15 +128,36 @@ def parallelize(
     parallel.check_supported()
     mesh = TedMesh.build(parallel)
     _compat.set_group_timeouts([None, *mesh.groups().values()], parallel.timeout)
-    check_same_weights(model, mesh)
-    moe_gm, moe_ctx = pipeline.build_moe_graph(model, example_inputs, moe=moe, example_kwargs=example_kwargs)
-    if check_collectives:
-        check_live_ranks(moe_gm, moe_ctx, parallel=parallel, mesh=mesh, example_inputs=example_inputs,
-                         example_kwargs=example_kwargs)
+    fetch = _dense_reader(model, dense_state)
+    if fetch is None:
+        check_same_weights(model, mesh)
+    moe_gm, moe_ctx = pipeline.build_moe_graph(model, example_inputs, moe=moe, example_kwargs=example_kwargs,
+                                               lazy=True, fetch_dense=fetch)
     gm, ctx = pipeline.shard_for_rank(moe_gm, moe_ctx, parallel=parallel, coords=mesh.coords)
     del moe_gm
+    if check_collectives:
+        check_live_ranks(gm, ctx, parallel=parallel, mesh=mesh, example_inputs=example_inputs,
+                         example_kwargs=example_kwargs)
     return ParallelModule(gm, mesh, pipeline.param_shards(gm, ctx), parallel, pipeline.grad_sync_params(gm),
                           check_inputs)
+
+
+def _dense_reader(model: nn.Module, dense_state: Mapping[str, torch.Tensor] | Callable[[str], torch.Tensor] | None
+                  ) -> Callable[[str], torch.Tensor] | None:
+    """How parallelize reads the dense tensors of a model on the meta device (None: the model holds them)."""
+    on_meta = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if dense_state is None:
+        if on_meta:
+            raise ValueError(f"the dense model holds {on_meta[:3]}{' ...' if len(on_meta) > 3 else ''} on the meta "
+                             f"device: pass dense_state= (its state dict, or a function key -> tensor) so that "
+                             f"each rank can read the tensors it needs.")
+        return None
+    if isinstance(dense_state, Mapping):
+        return dense_state.__getitem__
+    if not callable(dense_state):
+        raise ValueError(f"dense_state must be a mapping or a callable key -> tensor, found "
+                         f"{type(dense_state).__name__}.")
+    return dense_state
 
 
 def explain(
@@ -167,7 +197,8 @@ def explain(
     # One capture: the dense graph is summarised before the MoE passes rewrite it in place.
     dense_gm = pipeline.capture_dense(model, example_inputs, example_kwargs)
     dense_graph = summarize_graph(dense_gm, example_inputs, example_kwargs)
-    moe_gm, ctx = pipeline.convert_to_moe(dense_gm, model, moe=moe)
+    # With a layout, each predicted rank materialises only its own shards, one rank at a time.
+    moe_gm, ctx = pipeline.convert_to_moe(dense_gm, model, moe=moe, lazy=parallel is not None)
     return build_report(model, moe_gm, ctx, moe=moe, parallel=parallel, world_size=world_size,
                         example_inputs=example_inputs, example_kwargs=example_kwargs, dense_graph=dense_graph)
 
@@ -193,7 +224,8 @@ def check_collective_order(
         >>> tedfx.check_collective_order(model, (tokens,), moe=moe, parallel=par, world_size=8)
     """
     layout = Layout.build(world_size, parallel)
-    moe_gm, moe_ctx = pipeline.build_moe_graph(model, example_inputs, moe=moe, example_kwargs=example_kwargs)
+    moe_gm, moe_ctx = pipeline.build_moe_graph(model, example_inputs, moe=moe, example_kwargs=example_kwargs,
+                                               lazy=True)
     return check_layout(moe_gm, moe_ctx, parallel=parallel, layout=layout, example_inputs=example_inputs,
                         example_kwargs=example_kwargs)
 

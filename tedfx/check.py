@@ -22,7 +22,7 @@ from .axes import GROUP_AXES
 from .collectives import CommCall
 from .config import ParallelConfig
 from .passes.context import PassContext
-from .predict import predict_rank
+from .predict import predict_rank, simulate_step
 from .runtime.mesh import Layout, TedMesh
 
 __all__ = ["CollectiveOrderError", "OrderMismatch", "check_layout", "check_live_ranks", "compare_traces"]
@@ -122,23 +122,25 @@ def check_layout(
 
 
 def check_live_ranks(
-    moe_gm: fx.GraphModule,
-    moe_ctx: PassContext,
+    gm: fx.GraphModule,
+    ctx: PassContext,
     *,
     parallel: ParallelConfig,
     mesh: TedMesh,
     example_inputs: tuple[Any, ...],
     example_kwargs: dict[str, Any] | None = None,
 ) -> None:
-    """On every rank: simulate this rank's step, gather every rank's trace, and compare them group by group.
+    """On every rank: simulate a step of this rank's graph `gm`, gather every rank's trace, compare group by group.
+
+    The simulated step leaves `gm` as it found it (no gradients, no router call counted, the RNG untouched).
 
     Raises:
         CollectiveOrderError: on every rank alike, before any rank can hang.
     """
-    mine = predict_rank(moe_gm, moe_ctx, parallel=parallel, layout=mesh.layout, rank=mesh.rank,
-                        example_inputs=example_inputs, example_kwargs=example_kwargs).comm.trace
+    mine = simulate_step(gm, layout=mesh.layout, rank=mesh.rank, bucket_mb=parallel.bucket_mb,
+                         example_inputs=example_inputs, example_kwargs=example_kwargs, restore=True).trace
     traces: list[Any] = [None] * mesh.layout.world_size
     dist.all_gather_object(traces, mine)
-    mismatches = compare_traces(dict(enumerate(traces)), mesh.layout, exact_shapes=moe_ctx.moe.drop_tokens)
+    mismatches = compare_traces(dict(enumerate(traces)), mesh.layout, exact_shapes=ctx.moe.drop_tokens)
     if mismatches:
         raise CollectiveOrderError(mismatches)

@@ -15,8 +15,9 @@ from __future__ import annotations
 import copy
 import functools
 import warnings
-from typing import Any
+from typing import Any, Callable
 
+import torch
 import torch.fx as fx
 from torch import nn
 
@@ -32,7 +33,7 @@ from .passes.graph import get_by_target
 from .passes.runner import Pass, run_passes
 from .passes.shard_experts import shard_experts_pass
 from .passes.shard_tensor_parallel import shard_tensor_parallel_pass
-from .sharding import ParamShard
+from .sharding import ParamShard, shard_tensor
 
 __all__ = [
     "build_moe_graph", "capture_dense", "convert_to_moe", "grad_sync_params", "moe_passes", "parallel_passes",
@@ -40,9 +41,11 @@ __all__ = [
 ]
 
 
-def moe_passes(moe: MoEConfig) -> list[Pass]:
-    """Dense graph -> MoE graph (what to_moe runs)."""
-    return [find_ffns_pass, ffn_to_moe_pass]
+def moe_passes(moe: MoEConfig, *, materialize_experts: bool = True) -> list[Pass]:
+    """Dense graph -> MoE graph (what to_moe runs; a parallel layout leaves the experts to materialise per rank)."""
+    if materialize_experts:
+        return [find_ffns_pass, ffn_to_moe_pass]
+    return [find_ffns_pass, functools.partial(ffn_to_moe_pass, materialize=False)]
 
 
 def parallel_passes(parallel: ParallelConfig) -> list[Pass]:
@@ -68,17 +71,24 @@ def capture_dense(model: nn.Module, example_inputs: tuple[Any, ...],
     return capture(model, example_inputs, example_kwargs, copy_params=False)
 
 
-def convert_to_moe(gm: TedGraphModule, model: nn.Module, *, moe: MoEConfig,
-                   debug: bool = False) -> tuple[TedGraphModule, PassContext]:
-    """Run the MoE passes on a `capture_dense` graph of `model`, then copy the tensors the result keeps.
+def convert_to_moe(gm: TedGraphModule, model: nn.Module, *, moe: MoEConfig, debug: bool = False,
+                   lazy: bool = False, fetch_dense: Callable[[str], torch.Tensor] | None = None,
+                   ) -> tuple[TedGraphModule, PassContext]:
+    """Run the MoE passes on a `capture_dense` graph of `model`.
 
-    The dense FFN weights the MoE blocks replace are never copied (most of a transformer's bytes).
+    Args:
+        lazy: False (one process): materialise every expert and copy the tensors the result keeps, so
+            it owns them (the dense FFN weights it replaced are never copied). True (a parallel layout):
+            the experts stay on the meta device with their recipe, and the graph keeps sharing the
+            model's tensors; `shard_for_rank` materialises and copies only a rank's own shards.
+        fetch_dense: dense state-dict key -> tensor, for a model on the meta device.
     """
-    ctx = PassContext(moe=moe, debug=debug)
+    ctx = PassContext(moe=moe, debug=debug, fetch_dense=fetch_dense)
     try:
-        gm = run_passes(gm, moe_passes(moe), ctx=ctx)
+        gm = run_passes(gm, moe_passes(moe, materialize_experts=not lazy), ctx=ctx)
     finally:
-        own_tensors(gm, model)
+        if not lazy:
+            own_tensors(gm, model)
     return gm, ctx
 
 
@@ -89,9 +99,16 @@ def build_moe_graph(
     moe: MoEConfig,
     example_kwargs: dict[str, Any] | None = None,
     debug: bool = False,
+    lazy: bool = False,
+    fetch_dense: Callable[[str], torch.Tensor] | None = None,
 ) -> tuple[TedGraphModule, PassContext]:
-    """Capture and convert FFNs to MoE blocks: the single-process reference graph and its pass context."""
-    return convert_to_moe(capture_dense(model, example_inputs, example_kwargs), model, moe=moe, debug=debug)
+    """Capture and convert FFNs to MoE blocks (see `convert_to_moe` for `lazy` and `fetch_dense`).
+
+    With lazy=False: the single-process reference graph. With lazy=True: the graph every rank's
+    graph is cut from, holding no expert and no copy of the model's tensors.
+    """
+    return convert_to_moe(capture_dense(model, example_inputs, example_kwargs), model, moe=moe, debug=debug,
+                          lazy=lazy, fetch_dense=fetch_dense)
 
 
 def shard_for_rank(
@@ -102,14 +119,72 @@ def shard_for_rank(
     coords: dict[str, int],
     skip: tuple[str, ...] = (),
 ) -> tuple[fx.GraphModule, PassContext]:
-    """One rank's graph: a deep copy of the MoE graph, sharded for `coords`, and its pass context."""
+    """One rank's graph, sharded for `coords`, and its pass context.
+
+    In order:
+    1. Copy the MoE graph's structure (graph, modules) but not its tensors: the copy shares them.
+    2. Run the parallel passes: they replace each split tensor by this rank's shard (experts
+       materialised from their recipe, never whole).
+    3. Give the rank its own copy of every tensor still shared with the MoE graph (replicated ones),
+       and fill tensors the model held on the meta device from `moe_ctx.fetch_dense`.
+    """
+    shared = {id(t): t for t in [*moe_gm.parameters(), *moe_gm.buffers()]}
     with warnings.catch_warnings():
         # torch's own TreeSpec pickling warns about its deprecated LeafSpec while copying _in_spec.
         warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
-        gm = copy.deepcopy(moe_gm)
+        gm = copy.deepcopy(moe_gm, memo=dict(shared))
     ctx = moe_ctx.for_rank(parallel, coords)
     gm = run_passes(gm, parallel_passes(parallel), ctx=ctx, skip=skip)
+    _own_rank_tensors(gm, shared, ctx, parallel)
     return gm, ctx
+
+
+def _own_rank_tensors(gm: nn.Module, shared: dict[int, torch.Tensor], ctx: PassContext,
+                      parallel: ParallelConfig) -> None:
+    """Copy every tensor `gm` still shares with the MoE graph; fill meta ones from `ctx.fetch_dense`."""
+    sizes = {"tp": parallel.tensor, "ep": parallel.expert, "edp": 1}
+    copies: dict[int, torch.Tensor] = {}
+    missing = []
+    # Checkpointed regions are GraphModules held outside the module tree that read the same tensors.
+    regions = [m.region for m in gm.modules() if isinstance(getattr(m, "region", None), nn.Module)]
+    named = [item for root in (gm, *regions) for item in root.named_modules()]
+    for module_name, module in named:
+        for store in (module._parameters, module._buffers):
+            for name, t in list(store.items()):
+                if t is None or (id(t) not in shared and not t.is_meta):
+                    continue
+                if id(t) not in copies:
+                    key = f"{module_name}.{name}" if module_name else name
+                    if t.is_meta:
+                        local = _fetch_shard(key, t, ctx, sizes)
+                        if local is None:
+                            missing.append(key)
+                            continue
+                    else:
+                        local = t.detach().clone()
+                    copies[id(t)] = nn.Parameter(local, requires_grad=t.requires_grad) \
+                        if isinstance(t, nn.Parameter) else local
+                store[name] = copies[id(t)]
+    if missing:
+        raise ValueError(f"the model holds {missing[:5]}{' ...' if len(missing) > 5 else ''} on the meta device and "
+                         f"parallelize's dense_state does not provide them: give every state-dict key of the dense "
+                         f"model (non-persistent buffers included), or build those tensors on a real device.")
+
+
+def _fetch_shard(key: str, meta: torch.Tensor, ctx: PassContext, sizes: dict[str, int]) -> torch.Tensor | None:
+    """This rank's shard of dense tensor `key`, read through ctx.fetch_dense (None when it has none)."""
+    if ctx.fetch_dense is None:
+        return None
+    try:
+        full = ctx.fetch_dense(key)
+    except KeyError:
+        return None
+    spec = ctx.records.shards.get(key)
+    local = shard_tensor(full.detach(), spec, ctx.coords, sizes) if spec is not None else full.detach().clone()
+    if tuple(local.shape) != tuple(meta.shape):
+        raise ValueError(f"dense_state[{key!r}] has shape {tuple(full.shape)}, which gives a shard of shape "
+                         f"{tuple(local.shape)} on this rank; the model expects {tuple(meta.shape)}.")
+    return local.to(meta.dtype)
 
 
 def param_shards(gm: nn.Module, ctx: PassContext) -> dict[str, ParamShard]:

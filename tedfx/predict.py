@@ -27,6 +27,7 @@ from ._compat import pytree
 from .axes import GROUP_AXES
 from .config import MoEConfig, ParallelConfig
 from .graph_summary import summarize_graph
+from .moe.routing import Router
 from .passes.context import PassContext
 from .pipeline import grad_sync_params, param_shards, shard_for_rank
 from .report import Report
@@ -90,23 +91,48 @@ def simulate_step(
     bucket_mb: float,
     example_inputs: tuple[Any, ...],
     example_kwargs: dict[str, Any] | None = None,
+    restore: bool = False,
 ) -> collectives.CommStats:
     """One training step of a rank graph against simulated groups: the collectives it issues, traced.
 
-    Forward, then backward of the sum of the outputs, then the gradient sync's
-    bucket plan. Gradients are left on gm's parameters.
+    Forward, then backward of the sum of the outputs, then the gradient sync's bucket plan.
+    Gradients are left on gm's parameters, unless `restore`: then the step leaves no trace on
+    gm or on the caller's random state (grads, routers' call counts and losses, train mode,
+    torch's RNG), so gm can go on to train (what parallelize's collective-order check needs).
     """
     stats = collectives.CommStats(trace=True)
-    gm.train()
-    with collectives.bind_axes(simulated_axes(layout, rank), stats):
-        out = gm(*example_inputs, **(example_kwargs or {}))
-    leaves = [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor) and t.requires_grad]
-    if leaves:
-        torch.stack([t.float().sum() for t in leaves]).sum().backward()
+    state = _ModuleState(gm) if restore else None
+    with torch.random.fork_rng(devices=[], enabled=restore):
+        gm.train()
+        with collectives.bind_axes(simulated_axes(layout, rank), stats):
+            out = gm(*example_inputs, **(example_kwargs or {}))
+        leaves = [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor) and t.requires_grad]
+        if leaves:
+            torch.stack([t.float().sum() for t in leaves]).sum().backward()
+    del out, leaves
+    if state is not None:
+        state.restore()
     sizes = {axis: layout.size(axis) for axis in ("dp", "edp")}
     for plan in plan_buckets(grad_sync_params(gm), sizes, bucket_mb):
         stats.record("all_reduce", plan.axis, "backward", plan.nbytes, (plan.nbytes // 4,), torch.float32)
     return stats
+
+
+class _ModuleState:
+    """What a simulated step changes on a module, saved to be put back."""
+
+    def __init__(self, gm: nn.Module) -> None:
+        self.gm = gm
+        self.training = gm.training
+        self.routers = [(r, r.calls, dict(r.last_losses)) for r in gm.modules() if isinstance(r, Router)]
+        self.grads = {id(p): p.grad for p in gm.parameters()}
+
+    def restore(self) -> None:
+        for p in self.gm.parameters():
+            p.grad = self.grads.get(id(p))
+        for router, calls, losses in self.routers:
+            router.calls, router.last_losses = calls, losses
+        self.gm.train(self.training)
 
 
 # --- the report of tedfx.explain -------------------------------------------------------------------

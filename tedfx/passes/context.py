@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Callable, Literal
+
+import torch
 
 from ..config import MoEConfig, ParallelConfig
 from ..sharding import ParamShard
@@ -106,6 +108,8 @@ class PassContext:
         debug: keep each pass's code before and after in `dumps`.
         dumps: (pass name, code before, code after) per pass, with debug.
         timings: seconds and node counts per pass.
+        fetch_dense: dense state-dict key -> tensor, for a model whose tensors are on the meta device
+            (parallelize's `dense_state`); None reads the model's own tensors.
     """
 
     moe: MoEConfig
@@ -116,8 +120,10 @@ class PassContext:
     debug: bool = False
     dumps: list[tuple[str, str, str]] = field(default_factory=list)
     timings: list[PassTiming] = field(default_factory=list)
+    fetch_dense: Callable[[str], torch.Tensor] | None = None
 
     def for_rank(self, parallel: ParallelConfig, coords: dict[str, int]) -> PassContext:
         """The context a rank's passes start from: this one's node-free records, and `coords`."""
         return PassContext(moe=self.moe, parallel=parallel, coords=dict(coords),
-                           records=self.records.without_nodes(), done=list(self.done), debug=self.debug)
+                           records=self.records.without_nodes(), done=list(self.done), debug=self.debug,
+                           fetch_dense=self.fetch_dense)

@@ -15,16 +15,17 @@ For each FFN that `MoEConfig.layers` selects, in order:
 from __future__ import annotations
 
 import operator
+from typing import Callable
 
 import torch
 import torch.fx as fx
 
 from ..config import MoEConfig
 from ..moe import ops
-from ..moe.experts import ExpertWeights
+from ..moe.experts import ExpertInit, ExpertWeights
 from ..moe.routing import Router
 from .context import MoEBlockRecord, PassContext
-from .find_ffns import FFNMatch, LinearRef
+from .find_ffns import FFNMatch
 from .graph import MOE_META, MoETag, Role, get_by_target, has_target
 from .runner import requires
 
@@ -32,8 +33,12 @@ __all__ = ["ffn_to_moe_pass"]
 
 
 @requires("find_ffns")
-def ffn_to_moe_pass(gm: fx.GraphModule, *, ctx: PassContext) -> fx.GraphModule:
-    """Convert the FFNs `ctx.moe.layers` selects; records them in `ctx.records.moe_blocks`."""
+def ffn_to_moe_pass(gm: fx.GraphModule, *, ctx: PassContext, materialize: bool = True) -> fx.GraphModule:
+    """Convert the FFNs `ctx.moe.layers` selects; records them in `ctx.records.moe_blocks`.
+
+    With `materialize=False` the experts stay on the meta device with their recipe (ExpertInit), for the
+    sharding passes to materialise each rank's slice: no process ever holds every expert.
+    """
     moe = ctx.moe
     matches = ctx.records.ffn_matches
     if matches is None:
@@ -47,7 +52,7 @@ def ffn_to_moe_pass(gm: fx.GraphModule, *, ctx: PassContext) -> fx.GraphModule:
         )
     records = []
     for match in selected:
-        records.append(_convert(gm, match, moe))
+        records.append(_convert(gm, match, moe, materialize=materialize, fetch=ctx.fetch_dense))
     gm.graph.eliminate_dead_code()
     _delete_unused_params(gm)
     ctx.records.moe_blocks = records
@@ -55,38 +60,36 @@ def ffn_to_moe_pass(gm: fx.GraphModule, *, ctx: PassContext) -> fx.GraphModule:
     return gm
 
 
-def _dense_weights(gm: fx.GraphModule, match: FFNMatch) -> dict[str, torch.Tensor | None]:
-    """The FFN's weights laid out [in, out], named as in ExpertWeights."""
+def _expert_init(gm: fx.GraphModule, match: FFNMatch, moe: MoEConfig,
+                 fetch: Callable[[str], torch.Tensor] | None) -> ExpertInit:
+    """The recipe of the block's experts: which dense tensors they come from, and how."""
+    sources: dict[str, tuple[str, bool]] = {}
+    refs = {"1": match.fc1, "2": match.fc2, **({"3": match.up} if match.up is not None else {})}
+    for i, ref in refs.items():
+        sources[f"w{i}"] = (ref.weight, not ref.transposed)  # nn.Linear stores [out, in]
+        if ref.bias is not None:
+            sources[f"b{i}"] = (ref.bias, False)
+    # The model's own tensors, taken now: the dense parameters leave the graph at the end of the pass.
+    tensors = {key: get_by_target(gm, key) for key, _ in sources.values()}
 
-    def weight_in_out(ref: LinearRef) -> torch.Tensor:
-        w = get_by_target(gm, ref.weight).detach()
-        return w if ref.transposed else w.t()
+    def read(key: str) -> torch.Tensor:
+        t = tensors[key]
+        return fetch(key) if t.is_meta and fetch is not None else t
 
-    def bias(ref: LinearRef | None) -> torch.Tensor | None:
-        if ref is None or ref.bias is None:
-            return None
-        return get_by_target(gm, ref.bias).detach()
-
-    dense = {"w1": weight_in_out(match.fc1), "b1": bias(match.fc1), "w2": weight_in_out(match.fc2),
-             "b2": bias(match.fc2)}
-    if match.up is not None:
-        dense["w3"] = weight_in_out(match.up)
-        dense["b3"] = bias(match.up)
-    return dense
+    return ExpertInit(sources=sources, fetch=read, num_experts=moe.num_experts, upcycle=moe.upcycle,
+                      noise=moe.expert_noise, seed=moe.seed * 7919 + match.index)
 
 
-def _convert(gm: fx.GraphModule, match: FFNMatch, moe: MoEConfig) -> MoEBlockRecord:
-    # 1-2. Modules of the block, seeded by (seed, FFN index) only.
-    dense = _dense_weights(gm, match)
-    g = torch.Generator().manual_seed(moe.seed * 7919 + match.index)
-    if moe.upcycle:
-        stacked = ExpertWeights.upcycle(dense, moe.num_experts, noise=moe.expert_noise, generator=g)
-    else:
-        stacked = ExpertWeights.fresh(dense, moe.num_experts, generator=g)
-    experts = ExpertWeights(stacked)
+def _convert(gm: fx.GraphModule, match: FFNMatch, moe: MoEConfig, *, materialize: bool,
+             fetch: Callable[[str], torch.Tensor] | None) -> MoEBlockRecord:
+    # 1-2. Modules of the block, seeded by (seed, FFN index) only; experts materialised only when asked
+    # (a parallel layout materialises each rank's slice from the same recipe instead).
+    init = _expert_init(gm, match, moe, fetch)
+    experts = ExpertWeights(init, materialize=materialize)
     router = Router(match.hidden_dim, moe, layer=match.index)
-    router.reset_parameters(g)
-    router.to(device=dense["w1"].device)
+    router.reset_parameters(torch.Generator().manual_seed(moe.seed * 7919 + match.index))
+    device = init.dense("w1").device
+    router.to(device="cpu" if device.type == "meta" else device)
     prefix = f"{match.path}." if match.path else ""
     for name, module in (("router", router), ("experts", experts)):
         if has_target(gm, prefix + name):
@@ -132,7 +135,7 @@ def _convert(gm: fx.GraphModule, match: FFNMatch, moe: MoEConfig) -> MoEBlockRec
         if not node.users:
             graph.erase_node(node)
 
-    dense_params = sum(t.numel() for t in dense.values() if t is not None)
+    dense_params = sum(init.dense(name).numel() for name in init.sources)
     expert_params = sum(p.numel() for p in experts.parameters())
     return MoEBlockRecord(
         index=match.index, path=match.path, kind=match.kind, activation=match.activation,

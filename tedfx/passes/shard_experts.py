@@ -23,6 +23,7 @@ from torch import nn
 
 from .. import collectives
 from ..moe import ops
+from ..moe.experts import EXPERT_TENSORS, ExpertWeights
 from ..sharding import ParamShard, shard_tensor
 from .context import PassContext
 from .graph import Axis, Role, get_by_target, insert, moe_blocks, set_by_target
@@ -54,22 +55,37 @@ def shard_experts_pass(gm: fx.GraphModule, *, ctx: PassContext) -> fx.GraphModul
     sizes = {"ep": X, "tp": T}
     coords = {"ep": ctx.coords.get("ep", 0), "tp": ctx.coords.get("tp", 0)}
     for roles in moe_blocks(gm.graph).values():
-        for name in ("w1", "b1", "w3", "b3", "w2", "b2"):
+        owner = None
+        for name in EXPERT_TENSORS:
             if name in roles:
                 target = roles[name].target
-                ctx.records.shards[target] = _slice_expert_param(gm, target, name, sizes, coords)
+                owner = gm.get_submodule(target.rpartition(".")[0])
+                ctx.records.shards[target] = _slice_expert_param(gm, owner, target, name, sizes, coords)
+        if owner is not None:
+            owner.init = None  # every tensor is this rank's own now: drop the recipe (it reads the dense model)
         _rewrite_block(gm, roles, T, X, ctx.moe.drop_tokens)
     return gm
 
 
-def _slice_expert_param(gm, target, name, sizes, coords) -> ParamShard:
+def _slice_expert_param(gm, owner: ExpertWeights, target, name, sizes, coords) -> ParamShard:
     full = get_by_target(gm, target)
     F_dim = dict(_SPLITS[name]).get("tp")
     if F_dim is not None and full.shape[F_dim] % sizes["tp"]:
         raise ValueError(f"{target}: FFN width {full.shape[F_dim]} is not divisible by ParallelConfig.tensor="
                          f"{sizes['tp']}; choose T dividing the FFN width.")
     spec = ParamShard(target, expert_splits(name, sizes), None, tuple(full.shape))
-    local = shard_tensor(full.detach(), spec, coords, sizes)
+    if full.is_meta:
+        # Materialise only this rank's experts, each only its 1/T of F, from the block's recipe.
+        local_shape = spec.local_shape(sizes)
+        E_local = local_shape[0]
+        first = coords["ep"] * E_local if ("ep", 0) in spec.splits else 0
+        slices = {}
+        if ("tp", F_dim) in spec.splits:
+            width = local_shape[F_dim]
+            slices[F_dim] = (coords["tp"] * width, (coords["tp"] + 1) * width)
+        local = owner.init.materialize(name, range(first, first + E_local), slices)
+    else:
+        local = shard_tensor(full.detach(), spec, coords, sizes)
     set_by_target(gm, target, nn.Parameter(local, requires_grad=full.requires_grad))
     return spec
 
