@@ -1,6 +1,6 @@
 """find_ffns: exactly the FFNs, and nothing else, in every model family tedfx supports.
 
-Tier (a) of STYLE §9: capture a tiny model, run the matcher, check the match
+Tier (a) of the tests (docs/architecture.md, "Tests"): capture a tiny model, run the matcher, check the match
 records against what the model's source says, check the region invariants
 `ffn_to_moe` relies on, and check numerically that the matched projections and
 activation recompute the region's output from its entry.
