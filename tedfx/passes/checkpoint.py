@@ -67,7 +67,7 @@ def activation_checkpoint_pass(gm: fx.GraphModule, *, ctx: PassContext, mode: Li
 
     Args:
         gm: an MoE graph (ffn_to_moe has marked every FFN's exit), possibly sharded.
-        ctx: the pass context (unused: the regions live in the graph's node.meta).
+        ctx: the pass context; `records.ffns` says which FFN exits the graph must still mark.
         mode: "block", one region per transformer block; "moe", one per MoE block.
         blocks: with mode "block", module-path patterns of the blocks (`ParallelConfig.checkpoint_blocks`);
             empty: found from the graph's structure (module docstring).
@@ -80,7 +80,7 @@ def activation_checkpoint_pass(gm: fx.GraphModule, *, ctx: PassContext, mode: Li
     elif blocks:
         regions = _named_regions(gm, tuple(blocks))
     else:
-        regions = _structural_regions(gm)
+        regions = _structural_regions(gm, [f.path for f in ctx.records.ffns])
     for name, nodes in regions.items():
         for node in nodes:
             node.meta[REGION_META] = name
@@ -107,12 +107,14 @@ def _moe_regions(gm: fx.GraphModule) -> dict[str, list[fx.Node]]:
 # --- blocks from the graph's structure ------------------------------------------------------------------
 
 
-def _structural_regions(gm: fx.GraphModule) -> dict[str, list[fx.Node]]:
+def _structural_regions(gm: fx.GraphModule, ffn_paths: list[str]) -> dict[str, list[fx.Node]]:
     """One region per FFN: from the previous FFN's exit residual (or the stream's entry) to its own."""
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     exits = [n for n in gm.graph.nodes if FFN_EXIT_META in n.meta]
-    if not exits:
-        raise _no_block_error(gm, "the graph marks no FFN exit (it was not built by tedfx's ffn_to_moe pass)")
+    unmarked = sorted(set(ffn_paths) - {e.meta[FFN_EXIT_META] for e in exits})
+    if not exits or unmarked:
+        # Two blocks would silently merge into one region: a rewrite lost the mark (graph.FFN_EXIT_META).
+        raise _no_block_error(gm, f"the exits of the FFNs {unmarked or ffn_paths} are not marked in the graph")
     ends = [_exit_residual(e) for e in exits]
     start = _stream_entry(ends[0], order)
     regions: dict[str, list[fx.Node]] = {}

@@ -26,8 +26,15 @@ from torch import nn
 import tedfx
 from tedfx import collectives
 from tedfx.axes import GROUP_AXES
-from tedfx.passes.checkpoint import NoCheckpointRegionError, activation_checkpoint_pass
-from tedfx.passes.graph import MOE_META, REGION_META
+from tedfx.passes.checkpoint import (
+    CheckpointRegion,
+    NoCheckpointRegionError,
+    activation_checkpoint_pass,
+    cache_all_to_all_pass,
+    outline_regions_pass,
+)
+from tedfx.passes.graph import FFN_EXIT_META, MOE_META, REGION_META
+from tedfx.passes.runner import run_passes
 from tedfx.pipeline import build_moe_graph, shard_for_rank
 from tedfx.predict import predict_rank
 from tedfx.runtime.mesh import Layout
@@ -111,12 +118,26 @@ def test_regions_with_tensor_and_expert_sharding_still_hold_whole_blocks():
     _assert_one_region_per_block(gm, [b.path for b in ctx.records.moe_blocks])
 
 
-def test_dense_ffn_layers_are_blocks_too():
-    """layers="every_other": block 0 keeps its dense FFN and is still one region."""
-    gm = _marked("nested_ffn", layers="every_other")
-    assert list(_regions(gm)) == ["block:layers.0.ffn.inner", "block:layers.1.ffn.inner"]
+@pytest.mark.parametrize("T", [1, 2])
+def test_dense_ffn_layers_are_blocks_too(T):
+    """layers="every_other": block 0 keeps its dense FFN and is still one region, also when tensor parallelism
+    rewrites that FFN's last projection (its exit mark moves to the all-reduced output)."""
+    gm = _marked("nested_ffn", T=T, X=2, layers="every_other")
+    regions = _regions(gm)
+    assert list(regions) == ["block:layers.0.ffn.inner", "block:layers.1.ffn.inner"]
     assert Counter(n.meta.get(REGION_META) for n in gm.graph.nodes if n.target is SDPA) == {
         "block:layers.0.ffn.inner": 1, "block:layers.1.ffn.inner": 1}
+    linears = [n for n in regions["block:layers.0.ffn.inner"] if n.target is torch.ops.aten.linear.default]
+    assert len(linears) == 4  # attention's c_attn and c_proj, the dense FFN's c_fc and c_proj
+
+
+def test_a_lost_ffn_exit_mark_raises_instead_of_merging_two_blocks():
+    gm, ctx, _ = _moe_graph("module_list")
+    lost = copy.deepcopy(gm)
+    exit_ = next(n for n in lost.graph.nodes if n.meta.get(FFN_EXIT_META) == "h.0.mlp")
+    del exit_.meta[FFN_EXIT_META]
+    with pytest.raises(NoCheckpointRegionError, match=r"exits of the FFNs \['h\.0\.mlp'\] are not marked"):
+        activation_checkpoint_pass(lost, ctx=ctx, mode="block")
 
 
 def _step(structure: str, checkpointing: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -140,6 +161,27 @@ def test_checkpointed_step_computes_the_same_loss_and_gradients(structure):
     assert grads.keys() == ckpt_grads.keys()
     for name in grads:
         torch.testing.assert_close(ckpt_grads[name], grads[name], rtol=1e-6, atol=1e-7, msg=name)
+
+
+def test_the_three_passes_by_name_mark_cut_and_outline():
+    """On an X=2 rank graph: activation_checkpoint marks both blocks, cache_all_to_all takes the 4 all-to-alls
+    out, outline_regions moves the 3 pieces of each block into CheckpointRegions that hold no all-to-all."""
+    gm, ctx, inputs = _moe_graph("module_dict")
+    par = tedfx.ParallelConfig(expert=2)
+    rank_gm, rank_ctx = shard_for_rank(gm, ctx, parallel=par, coords=Layout.build(2, par).coords(0))
+    a2a = [n for n in rank_gm.graph.nodes if n.target is collectives.all_to_all]
+    assert len(a2a) == 2 * LAYERS
+    rank_gm = run_passes(rank_gm, [functools.partial(activation_checkpoint_pass, mode="block")], ctx=rank_ctx)
+    assert {n.meta.get(REGION_META) for n in a2a} == {"block:blocks.layer0.mlp", "block:blocks.layer1.mlp"}
+    rank_gm = run_passes(rank_gm, [cache_all_to_all_pass], ctx=rank_ctx)
+    assert all(REGION_META not in n.meta for n in a2a)
+    rank_gm = run_passes(rank_gm, [outline_regions_pass], ctx=rank_ctx)
+    assert len(rank_ctx.records.regions) == 3 * LAYERS
+    for name in rank_ctx.records.regions:
+        region = rank_gm.get_submodule(name)
+        assert isinstance(region, CheckpointRegion)
+        assert not any(n.target is collectives.all_to_all for n in region.region.graph.nodes)
+    assert sum(n.target is collectives.all_to_all for n in rank_gm.graph.nodes) == 2 * LAYERS
 
 
 # --- blocks named by module path ------------------------------------------------------------------------
