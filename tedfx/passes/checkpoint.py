@@ -233,7 +233,8 @@ def _same_numel(a: fx.Node, b: fx.Node) -> bool:
 
 def _no_block_error(gm: fx.GraphModule, detail: str) -> NoCheckpointRegionError:
     return NoCheckpointRegionError(
-        f"activation_checkpointing='block' found no transformer blocks in the graph of {_model_name(gm)}: {detail}. "
+        f"activation_checkpointing='block' cannot split the graph of {_model_name(gm)} into transformer blocks: "
+        f"{detail}. "
         f"Name the blocks by module path, e.g. ParallelConfig(activation_checkpointing='block', "
         f"checkpoint_blocks=('layers.*',)), or checkpoint each MoE block with activation_checkpointing='moe'.")
 
@@ -248,7 +249,7 @@ def _named_regions(gm: fx.GraphModule, patterns: tuple[str, ...]) -> dict[str, l
     paths_of = {n: _stack_paths(n) for n in calls}
     known = set().union(*paths_of.values()) if paths_of else set()
     matched = {p for p in known if any(_path_matches(p, pat) for pat in patterns)}
-    blocks = sorted(p for p in matched if not any(p.startswith(q + ".") for q in matched))
+    blocks = [p for p in matched if not any(p.startswith(q + ".") for q in matched)]
     unused = [pat for pat in patterns if not any(_path_matches(p, pat) for p in known)]
     if unused:
         ffn_parents = sorted({p for n in gm.graph.nodes if FFN_EXIT_META in n.meta
@@ -258,11 +259,12 @@ def _named_regions(gm: fx.GraphModule, patterns: tuple[str, ...]) -> dict[str, l
             f"{_model_name(gm)}, so nothing would be recomputed there. Modules that hold an FFN: "
             f"{', '.join(ffn_parents) or '(none)'}. Name each transformer block's module path, '*' for one "
             f"path component (e.g. 'h.*'), or leave checkpoint_blocks empty to find the blocks from the graph.")
+    position = {n: i for i, n in enumerate(calls)}
+    members = {b: [n for n in calls if b in paths_of[n]] for b in blocks}
     regions: dict[str, list[fx.Node]] = {}
     taken: dict[fx.Node, str] = {}
-    for block in blocks:
-        members = [n for n in calls if block in paths_of[n]]
-        span = calls[calls.index(members[0]):calls.index(members[-1]) + 1]
+    for block in sorted(blocks, key=lambda b: position[members[b][0]]):  # graph order, not "h.10" < "h.2"
+        span = calls[position[members[block][0]]:position[members[block][-1]] + 1]
         clash = next((taken[n] for n in span if n in taken), None)
         if clash is not None:
             raise NoCheckpointRegionError(
