@@ -12,7 +12,16 @@ The doors are in tedfx.api; docs/architecture.md says which module does what.
 """
 
 from . import collectives
-from .api import check_collective_order, compiled_module, explain, moe_losses, parallelize, to_moe
+from .api import (
+    MoELossScaleWarning,
+    check_collective_order,
+    compiled_module,
+    explain,
+    moe_losses,
+    parallelize,
+    set_moe_loss_scale,
+    to_moe,
+)
 from .capture import CaptureError, TedGraphModule, capture
 from .check import CollectiveOrderError
 from .config import MoEConfig, ParallelConfig
@@ -25,6 +34,7 @@ __all__ = [
     "CollectiveOrderError",
     "LaunchError",
     "MoEConfig",
+    "MoELossScaleWarning",
     "ParallelConfig",
     "ParallelModule",
     "RankError",
@@ -39,6 +49,7 @@ __all__ = [
     "launch",
     "moe_losses",
     "parallelize",
+    "set_moe_loss_scale",
     "to_moe",
 ]
 

@@ -111,3 +111,16 @@ def set_group_timeouts(groups: list, seconds: float) -> None:
 
 
 __all__ += ["set_group_timeouts"]
+
+
+# --- symbolic shapes --------------------------------------------------------------------------------
+
+
+def known_equal(a, b) -> bool:
+    """`a == b` for ints or SymInts, True only where it holds for every value of the symbols (adds no guard)."""
+    from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+    return bool(statically_known_true(a == b))
+
+
+__all__ += ["known_equal"]

@@ -6,6 +6,7 @@
     check_collective_order  every rank of a layout issues matching collectives, no processes
     compiled_module         the module the torch.compile backend built for a model
     moe_losses              the last forward's MoE losses of a module
+    set_moe_loss_scale      the weight of the MoE losses in the backward (1 / N for loss / N accumulation)
 
 The doors only orchestrate: capture and passes live in tedfx.pipeline, the
 per-rank executor in tedfx.runtime, predictions in tedfx.predict, the
@@ -26,13 +27,14 @@ from .check import check_layout, check_live_ranks
 from .collectives import CommCall
 from .config import MoEConfig, ParallelConfig
 from .graph_summary import summarize_graph
-from .moe.routing import moe_losses
+from .moe.routing import MoELossScaleWarning, moe_losses, set_moe_loss_scale
 from .predict import build_report
 from .report import Report
 from .runtime.executor import ParallelModule, check_same_weights
 from .runtime.mesh import Layout, TedMesh
 
-__all__ = ["check_collective_order", "compiled_module", "explain", "moe_losses", "parallelize", "to_moe"]
+__all__ = ["MoELossScaleWarning", "check_collective_order", "compiled_module", "explain", "moe_losses", "parallelize",
+           "set_moe_loss_scale", "to_moe"]
 
 
 def to_moe(
@@ -64,6 +66,10 @@ def to_moe(
         >>> moe_model = tedfx.to_moe(model, (tokens,), moe=tedfx.MoEConfig(num_experts=8, top_k=2))
         >>> loss = F.cross_entropy(moe_model(tokens).flatten(0, 1), targets.flatten())
         >>> loss.backward()  # the MoE aux and z losses are included
+
+        With gradient accumulation, `(loss / N).backward()` per micro-batch, call
+        `tedfx.set_moe_loss_scale(moe_model, 1 / N)` once: the MoE losses enter each
+        backward with that weight (tedfx warns when it sees accumulation without it).
     """
     gm, ctx = pipeline.build_moe_graph(model, example_inputs, moe=moe, example_kwargs=example_kwargs, debug=debug)
     if debug:

@@ -126,6 +126,7 @@ def _export(model: nn.Module, example_inputs: tuple, example_kwargs: dict, dynam
         if hasattr(exported, name):
             setattr(gm, name, getattr(exported, name))
     _restore_non_persistent_buffers(gm, model)
+    gm.meta["tedfx_model"] = type(model).__name__  # for messages: a deep copy renames the class GraphModule
     gm.meta["tedfx_input_dims"] = _input_dims(gm.graph)
     gm.meta["tedfx_dynamic"] = dynamic_used
     gm.register_forward_pre_hook(_check_input_shapes, with_kwargs=True)

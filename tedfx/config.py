@@ -132,7 +132,11 @@ class ParallelConfig:
     cac: bool = True
     """Communication-aware activation checkpointing: recomputation reuses saved all-to-all outputs."""
     activation_checkpointing: Literal["none", "block", "moe"] = "none"
-    """Recompute activations per transformer block, per MoE layer, or not at all."""
+    """Recompute activations per transformer block, per MoE layer, or not at all. "block" finds the blocks from
+    the graph (each ends at its FFN's residual add), whatever module holds them; `checkpoint_blocks` names them."""
+    checkpoint_blocks: tuple[str, ...] = ()
+    """With activation_checkpointing="block": the module paths of the blocks, one region each, as patterns where
+    "*" matches one path component (e.g. ("h.*",) or ("model.layers.*",)). Empty: found from the graph."""
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     """Compute precision of the ranks' graphs (only "fp32" runs today; others raise in parallelize)."""
     zero: bool = False
@@ -152,6 +156,13 @@ class ParallelConfig:
             _fail(cls, "data", self.data, "None or an int >= 1")
         if self.activation_checkpointing not in ("none", "block", "moe"):
             _fail(cls, "activation_checkpointing", self.activation_checkpointing, '"none", "block" or "moe"')
+        blocks = self.checkpoint_blocks
+        if isinstance(blocks, str) or not all(isinstance(b, str) and b for b in blocks):
+            _fail(cls, "checkpoint_blocks", blocks, 'a tuple of module-path patterns, e.g. ("h.*",)')
+        object.__setattr__(self, "checkpoint_blocks", tuple(blocks))
+        if blocks and self.activation_checkpointing != "block":
+            _fail(cls, "checkpoint_blocks", blocks, f'() unless activation_checkpointing="block" (it is '
+                                                    f'{self.activation_checkpointing!r}, which would ignore them)')
         if self.precision not in ("fp32", "bf16", "fp16"):
             _fail(cls, "precision", self.precision, '"fp32", "bf16" or "fp16"')
         if not self.timeout > 0:

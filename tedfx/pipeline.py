@@ -58,7 +58,8 @@ def parallel_passes(parallel: ParallelConfig) -> list[Pass]:
     if parallel.dtd and T > 1 and X > 1:
         passes.append(drop_duplicate_tokens_pass)
     if parallel.activation_checkpointing != "none":
-        passes.append(functools.partial(activation_checkpoint_pass, mode=parallel.activation_checkpointing))
+        passes.append(functools.partial(activation_checkpoint_pass, mode=parallel.activation_checkpointing,
+                                        blocks=parallel.checkpoint_blocks))
         if parallel.cac:
             passes.append(cache_all_to_all_pass)
         passes.append(outline_regions_pass)

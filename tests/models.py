@@ -17,7 +17,7 @@ from tedfx.models.nanogpt import GPT, GPTConfig
 
 __all__ = [
     "VOCAB", "HIDDEN", "tiny_gpt", "tiny_gpt2", "tiny_llama", "tiny_bert", "tiny_opt",
-    "tiny_attention_only", "tiny_mlp_with_dropout",
+    "tiny_attention_only", "tiny_mlp_with_dropout", "BLOCK_STRUCTURES", "tiny_blocks",
 ]
 
 VOCAB = 100
@@ -174,3 +174,136 @@ def patch_capture(setattr_fn) -> None:
     for module in list(sys.modules.values()):
         if getattr(module, "__name__", "").startswith("tedfx") and getattr(module, "capture", None) is real:
             setattr_fn(module, "capture", cached)
+
+
+# --- four ways to hold transformer blocks (activation checkpointing must find one region per block) ------------
+
+
+def _gpt_cfg(**kwargs):
+    from tedfx.models.nanogpt import GPTConfig
+
+    return GPTConfig(vocab_size=VOCAB, block_size=32, n_layer=LAYERS, n_head=HEADS, n_embd=HIDDEN, **kwargs)
+
+
+class _Embed(nn.Module):
+    """Token + position embedding, as nanoGPT adds them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.wte = nn.Embedding(VOCAB, HIDDEN)
+        self.wpe = nn.Embedding(32, HIDDEN)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.wte(idx) + self.wpe(torch.arange(idx.shape[1], device=idx.device))
+
+
+class _DictBlocks(nn.Module):
+    """Blocks in an nn.ModuleDict whose own forward is never called: the parent runs attn and mlp itself."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from tedfx.models.nanogpt import Block
+
+        cfg = _gpt_cfg()
+        self.embed = _Embed()
+        self.blocks = nn.ModuleDict({f"layer{i}": Block(cfg) for i in range(LAYERS)})
+        self.ln_f = nn.LayerNorm(HIDDEN)
+        self.head = nn.Linear(HIDDEN, VOCAB, bias=False)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        x = self.embed(idx)
+        for name in self.blocks:
+            block = self.blocks[name]
+            x = x + block.attn(block.ln_1(x))
+            x = x + block.mlp(block.ln_2(x))
+        return self.head(self.ln_f(x))
+
+
+class _NestedFFNBlock(nn.Module):
+    """The FFN two modules down: block.ffn (norm + residual) -> ffn.inner (the MLP)."""
+
+    class FFN(nn.Module):
+        def __init__(self, cfg) -> None:
+            super().__init__()
+            from tedfx.models.nanogpt import MLP
+
+            self.norm = nn.LayerNorm(HIDDEN)
+            self.inner = MLP(cfg)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x + self.inner(self.norm(x))
+
+    def __init__(self, cfg) -> None:
+        super().__init__()
+        from tedfx.models.nanogpt import CausalSelfAttention
+
+        self.ln = nn.LayerNorm(HIDDEN)
+        self.attn = CausalSelfAttention(cfg)
+        self.ffn = self.FFN(cfg)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.ffn(x + self.attn(self.ln(x)))
+
+
+class _NestedFFN(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        cfg = _gpt_cfg()
+        self.embed = _Embed()
+        self.layers = nn.ModuleList(_NestedFFNBlock(cfg) for _ in range(LAYERS))
+        self.head = nn.Linear(HIDDEN, VOCAB, bias=False)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        x = self.embed(idx)
+        for layer in self.layers:
+            x = layer(x)
+        return self.head(x)
+
+
+class _FlatBlock(nn.Module):
+    """A block with its FFN projections directly on it (as OPT's decoder layer holds fc1 and fc2)."""
+
+    def __init__(self, cfg) -> None:
+        super().__init__()
+        from tedfx.models.nanogpt import CausalSelfAttention
+
+        self.ln_1 = nn.LayerNorm(HIDDEN)
+        self.attn = CausalSelfAttention(cfg)
+        self.ln_2 = nn.LayerNorm(HIDDEN)
+        self.fc1 = nn.Linear(HIDDEN, 4 * HIDDEN)
+        self.fc2 = nn.Linear(4 * HIDDEN, HIDDEN)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x))
+        return x + self.fc2(nn.functional.gelu(self.fc1(self.ln_2(x))))
+
+
+class _SequentialBlocks(nn.Module):
+    """Named blocks in one nn.Sequential, called once: `self.blocks(x)`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from collections import OrderedDict
+
+        cfg = _gpt_cfg()
+        self.embed = _Embed()
+        self.blocks = nn.Sequential(OrderedDict((f"block_{i}", _FlatBlock(cfg)) for i in range(LAYERS)))
+        self.head = nn.Linear(HIDDEN, VOCAB, bias=False)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.head(self.blocks(self.embed(idx)))
+
+
+BLOCK_STRUCTURES = {
+    "module_list": lambda: tiny_gpt()[0],
+    "module_dict": _DictBlocks,
+    "nested_ffn": _NestedFFN,
+    "sequential": _SequentialBlocks,
+}
+"""A 2-layer GPT (attention + FFN per block, hidden 32, 4 heads) in four module structures."""
+
+
+def tiny_blocks(structure: str) -> tuple[nn.Module, tuple[torch.Tensor]]:
+    """One of BLOCK_STRUCTURES, seeded, with example tokens [2, 8]."""
+    torch.manual_seed(0)
+    return BLOCK_STRUCTURES[structure](), (_tokens(),)

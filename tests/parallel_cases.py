@@ -10,7 +10,11 @@ Parity cases follow the parity oracle (docs/architecture.md, "Tests"): the rank'
 forward, the loss of every step and the full state dict after a few AdamW steps.
 The reference accumulates one backward per token group and averages, which is
 what DDP semantics over the X * D token groups mean (the MoE aux loss enters each
-group's backward with weight 1).
+group's backward with weight 1: its MoE loss scale is set to 1.0, the sum).
+
+Loss-scale cases train with gradient accumulation, `loss / M` over M micro-batches and
+`tedfx.set_moe_loss_scale(pm, 1 / M)`, against the objective written out in
+tests/moe_reference.py over all X * D * M token groups of the step.
 
 Error cases expect a ValueError raised on every rank before any rank can hang;
 they return its message. A parity case whose `parallelize` refuses the layout (its
@@ -34,12 +38,14 @@ from tedfx.api import parallelize
 from tedfx.check import CollectiveOrderError
 from tedfx.moe.experts import ExpertWeights
 from tedfx.moe.routing import Router
+from tedfx.passes.checkpoint import CheckpointRegion
 from tedfx.pipeline import build_moe_graph
 from tedfx.predict import predict_rank
 
-from models import VOCAB, patch_capture, tiny_gpt, tiny_gpt2, tiny_llama
+from models import VOCAB, patch_capture, tiny_blocks, tiny_gpt, tiny_gpt2, tiny_llama
+from moe_reference import reference_grads
 
-__all__ = ["Case", "ErrorCase", "run_cases"]
+__all__ = ["Case", "ErrorCase", "LossScaleCase", "run_cases"]
 
 BATCH, SEQ = 2, 8
 STEPS = 3
@@ -61,7 +67,8 @@ class Case:
     """One parity case: a model and MoE routing on layout (T, X); D is the world size / (T * X)."""
 
     model: str
-    """"gpt" (tests/models.tiny_gpt), "gpt2" or "llama" (HF, dropout off)."""
+    """"gpt" (tests/models.tiny_gpt), "gpt2" or "llama" (HF, dropout off), "dict_blocks" (a GPT whose blocks
+    sit in a ModuleDict driven by the parent's forward: activation checkpointing must find them from the graph)."""
     tensor: int
     expert: int
     top_k: int = 1
@@ -93,6 +100,25 @@ class Case:
     def moe(self) -> tedfx.MoEConfig:
         return tedfx.MoEConfig(num_experts=self.num_experts, top_k=self.top_k, capacity_factor=1.0,
                                min_capacity=1, drop_tokens=not self.dropless)
+
+
+@dataclass(frozen=True)
+class LossScaleCase:
+    """Gradient accumulation on layout (T, X): `loss / micro` per micro-batch with the MoE loss scale 1 / micro."""
+
+    tensor: int
+    expert: int
+    micro: int = 4
+    checkpointing: str = "block"
+    """Recomputed regions run the router again: the scale must reach the backward through them too."""
+
+    @property
+    def name(self) -> str:
+        return f"loss-scale-T{self.tensor}X{self.expert}-M{self.micro}-ckpt{self.checkpointing}"
+
+    def moe(self) -> tedfx.MoEConfig:
+        return tedfx.MoEConfig(num_experts=4, top_k=2, capacity_factor=1.0, min_capacity=1, aux_loss_coef=0.1,
+                               z_loss_coef=0.01)
 
 
 @dataclass(frozen=True)
@@ -130,6 +156,7 @@ BUILDERS: dict[str, Callable[[], nn.Module]] = {
     "gpt2": lambda: _no_dropout(tiny_gpt2()[0]),
     "llama": lambda: tiny_llama()[0],
     "llama_kv1": lambda: tiny_llama(kv_heads=1)[0],
+    "dict_blocks": lambda: tiny_blocks("module_dict")[0],
 }
 TP_SHARDED = {
     # Non-expert weights that Megatron tensor parallelism must split when T > 1 (one per layer).
@@ -139,6 +166,7 @@ TP_SHARDED = {
               "self_attn.o_proj.weight"),
     # One KV head does not divide by T: k and v stay replicated, each rank narrows them to its query heads.
     "llama_kv1": ("self_attn.q_proj.weight", "self_attn.o_proj.weight"),
+    "dict_blocks": ("attn.c_attn.weight", "attn.c_proj.weight"),
 }
 _models: dict[str, nn.Module] = {}
 
@@ -211,11 +239,15 @@ def _parity(case: Case) -> dict[str, Any]:
         # parallelize's checks raise on every rank alike, so the launch can go on to the next case.
         return {"name": case.name, "rank": dist.get_rank(), "parallelize_error": f"{type(e).__name__}: {e}"}
     ref = tedfx.to_moe(model, (tokens[0],), moe=moe)
+    tedfx.set_moe_loss_scale(ref, 1.0)  # one backward per token group, summed, then averaged below
     c = pm.mesh.coords
     group = c["edp"] * X + c["ep"]  # this rank's token group; the T ranks of a tensor group share it
     result: dict[str, Any] = {"name": case.name, "rank": dist.get_rank(), "parallelize_error": None,
                               "coords": dict(c), "layout": (T, X, pm.mesh.layout.data), "group": group}
     result.update(_param_bytes(pm, ref, case))
+    result["checkpoint_regions"] = [n.target for n in pm.graph.graph.nodes
+                                    if n.op == "call_module" and isinstance(pm.graph.get_submodule(n.target),
+                                                                            CheckpointRegion)]
 
     # Step 0 forward, no grad: the same logits on the rank's micro-batch.
     counter = _DropCounter(pm.graph)
@@ -362,6 +394,39 @@ def _param_bytes(pm, ref: nn.Module, case: Case) -> dict[str, Any]:
             "bytes_wrong": wrong, "missing_tp_shards": missing_tp}
 
 
+# --- MoE loss scale --------------------------------------------------------------------------------
+
+
+def _loss_scale(case: LossScaleCase) -> dict[str, Any]:
+    """One step of `case.micro` micro-batches per token group; gradients against the written-out objective."""
+    import warnings
+
+    world = dist.get_world_size()
+    M = case.micro
+    n_groups = world // case.tensor
+    tokens, targets = _batches(n_groups * M)  # micro-batch m of token group g: index m * n_groups + g
+    moe = case.moe()
+    parallel = tedfx.ParallelConfig(tensor=case.tensor, expert=case.expert, activation_checkpointing=case.checkpointing,
+                                    timeout=TIMEOUT_S)
+    pm = parallelize(_model("gpt"), (tokens[0],), moe=moe, parallel=parallel)
+    c = pm.mesh.coords
+    group = c["edp"] * case.expert + c["ep"]
+    tedfx.set_moe_loss_scale(pm, 1 / M)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", tedfx.MoELossScaleWarning)
+        for m in range(M):
+            i = m * n_groups + group
+            (_loss(pm, tokens[i], targets[i]) / M).backward()
+    grads = _full_grads(pm)
+    expected = reference_grads(_model("gpt"), list(zip(tokens, targets)), moe)
+    without = reference_grads(_model("gpt"), list(zip(tokens, targets)), moe, aux_weight=0.0, z_weight=0.0)
+    errs, mismatch = _compare(grads, expected, GRAD_TOL)
+    router = next(n for n in expected if n.endswith("router.weight"))
+    return {"name": case.name, "rank": dist.get_rank(), "grad_err": max(errs.values(), default=0.0),
+            "grad_mismatch": mismatch, "warnings": [str(w.message) for w in caught],
+            "router_moe_loss_share": _max_abs(expected[router], without[router]) / float(expected[router].abs().max())}
+
+
 # --- errors ------------------------------------------------------------------------------------------
 
 
@@ -408,7 +473,12 @@ def run_cases(cases: list[Case | ErrorCase]) -> list[dict[str, Any]]:
     for case in cases:
         start = time.perf_counter()
         try:
-            result = _error(case) if isinstance(case, ErrorCase) else _parity(case)
+            if isinstance(case, ErrorCase):
+                result = _error(case)
+            elif isinstance(case, LossScaleCase):
+                result = _loss_scale(case)
+            else:
+                result = _parity(case)
         except Exception as e:
             e.add_note(f"in case {case.name}")
             raise
@@ -442,6 +512,8 @@ def run_accumulation() -> float:
     moe = tedfx.MoEConfig(num_experts=4, top_k=2, capacity_factor=1.0, min_capacity=1)
     pm = parallelize(_model("gpt"), (tokens[0],), moe=moe, parallel=tedfx.ParallelConfig(expert=2))
     ref = tedfx.to_moe(_model("gpt"), (tokens[0],), moe=moe)
+    for module in (pm, ref):
+        tedfx.set_moe_loss_scale(module, 1.0)  # the two backwards are summed, not averaged
     group = pm.mesh.coords["ep"]
     for micro in range(2):
         _loss(pm, tokens[2 * micro + group], targets[2 * micro + group]).backward()

@@ -23,7 +23,7 @@ import pytest
 
 from tedfx.runtime import launch
 
-from parallel_cases import Case, ErrorCase, run_cases
+from parallel_cases import Case, ErrorCase, LossScaleCase, run_cases
 
 LAUNCH_TIMEOUT_S = 60
 """Seconds a collective may block (and stragglers may lag) before the launch fails instead of hanging."""
@@ -49,7 +49,7 @@ def _hf_cases(T: int, X: int) -> list[Case]:
     return [Case("gpt2", T, X, top_k=2), Case("llama", T, X, top_k=1), Case("llama", T, X, top_k=2, dropless=True)]
 
 
-WORLD_CASES: dict[int, list[Case | ErrorCase]] = {
+WORLD_CASES: dict[int, list[Case | ErrorCase | LossScaleCase]] = {
     2: [
         *_gpt_cases([(2, 1), (1, 2)]),
         ErrorCase("experts_do_not_divide", expert=2),
@@ -60,6 +60,8 @@ WORLD_CASES: dict[int, list[Case | ErrorCase]] = {
         *_comm_cases(2, 2),
         *_hf_cases(2, 2),
         Case("llama_kv1", 2, 2, top_k=2),
+        Case("dict_blocks", 2, 2, top_k=2, checkpointing="block"),
+        LossScaleCase(2, 2),
         ErrorCase("tensor_does_not_divide_world", tensor=3),
         ErrorCase("different_input_shapes", tensor=2),
         ErrorCase("different_rng", tensor=2),
@@ -263,6 +265,28 @@ def test_cac_issues_4_all_to_alls_per_moe_layer_instead_of_6(request, world, T, 
         for r in _results(request, world, cases[cac]):
             calls = sum(c for (kind, axis, _), (c, _) in _by_key(r["step_comm"]).items() if kind == "all_to_all")
             assert calls == expected * layers, f"rank {r['rank']} cac={cac}: {calls} all-to-alls per step"
+
+
+def test_checkpoint_regions_of_module_dict_blocks(request):
+    """The ModuleDict model's blocks are found from the graph: its parity case above ran them checkpointed
+    (CAC cuts each of the 2 blocks' regions around its 2 all-to-alls: 3 pieces each), and each MoE layer
+    sends its 2 forward all-to-alls and their 2 backward partners, no more."""
+    for r in _results(request, 4, Case("dict_blocks", 2, 2, top_k=2, checkpointing="block")):
+        assert len(r["checkpoint_regions"]) == 3 * 2, f"rank {r['rank']}: regions {r['checkpoint_regions']}"
+        calls = sum(c for (kind, _, _), (c, _) in _by_key(r["step_comm"]).items() if kind == "all_to_all")
+        assert calls == 4 * 2, f"rank {r['rank']}: {calls} all-to-alls per step"
+
+
+def test_moe_loss_scale_with_accumulation_equals_the_step_objective(request):
+    """T=2, X=2, checkpointed: `loss / 4` over 4 micro-batches per token group with set_moe_loss_scale(pm, 1 / 4)
+    gives the gradient of the mean over all 8 token groups of (task loss + MoE losses) (tests/moe_reference.py)."""
+    case = LossScaleCase(2, 2)
+    ranks = request.getfixturevalue("world_4")[case.name]
+    for r in ranks:
+        assert not r["grad_mismatch"], f"rank {r['rank']}: " + "\n".join(
+            f"{key}: {msg}" for key, msg in r["grad_mismatch"].items())
+        assert r["warnings"] == [], f"rank {r['rank']}: {r['warnings']}"
+        assert r["router_moe_loss_share"] > 1e-2, "the MoE losses hardly move the router: the case tests nothing"
 
 
 # --- bad input -------------------------------------------------------------------------------------------

@@ -182,9 +182,11 @@ def experts_out(y_EGCH: torch.Tensor, groups: int) -> torch.Tensor:
 class _AuxLossScaler(torch.autograd.Function):
     """Identity on y whose backward also sends gradient 1 into the MoE loss.
 
-    The loss is already weighted by its coefficients, so the backward behaves
-    as if the user's loss were `loss + aux_coef * aux + z_coef * z`, without
-    the model's outputs changing.
+    The loss arrives weighted by its coefficients and by the MoE loss scale
+    (routing.set_moe_loss_scale: 1 / N for `loss / N` gradient accumulation),
+    so the backward behaves as if the user's loss were
+    `scale * (loss + aux_coef * aux + z_coef * z)` for the user's weight `scale`
+    of this forward's loss, without the model's outputs changing.
     """
 
     @staticmethod
@@ -199,7 +201,7 @@ class _AuxLossScaler(torch.autograd.Function):
 
 
 def attach_aux_loss(y: torch.Tensor, loss: torch.Tensor) -> torch.Tensor:
-    """Return y unchanged; backward through y also backpropagates `loss`."""
+    """Return y unchanged; a backward through y also backpropagates `loss` (already scaled by the router)."""
     if not loss.requires_grad:
         return y
     return _AuxLossScaler.apply(y, loss)

@@ -11,6 +11,13 @@ In order (docs/moe.md, "Routing"):
    choices ("position"). Kept assignments get slots 0..C-1 in that order.
 4. Aux loss = E * sum_e f_e * p_e (f from first choices before dropping,
    p the mean probability); z-loss = mean(logsumexp(logits)^2).
+5. The weighted MoE loss (aux_loss_coef * aux + z_loss_coef * z) enters the
+   backward through the block's output (ops.attach_aux_loss), multiplied by
+   the MoE loss scale (`set_moe_loss_scale`): the weight the user's backward
+   gives one forward's loss. The objective is then the user's loss plus the
+   MoE losses of every forward (token group) with the same weight; a loop that
+   backpropagates `loss / N` over N micro-batches sets the scale to 1 / N
+   (docs/moe.md, "MoE losses").
 
 Noise is drawn from a generator seeded by (seed, layer, call count), so every
 tensor rank of a token group draws the same numbers: DTD stays exact.
@@ -19,6 +26,7 @@ tensor rank of a token group draws the same numbers: DTD stays exact.
 from __future__ import annotations
 
 import hashlib
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -28,7 +36,8 @@ from torch import nn
 from .._compat import in_backward_pass
 from ..config import MoEConfig
 
-__all__ = ["RoutePlan", "Router", "assign_slots", "moe_losses", "route", "router_losses"]
+__all__ = ["MoELossScaleWarning", "RoutePlan", "Router", "assign_slots", "moe_losses", "route", "router_losses",
+           "set_moe_loss_scale"]
 
 
 @dataclass(frozen=True)
@@ -118,11 +127,26 @@ def route(
     return RoutePlan(expert_SK, slot_SK, gate_SK, capacity, probs_SE)
 
 
+class MoELossScaleWarning(UserWarning):
+    """The MoE losses may weigh N times too much: a backward ran on top of an earlier one (see the message)."""
+
+
+ACCUMULATION_WARNING = (
+    "tedfx: a backward reached the MoE losses while the router weights already held a gradient (gradient "
+    "accumulation, or zero_grad(set_to_none=False)), and the MoE loss scale was never set. The MoE aux and z "
+    "losses enter every backward with weight 1.0, so if your loop backpropagates loss / N over N micro-batches "
+    "they weigh N times too much. Call tedfx.set_moe_loss_scale(model, 1 / N) once (with a loss scaler: "
+    "scaler.get_scale() / N each step), or tedfx.set_moe_loss_scale(model, 1.0) if you sum the micro-batch "
+    "losses; either silences this warning."
+)
+
+
 class Router(nn.Module):
     """The MoE block's gate: a bias-free fp32 linear H -> E plus the routing rules.
 
     State-dict key: `<ffn_path>.router.weight` [E, H]. After each forward,
-    `last_losses` holds the block's unweighted aux and z losses.
+    `last_losses` holds the block's unweighted aux and z losses. The weighted
+    loss it returns carries `loss_scale` (set_moe_loss_scale) into the backward.
     """
 
     def __init__(self, hidden_dim: int, moe: MoEConfig, layer: int) -> None:
@@ -132,6 +156,9 @@ class Router(nn.Module):
         self.weight = nn.Parameter(torch.empty(moe.num_experts, hidden_dim))
         self.calls = 0
         self.last_losses: dict[str, torch.Tensor] = {}
+        self.loss_scale: float | torch.Tensor | None = None
+        """Weight of this block's MoE loss in the backward (set_moe_loss_scale); None: 1.0, never set."""
+        self._warned = False
 
     def reset_parameters(self, generator: torch.Generator) -> None:
         with torch.no_grad():
@@ -172,11 +199,24 @@ class Router(nn.Module):
         aux, z = router_losses(logits_SE, plan.probs_SE, plan.expert_SK)
         self.last_losses = {"aux_loss": aux.detach(), "z_loss": z.detach()}
         loss = moe.aux_loss_coef * aux + moe.z_loss_coef * z
+        if self.loss_scale is not None:
+            loss = loss * self.loss_scale
+        elif loss.requires_grad and not self._warned and not torch.compiler.is_compiling() \
+                and not in_backward_pass():  # a recomputed loss gets no gradient of its own
+            loss.register_hook(self._check_accumulation)
         return plan.expert_SK, plan.slot_SK, plan.gate_SK, plan.capacity, loss
+
+    def _check_accumulation(self, grad: torch.Tensor) -> None:
+        """In the backward, before this one adds to it: a gradient already there means an earlier backward
+        since the last zero_grad, i.e. gradient accumulation, whose loop tedfx cannot see."""
+        if self.weight.grad is not None and self.loss_scale is None and not self._warned:
+            self._warned = True
+            warnings.warn(ACCUMULATION_WARNING, MoELossScaleWarning, stacklevel=2)
 
 
 def moe_losses(module: nn.Module) -> dict[str, float]:
-    """The last forward's MoE losses of `module`, unweighted and summed over its MoE blocks.
+    """The last forward's MoE losses of `module`, unweighted (no coefficient, no loss scale), summed over its
+    MoE blocks: for logging. The backward already includes them (set_moe_loss_scale says with what weight).
 
     Returns:
         {"aux_loss": ..., "z_loss": ..., "blocks": number of MoE blocks}
@@ -188,3 +228,56 @@ def moe_losses(module: nn.Module) -> dict[str, float]:
             totals[key] += float(value)
     totals["blocks"] = len(routers)
     return totals
+
+
+def set_moe_loss_scale(module: nn.Module, scale: float | torch.Tensor) -> int:
+    """Weigh the MoE losses of every later forward of `module` by `scale` in the backward.
+
+    tedfx adds each MoE block's `aux_loss_coef * aux + z_loss_coef * z` to the backward of
+    the forward that computed it, without changing the model's outputs (as Megatron's
+    aux-loss scaler does). tedfx cannot see how your loop weighs one forward's loss, so
+    tell it: the objective it trains is then, for every forward m, the weight you give
+    loss_m times (loss_m + MoE losses_m).
+
+    - one backward per step, `loss.backward()`: 1.0 (the default; nothing to call);
+    - gradient accumulation, `(loss / N).backward()` per micro-batch: 1 / N;
+    - a loss scaler, `scaler.scale(loss / N).backward()`: `scaler.get_scale() / N`, set
+      before each step's forwards (a 0-dim tensor is read without a host sync);
+    - micro-batch losses summed, `loss.backward()` N times: 1.0.
+
+    Until it is called, tedfx warns (MoELossScaleWarning) when it sees gradient
+    accumulation, since with `loss / N` the MoE losses would weigh N times too much.
+    Data parallelism needs nothing: every rank's gradients, MoE losses included, are averaged.
+
+    Args:
+        module: a module holding MoE blocks: `tedfx.to_moe`'s result, a ParallelModule,
+            `tedfx.compiled_module(model)`.
+        scale: a float > 0, or a 0-dim tensor.
+
+    Returns:
+        The number of MoE blocks scaled.
+
+    Raises:
+        ValueError: `module` holds no MoE block (nothing would be scaled), or `scale` is not > 0.
+
+    Example:
+        >>> tedfx.set_moe_loss_scale(moe_model, 1 / accumulation_steps)
+        >>> for x, y in micro_batches:
+        ...     (F.cross_entropy(moe_model(x).flatten(0, 1), y.flatten()) / accumulation_steps).backward()
+    """
+    routers = [m for m in module.modules() if isinstance(m, Router)]
+    if not routers:
+        raise ValueError(f"set_moe_loss_scale: {type(module).__name__} holds no MoE block (no tedfx Router), so "
+                         f"there is no MoE loss to scale; pass the module tedfx.to_moe or tedfx.parallelize "
+                         f"returned (or tedfx.compiled_module(model)).")
+    if isinstance(scale, torch.Tensor):
+        if scale.dim() != 0 or not scale.is_floating_point():
+            raise ValueError(f"set_moe_loss_scale: scale must be a float or a 0-dim float tensor, got a "
+                             f"{scale.dtype} tensor of shape {tuple(scale.shape)}.")
+        scale = scale.detach()
+    elif not (isinstance(scale, (int, float)) and scale > 0):
+        raise ValueError(f"set_moe_loss_scale: scale={scale!r} is invalid: expected a number > 0 (1 / N for "
+                         f"loss / N over N micro-batches).")
+    for r in routers:
+        r.loss_scale = scale if isinstance(scale, torch.Tensor) else float(scale)
+    return len(routers)

@@ -14,14 +14,26 @@ Three passes, in order (docs/parallelism.md, "Activation checkpointing and CAC")
    through `torch.utils.checkpoint` (non-reentrant, RNG state preserved, so
    dropout draws the same masks when recomputed).
 
+Transformer blocks are found from the graph, not from module paths, because
+models hold their blocks in every way (ModuleList, ModuleDict driven by the
+parent's forward, Sequential, FFNs nested in wrappers). A block ends at its
+FFN's exit residual: the `add` that puts the FFN's output back on the residual
+stream. Block k spans the nodes after block k-1's end up to its own end that
+depend on block k-1's end; block 0 starts where the residual stream enters the
+first block (walking back from its end through the residual adds). Nodes in
+that span that do not depend on the stream (masks, rotary tables, positions)
+move before the block, so each block is one contiguous region.
+`ParallelConfig.checkpoint_blocks` names the blocks by module path instead.
+
 The outlined GraphModules share the parameters of the rank's graph (same
 Parameter objects); the rank's state dict and parameters do not change.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import operator
-from typing import Literal
+from typing import Literal, Sequence
 
 import torch
 import torch.fx as fx
@@ -29,34 +41,254 @@ import torch.utils.checkpoint
 from torch import nn
 
 from .. import collectives
+from .._compat import known_equal
 from ..capture import TedGraphModule
 from .context import PassContext
-from .graph import MOE_META, REGION_META
+from .graph import FFN_EXIT_META, MOE_META, REGION_META
 from .runner import requires
 
-__all__ = ["CheckpointRegion", "activation_checkpoint_pass", "cache_all_to_all_pass", "outline_regions_pass"]
+__all__ = ["CheckpointRegion", "NoCheckpointRegionError", "activation_checkpoint_pass", "cache_all_to_all_pass",
+           "outline_regions_pass"]
+
+aten = torch.ops.aten
+_CALLS = ("call_function", "call_module", "call_method")
+_MAX_HOPS = 8
+"""Longest chain of one-input ops walked between an FFN's exit and its residual add (dropout, all-reduce, scale)."""
+
+
+class NoCheckpointRegionError(ValueError):
+    """Activation checkpointing was asked for, but the graph gives no region to checkpoint."""
 
 
 @requires("ffn_to_moe")
-def activation_checkpoint_pass(gm: fx.GraphModule, *, ctx: PassContext,
-                               mode: Literal["block", "moe"] = "block") -> fx.GraphModule:
-    """Mark the nodes of each transformer block (mode "block") or MoE block ("moe") as one checkpointed region."""
+def activation_checkpoint_pass(gm: fx.GraphModule, *, ctx: PassContext, mode: Literal["block", "moe"] = "block",
+                               blocks: Sequence[str] = ()) -> fx.GraphModule:
+    """Mark the nodes of each transformer block (mode "block") or MoE block ("moe") as one checkpointed region.
+
+    Args:
+        gm: an MoE graph (ffn_to_moe has marked every FFN's exit), possibly sharded.
+        ctx: the pass context; `records.ffns` says which FFN exits the graph must still mark.
+        mode: "block", one region per transformer block; "moe", one per MoE block.
+        blocks: with mode "block", module-path patterns of the blocks (`ParallelConfig.checkpoint_blocks`);
+            empty: found from the graph's structure (module docstring).
+
+    Raises:
+        NoCheckpointRegionError: no region found, naming the model and what to set instead.
+    """
     if mode == "moe":
-        for node in gm.graph.nodes:
-            tag = node.meta.get(MOE_META)
-            if tag is not None and node.op in ("call_function", "call_module"):
-                node.meta[REGION_META] = f"moe:{tag.path}"
-        return gm
-    ffn_paths = [r.path for r in ctx.records.moe_blocks] + [f.path for f in ctx.records.ffns]
-    blocks = sorted({_block_path(p) for p in ffn_paths}, key=len, reverse=True)
-    for node in gm.graph.nodes:
-        if node.op not in ("call_function", "call_module"):
-            continue
-        paths = {path for path, _ in (node.meta.get("nn_module_stack") or {}).values()}
-        block = next((b for b in blocks if b in paths), None)
-        if block is not None:
-            node.meta[REGION_META] = f"block:{block}"
+        regions = _moe_regions(gm)
+    elif blocks:
+        regions = _named_regions(gm, tuple(blocks))
+    else:
+        regions = _structural_regions(gm, [f.path for f in ctx.records.ffns])
+    for name, nodes in regions.items():
+        for node in nodes:
+            node.meta[REGION_META] = name
     return gm
+
+
+def _model_name(gm: fx.GraphModule) -> str:
+    return gm.meta.get("tedfx_model", type(gm).__name__)
+
+
+def _moe_regions(gm: fx.GraphModule) -> dict[str, list[fx.Node]]:
+    regions: dict[str, list[fx.Node]] = {}
+    for node in gm.graph.nodes:
+        tag = node.meta.get(MOE_META)
+        if tag is not None and node.op in _CALLS:
+            regions.setdefault(f"moe:{tag.path}", []).append(node)
+    if not regions:
+        raise NoCheckpointRegionError(
+            f"activation_checkpointing='moe' found no MoE block in the graph of {_model_name(gm)}: nothing would be "
+            f"recomputed. Convert at least one FFN (MoEConfig.layers) or set activation_checkpointing='none'.")
+    return regions
+
+
+# --- blocks from the graph's structure ------------------------------------------------------------------
+
+
+def _structural_regions(gm: fx.GraphModule, ffn_paths: list[str]) -> dict[str, list[fx.Node]]:
+    """One region per FFN: from the previous FFN's exit residual (or the stream's entry) to its own."""
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    exits = [n for n in gm.graph.nodes if FFN_EXIT_META in n.meta]
+    unmarked = sorted(set(ffn_paths) - {e.meta[FFN_EXIT_META] for e in exits})
+    if not exits or unmarked:
+        # Two blocks would silently merge into one region: a rewrite lost the mark (graph.FFN_EXIT_META).
+        raise _no_block_error(gm, f"the exits of the FFNs {unmarked or ffn_paths} are not marked in the graph")
+    ends = [_exit_residual(e) for e in exits]
+    start = _stream_entry(ends[0], order)
+    regions: dict[str, list[fx.Node]] = {}
+    for k, (exit_, end) in enumerate(zip(exits, ends)):
+        if k and order[exit_] <= order[ends[k - 1]]:
+            raise _no_block_error(
+                gm, f"FFN {exit_.meta[FFN_EXIT_META]!r} runs before the residual add of FFN "
+                    f"{exits[k - 1].meta[FFN_EXIT_META]!r} ({ends[k - 1].name}), so no boundary separates them")
+        nodes = _stream_span(start, end)
+        if exit_ not in nodes:
+            raise _no_block_error(gm, f"FFN {exit_.meta[FFN_EXIT_META]!r} does not depend on the residual stream "
+                                      f"that enters its block ({start.name if start is not None else 'the inputs'})")
+        regions[f"block:{exit_.meta[FFN_EXIT_META]}"] = nodes
+        start = end
+    return regions
+
+
+def _exit_residual(exit_: fx.Node) -> fx.Node:
+    """The `add` that puts the FFN's output back on the residual stream, through one-input ops
+    (dropout, scaling, a tensor-parallel all-reduce); the exit itself when there is none."""
+    node = exit_
+    for _ in range(_MAX_HOPS):
+        if len(node.users) != 1:
+            break
+        user = next(iter(node.users))
+        if user.op == "call_function" and user.target is aten.add.Tensor:
+            return user
+        if _tensor_inputs(user) != [node]:
+            break
+        node = user
+    return exit_
+
+
+def _stream_entry(end: fx.Node, order: dict[fx.Node, int]) -> fx.Node | None:
+    """Where the residual stream enters the first block: walk back from its end through residual adds
+    (and the norms, dropouts and views between them) until the stream comes from something else (the embedding)."""
+    entry, node = None, end
+    while (stream := _residual_input(node, order)) is not None:
+        entry = node = stream
+        for _ in range(_MAX_HOPS):  # a post-norm block (BERT) has a LayerNorm between its residual adds
+            inputs = _tensor_inputs(node)
+            if len(inputs) != 1 or not _same_numel(node, inputs[0]):
+                break
+            node = inputs[0]
+    return entry
+
+
+def _residual_input(node: fx.Node, order: dict[fx.Node, int]) -> fx.Node | None:
+    """For a residual add `x + f(x)`, x (the operand the other one is computed from); else None."""
+    if node.op != "call_function" or node.target is not aten.add.Tensor or len(node.args) < 2:
+        return None
+    a, b = node.args[:2]
+    if not (isinstance(a, fx.Node) and isinstance(b, fx.Node)):
+        return None
+    if _is_ancestor(a, b, order):
+        return a
+    if _is_ancestor(b, a, order):
+        return b
+    return None
+
+
+def _is_ancestor(a: fx.Node, b: fx.Node, order: dict[fx.Node, int]) -> bool:
+    stack, seen = [b], {b}
+    while stack:
+        for n in stack.pop().all_input_nodes:
+            if n is a:
+                return True
+            if n not in seen and order.get(n, -1) > order.get(a, -1):
+                seen.add(n)
+                stack.append(n)
+    return False
+
+
+def _stream_span(start: fx.Node | None, end: fx.Node) -> list[fx.Node]:
+    """The calls after `start` up to `end` that depend on `start` or on parameters only (all calls when start
+    is None). The others in that span (masks, positions) move before the first of them: a contiguous region."""
+    first = start.next if start is not None else next(iter(end.graph.nodes))
+    span = []
+    node = first
+    while True:
+        span.append(node)
+        if node is end:
+            break
+        node = node.next
+    inside: set[fx.Node] = set()
+    for n in span:
+        inputs = n.all_input_nodes
+        # On the stream, or computed from parameters alone (an expert bias's tensor-parallel identity).
+        if n.op in _CALLS and (start is None or any(a is start or a in inside for a in inputs)
+                               or all(a.op == "get_attr" or a in inside for a in inputs)):
+            inside.add(n)
+    region = [n for n in span if n in inside]
+    if region:
+        later = set(span[span.index(region[0]) + 1:])
+        for n in span:
+            if n in later and n.op in _CALLS and n not in inside:
+                for a in n.all_input_nodes:  # a parameter read further down moves up with its user
+                    if a in later:
+                        later.discard(a)
+                        region[0].prepend(a)
+                later.discard(n)
+                region[0].prepend(n)
+    return region
+
+
+def _tensor_inputs(node: fx.Node) -> list[fx.Node]:
+    """The node's inputs that are computed (not parameters or buffers read with get_attr)."""
+    return [a for a in node.all_input_nodes if a.op != "get_attr"]
+
+
+def _same_numel(a: fx.Node, b: fx.Node) -> bool:
+    """Both values are tensors of as many elements: a norm, a dropout, a view (not an embedding lookup)."""
+    va, vb = a.meta.get("val"), b.meta.get("val")
+    return isinstance(va, torch.Tensor) and isinstance(vb, torch.Tensor) and known_equal(va.numel(), vb.numel())
+
+
+def _no_block_error(gm: fx.GraphModule, detail: str) -> NoCheckpointRegionError:
+    return NoCheckpointRegionError(
+        f"activation_checkpointing='block' cannot split the graph of {_model_name(gm)} into transformer blocks: "
+        f"{detail}. "
+        f"Name the blocks by module path, e.g. ParallelConfig(activation_checkpointing='block', "
+        f"checkpoint_blocks=('layers.*',)), or checkpoint each MoE block with activation_checkpointing='moe'.")
+
+
+# --- blocks named by module path ------------------------------------------------------------------------
+
+
+def _named_regions(gm: fx.GraphModule, patterns: tuple[str, ...]) -> dict[str, list[fx.Node]]:
+    """One region per module matching a pattern ("*" matches one path component): the calls from the first
+    node run inside that module to the last, including the parent's ops between them (residual adds)."""
+    calls = [n for n in gm.graph.nodes if n.op in _CALLS]
+    paths_of = {n: _stack_paths(n) for n in calls}
+    known = set().union(*paths_of.values()) if paths_of else set()
+    matched = {p for p in known if any(_path_matches(p, pat) for pat in patterns)}
+    blocks = [p for p in matched if not any(p.startswith(q + ".") for q in matched)]
+    unused = [pat for pat in patterns if not any(_path_matches(p, pat) for p in known)]
+    if unused:
+        ffn_parents = sorted({p for n in gm.graph.nodes if FFN_EXIT_META in n.meta
+                              for p in _ancestors(n.meta[FFN_EXIT_META])})
+        raise NoCheckpointRegionError(
+            f"ParallelConfig.checkpoint_blocks={patterns!r}: {unused!r} matches no module run by "
+            f"{_model_name(gm)}, so nothing would be recomputed there. Modules that hold an FFN: "
+            f"{', '.join(ffn_parents) or '(none)'}. Name each transformer block's module path, '*' for one "
+            f"path component (e.g. 'h.*'), or leave checkpoint_blocks empty to find the blocks from the graph.")
+    position = {n: i for i, n in enumerate(calls)}
+    members = {b: [n for n in calls if b in paths_of[n]] for b in blocks}
+    regions: dict[str, list[fx.Node]] = {}
+    taken: dict[fx.Node, str] = {}
+    for block in sorted(blocks, key=lambda b: position[members[b][0]]):  # graph order, not "h.10" < "h.2"
+        span = calls[position[members[block][0]]:position[members[block][-1]] + 1]
+        clash = next((taken[n] for n in span if n in taken), None)
+        if clash is not None:
+            raise NoCheckpointRegionError(
+                f"ParallelConfig.checkpoint_blocks={patterns!r}: the blocks {clash!r} and {block!r} of "
+                f"{_model_name(gm)} interleave in the graph, so they cannot be recomputed one after the other; "
+                f"name modules that run one after another.")
+        taken.update(dict.fromkeys(span, block))
+        regions[f"block:{block}"] = span
+    return regions
+
+
+def _stack_paths(node: fx.Node) -> set[str]:
+    """Every module a node runs inside, with the parents of each (a ModuleDict's block is never called itself)."""
+    return {a for path, _ in (node.meta.get("nn_module_stack") or {}).values() if path for a in _ancestors(path)}
+
+
+def _ancestors(path: str) -> list[str]:
+    parts = path.split(".")
+    return [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
+
+
+def _path_matches(path: str, pattern: str) -> bool:
+    parts, pats = path.split("."), pattern.split(".")
+    return len(parts) == len(pats) and all(fnmatch.fnmatchcase(p, q) for p, q in zip(parts, pats))
 
 
 @requires("activation_checkpoint", "shard_experts")
@@ -156,10 +388,3 @@ def _outline(gm: fx.GraphModule, nodes: list[fx.Node], name: str) -> str:
     for n in reversed(nodes):
         gm.graph.erase_node(n)
     return name
-
-
-def _block_path(ffn_path: str) -> str:
-    """The transformer block of an FFN: its parent module ("h.0.mlp" -> "h.0"), or the FFN itself when
-    the FFN's projections sit directly in the block (BERT: "encoder.layer.0")."""
-    parent, _, last = ffn_path.rpartition(".")
-    return ffn_path if last.isdigit() or not parent else parent

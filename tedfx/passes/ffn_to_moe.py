@@ -8,6 +8,7 @@ For each FFN that `MoEConfig.layers` selects, in order:
    copies, plus seeded noise if asked).
 3. Emit the block's named ops (tedfx.moe.ops) just before the FFN's exit,
    route the FFN's users to the block's output, and erase the dense region.
+   Every FFN's exit, converted or not, is marked with graph.FFN_EXIT_META.
 4. Delete the dense parameters (and their emptied modules) so the state dict
    holds the MoE keys in their place.
 """
@@ -26,7 +27,7 @@ from ..moe.experts import ExpertInit, ExpertWeights
 from ..moe.routing import Router
 from .context import MoEBlockRecord, PassContext
 from .find_ffns import FFNMatch
-from .graph import MOE_META, MoETag, Role, get_by_target, has_target
+from .graph import FFN_EXIT_META, MOE_META, MoETag, Role, get_by_target, has_target
 from .runner import requires
 
 __all__ = ["ffn_to_moe_pass"]
@@ -50,6 +51,8 @@ def ffn_to_moe_pass(gm: fx.GraphModule, *, ctx: PassContext, materialize: bool =
             f"MoEConfig.layers={moe.layers!r} selects none of the model's {len(matches)} FFNs "
             f"({', '.join(m.path for m in matches)}); pick at least one."
         )
+    for match in matches:  # every FFN's exit, converted or not: the blocks of activation checkpointing
+        match.exit.meta[FFN_EXIT_META] = match.path
     records = []
     for match in selected:
         records.append(_convert(gm, match, moe, materialize=materialize, fetch=ctx.fetch_dense))
@@ -128,6 +131,7 @@ def _convert(gm: fx.GraphModule, match: FFNMatch, moe: MoEConfig, *, materialize
         y_SH = emit("call_function", ops.attach_aux_loss, [y_SH, loss], role=Role.ATTACH_AUX_LOSS)
         y = emit("call_function", ops.unflatten_tokens, [y_SH, match.entry], role=Role.UNFLATTEN_TOKENS)
     y.meta["val"] = match.exit.meta.get("val")
+    y.meta[FFN_EXIT_META] = match.path
     match.exit.replace_all_uses_with(y)
 
     # Erase the dense region, users first.

@@ -4,8 +4,9 @@ Everything one pass leaves for another lives here, so no pass imports another
 for a constant:
 
 - node.meta keys: `MOE_META` tags every node of an MoE block with its FFN
-  path, its `Role` and the FFN's index; `REGION_META` names the checkpointed
-  region a node is recomputed in; `DROPOUT_P_META` keeps an attention's
+  path, its `Role` and the FFN's index; `FFN_EXIT_META` marks the exit of
+  every FFN, converted or not; `REGION_META` names the checkpointed region a
+  node is recomputed in; `DROPOUT_P_META` keeps an attention's
   captured dropout probability.
 - `Role`: what each node of an MoE block does; `Axis`: the mesh axes.
 - `moe_blocks(graph)`: every MoE block's nodes by role.
@@ -29,7 +30,8 @@ from ..axes import GROUP_AXES, MESH_AXES, Axis
 from ..capture import DROPOUT_P_META
 
 __all__ = [
-    "Axis", "DROPOUT_P_META", "GROUP_AXES", "Linear", "MESH_AXES", "MOE_META", "MoETag", "REGION_META", "Role",
+    "Axis", "DROPOUT_P_META", "FFN_EXIT_META", "GROUP_AXES", "Linear", "MESH_AXES", "MOE_META", "MoETag", "REGION_META",
+    "Role",
     "as_linear", "get_by_target", "has_target", "insert", "module_path", "moe_blocks", "set_by_target",
 ]
 
@@ -37,6 +39,10 @@ aten = torch.ops.aten
 
 MOE_META = "tedfx_moe"
 """node.meta key on every node of an MoE block: a `MoETag`."""
+FFN_EXIT_META = "tedfx_ffn_exit"
+"""node.meta key on the node whose value leaves an FFN (an MoE block's unflatten_tokens, or a dense FFN's last
+projection): the FFN's module path. Written by ffn_to_moe for every FFN of the model; activation checkpointing
+finds the transformer blocks from these exits."""
 REGION_META = "tedfx_region"
 """node.meta key: the name of the checkpointed region a node is recomputed in."""
 

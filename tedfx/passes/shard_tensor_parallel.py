@@ -23,7 +23,7 @@ from torch import nn
 from .. import collectives
 from ..sharding import ParamShard, shard_tensor
 from .context import PassContext
-from .graph import Axis, as_linear, get_by_target, insert, set_by_target
+from .graph import FFN_EXIT_META, Axis, as_linear, get_by_target, insert, set_by_target
 from .runner import requires
 from .tp_rules import plan_tensor_parallel
 
@@ -76,6 +76,8 @@ def shard_tensor_parallel_pass(gm: fx.GraphModule, *, ctx: PassContext) -> fx.Gr
         for n in (partial, reduced, out):
             if "val" in node.meta:
                 n.meta["val"] = node.meta["val"]
+        if FFN_EXIT_META in node.meta:  # a dense FFN's exit: its value now leaves through `out`
+            out.meta[FFN_EXIT_META] = node.meta[FFN_EXIT_META]
         node.replace_all_uses_with(out)
         gm.graph.erase_node(node)
         records.tp_row.append(lin.weight.target)

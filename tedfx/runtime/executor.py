@@ -79,7 +79,11 @@ class ParallelModule(nn.Module):
         return self._stats
 
     def aux_loss(self) -> dict[str, float]:
-        """The last forward's MoE losses on this rank: {"aux_loss", "z_loss", "blocks"}."""
+        """The last forward's MoE losses on this rank, unweighted, for logging: {"aux_loss", "z_loss", "blocks"}.
+
+        They are in the backward already, weighted by the coefficients and by `tedfx.set_moe_loss_scale(pm, s)`
+        (1 / N when the loop backpropagates loss / N over N micro-batches).
+        """
         return moe_losses(self.module)
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
