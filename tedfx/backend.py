@@ -158,7 +158,8 @@ def _tensor_names(model: nn.Module) -> dict[int, str]:
 class _Converted:
     """The one module tedfx built for a compiled model, and the binding of the model's graphs to it."""
 
-    def __init__(self, module: nn.Module, names: dict[int, str], opts: _Options) -> None:
+    def __init__(self, model: nn.Module, module: nn.Module, names: dict[int, str], opts: _Options) -> None:
+        self._model = weakref.ref(model)
         self.module = module
         self.names = names
         self.opts = opts
@@ -181,10 +182,17 @@ class _Converted:
             else:
                 module, _ = pipeline.build_moe_graph(model, args, moe=opts.moe, example_kwargs=kwargs)
                 pipeline.adopt_model_tensors(module, model)
-        converted = cls(module, names, opts)
+        converted = cls(model, module, names, opts)
         kept = {id(t) for t in converted.tensors.values()}
         mark_replaced({n: p for n, p in model.named_parameters() if id(p) not in kept}, release=opts.release_dense)
         return converted
+
+    def follow_mode(self) -> None:
+        """train()/eval() of the compiled model reaches the routers (capacity factor, gate noise). The graphs
+        follow it themselves: dynamo recompiles them when the mode changes."""
+        model = self._model()
+        if model is not None and model.training != self.module.training:
+            self.module.train(model.training)
 
     def bind(self, gm: fx.GraphModule, args: tuple, state: list[int], user: list[int]) -> Callable[..., Any]:
         """`gm` converted for the model tensors at `state` in `args`, running on this module's tensors."""
@@ -263,6 +271,7 @@ class _Graph:
         self.bound: dict[tuple[int, ...], Callable[..., Any]] = {}
 
     def __call__(self, *args: Any) -> Any:
+        self.converted.follow_mode()
         key = tuple(id(args[i]) for i in self.state)
         run = self.bound.get(key)
         if run is None:

@@ -50,7 +50,7 @@ _METADATA = frozenset({
     "element_size", "is_contiguous", "is_sparse", "is_quantized", "is_meta", "is_cuda", "is_cpu", "is_mps",
     "is_xpu", "is_nested", "is_floating_point", "is_complex", "is_conj", "is_neg", "_is_view", "is_inference",
     "requires_grad", "requires_grad_", "is_leaf", "grad", "grad_fn", "_grad_fn", "retains_grad", "grad_dtype",
-    "data_ptr", "untyped_storage", "names", "__hash__", "__len__", "_version", "output_nr", "name",
+    "data_ptr", "untyped_storage", "names", "__hash__", "__len__", "_version", "output_nr",
 })
 
 
