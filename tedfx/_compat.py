@@ -143,7 +143,14 @@ def compiled_modules_on_stack() -> list[tuple]:
     return found
 
 
-__all__ += ["compiled_modules_on_stack"]
+def uncompiled(module):
+    """The module torch.compile wrapped, for the OptimizedModule `torch.compile(module)` returns; else `module`."""
+    from torch._dynamo.eval_frame import OptimizedModule
+
+    return module._orig_mod if isinstance(module, OptimizedModule) else module
+
+
+__all__ += ["compiled_modules_on_stack", "uncompiled"]
 
 
 def outside_dynamo_compile():

@@ -103,11 +103,7 @@ def built_module(model: nn.Module) -> nn.Module:
 
     Exists after the compiled model's first call (`tedfx.compiled_module` is the public door).
     """
-    from torch._dynamo.eval_frame import OptimizedModule
-
-    if isinstance(model, OptimizedModule):
-        model = model._orig_mod
-    converted = _CONVERTED.get(model)
+    converted = _CONVERTED.get(_compat.uncompiled(model))
     if converted is None:
         raise LookupError("tedfx has not compiled this model yet: call the torch.compile'd model once first "
                           "(tedfx.compiled_module takes the model given to torch.compile).")
@@ -198,6 +194,10 @@ class _Converted:
         """`gm` converted for the model tensors at `state` in `args`, running on this module's tensors."""
         lifted = _Lifted(gm, {i: self._lift(args[i]) for i in state}, user,
                          {i: v for i, v in enumerate(args) if not isinstance(v, torch.Tensor)})
+        # Dynamo traced the graph in the model's current mode (it guards on it), with dropout's `training`
+        # baked into every call: capture must keep, not flip, those flags.
+        model = self._model()
+        lifted.train(model.training if model is not None else True)
         examples = tuple(args[i].detach() for i in user)
         coords = self.module.mesh.coords if isinstance(self.module, ParallelModule) else None
         with torch.enable_grad():
