@@ -16,6 +16,7 @@ from .api import check_collective_order, compiled_module, explain, moe_losses, p
 from .capture import CaptureError, TedGraphModule, capture
 from .check import CollectiveOrderError
 from .config import MoEConfig, ParallelConfig
+from .released import ReleasedParameterError
 from .report import Report
 from .runtime.executor import ParallelModule
 from .runtime.launch import LaunchError, RankError, init_distributed, launch
@@ -28,6 +29,7 @@ __all__ = [
     "ParallelConfig",
     "ParallelModule",
     "RankError",
+    "ReleasedParameterError",
     "Report",
     "TedGraphModule",
     "capture",
