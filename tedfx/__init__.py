@@ -25,6 +25,7 @@ from .api import (
 from .capture import CaptureError, TedGraphModule, capture
 from .check import CollectiveOrderError
 from .config import MoEConfig, ParallelConfig
+from .released import ReleasedParameterError
 from .report import Report
 from .runtime.executor import ParallelModule
 from .runtime.launch import LaunchError, RankError, init_distributed, launch
@@ -38,6 +39,7 @@ __all__ = [
     "ParallelConfig",
     "ParallelModule",
     "RankError",
+    "ReleasedParameterError",
     "Report",
     "TedGraphModule",
     "capture",

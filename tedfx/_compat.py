@@ -124,3 +124,71 @@ def known_equal(a, b) -> bool:
 
 
 __all__ += ["known_equal"]
+
+
+# --- torch.compile: which module is being compiled ------------------------------------------------
+
+
+def compiled_modules_on_stack() -> list[tuple]:
+    """The modules torch.compile is running on this thread, innermost first: (module, args, kwargs) of each call.
+
+    `torch.compile(model)` wraps `model` in an OptimizedModule (`_orig_mod`); `model.compile()` sets
+    `model._compiled_call_impl`. Both calls pass through `nn.Module._wrapped_call_impl(self, *args, **kwargs)`,
+    whose frame stays on the stack while dynamo compiles any graph of the call (the backend runs inside it).
+    """
+    import sys
+
+    from torch import nn
+    from torch._dynamo.eval_frame import OptimizedModule
+
+    code = nn.Module._wrapped_call_impl.__code__
+    found = []
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code is code:
+            local = frame.f_locals
+            module = local.get("self")
+            if isinstance(module, OptimizedModule):
+                found.append((module._orig_mod, local.get("args", ()), local.get("kwargs", {})))
+            elif getattr(module, "_compiled_call_impl", None) is not None:
+                found.append((module, local.get("args", ()), local.get("kwargs", {})))
+        frame = frame.f_back
+    return found
+
+
+def uncompiled(module):
+    """The module torch.compile wrapped, for the OptimizedModule `torch.compile(module)` returns; else `module`."""
+    from torch._dynamo.eval_frame import OptimizedModule
+
+    return module._orig_mod if isinstance(module, OptimizedModule) else module
+
+
+__all__ += ["compiled_modules_on_stack", "uncompiled"]
+
+
+def outside_dynamo_compile():
+    """A context in which torch.export runs as if no dynamo compile were under way.
+
+    A backend runs inside dynamo's tracing and compile contexts; an export there would add its own
+    shape guards to the graph dynamo is compiling (guards on the export's inputs, which the compiled
+    frame does not have).
+    """
+    import contextlib
+
+    import torch._guards
+
+    stack = contextlib.ExitStack()
+    stack.enter_context(torch._guards.tracing(None))
+    stack.enter_context(torch._guards.compile_context(None))
+    return stack
+
+
+__all__ += ["outside_dynamo_compile"]
+
+
+def no_torch_function_subclass():
+    """Inside `__torch_function__`: call the op on the plain tensor (results are not wrapped in the subclass)."""
+    return torch._C.DisableTorchFunctionSubclass()
+
+
+__all__ += ["no_torch_function_subclass"]

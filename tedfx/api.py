@@ -128,6 +128,26 @@ def parallelize(
         ...     loss.backward(); opt.step()
         >>> tedfx.launch(main, nprocs=4)
     """
+    return build_parallel_module(model, example_inputs, moe=moe, parallel=parallel, example_kwargs=example_kwargs,
+                                 check_inputs=check_inputs, check_collectives=check_collectives,
+                                 dense_state=dense_state)
+
+
+def build_parallel_module(
+    model: nn.Module,
+    example_inputs: tuple[Any, ...],
+    *,
+    moe: MoEConfig,
+    parallel: ParallelConfig,
+    example_kwargs: dict[str, Any] | None = None,
+    check_inputs: bool = True,
+    check_collectives: bool = True,
+    dense_state: Mapping[str, torch.Tensor] | Callable[[str], torch.Tensor] | None = None,
+    share_model_tensors: bool = False,
+) -> ParallelModule:
+    """`parallelize`'s steps; with `share_model_tensors` the rank's module uses `model`'s own tensor wherever
+    it keeps one unchanged (replicated, unconverted), before the gradient sync registers on them (the
+    torch.compile backend's eager code between graphs then trains the same weights)."""
     if not dist.is_initialized():
         raise RuntimeError("tedfx.parallelize needs torch.distributed: run it inside tedfx.launch(...) or "
                            "under torchrun after tedfx.init_distributed().")
@@ -144,6 +164,8 @@ def parallelize(
     if check_collectives:
         check_live_ranks(gm, ctx, parallel=parallel, mesh=mesh, example_inputs=example_inputs,
                          example_kwargs=example_kwargs)
+    if share_model_tensors:
+        pipeline.adopt_model_tensors(gm, model)
     return ParallelModule(gm, mesh, pipeline.param_shards(gm, ctx), parallel, pipeline.grad_sync_params(gm),
                           check_inputs)
 
@@ -239,7 +261,10 @@ def check_collective_order(
 def compiled_module(model: nn.Module) -> nn.Module:
     """The module `torch.compile(model, backend="tedfx")` built for `model`: a ParallelModule or a to_moe module.
 
-    Exists after the compiled model's first call. Its parameters are the ones to train.
+    One module for the whole model, even when graph breaks split it into several graphs: every graph
+    runs on its parameters, and its state dict has the keys of `tedfx.to_moe(model)`'s. Exists after the
+    compiled model's first call. Its parameters are the ones to train (the dense model's FFN weights, and
+    those tensor parallelism shards, were replaced; the others are shared with the dense model).
 
     Example:
         >>> compiled = torch.compile(model, backend="tedfx", options={"moe": moe})

@@ -1,25 +1,40 @@
 """The torch.compile door: `torch.compile(model, backend="tedfx", options={"moe": ..., "parallel": ...})`.
 
-Dynamo hands the backend a torch-level FX graph whose parameters and buffers
-are graph inputs. The backend, in order:
-1. lifts those inputs back into a module that owns them under the model's own
-   names (so the state dict keys are the model's), and whose forward calls the
-   dynamo graph with the user inputs;
-2. runs `tedfx.parallelize` on it (capture into the ATen training IR, FFNs to
-   MoE, sharding for this rank), or `tedfx.to_moe` when no `parallel` is given;
-3. releases the storage of the model's dense parameters (tedfx trains its own
-   MoE copy; shapes stay, so dynamo's guards hold and nothing recompiles);
-4. returns a function that calls the rank's module on the user inputs.
+Dynamo hands the backend one FX graph per piece of the model: graph breaks
+(a `print`, `torch._dynamo.graph_break()`, unsupported code) split the model,
+and the code between graphs runs eagerly. One compiled graph may also serve
+several modules (every transformer block runs the graph compiled for the
+first, with its own parameters as inputs). So the backend converts the model
+once, as a whole, and runs every graph as the matching part of that one module:
 
-Training needs the MoE parameters: `tedfx.compiled_module(model)` returns the
-module tedfx built for `model` (after the first call), e.g. for the optimizer.
+1. On the first graph that reads the model's tensors, find the model being
+   compiled (the module torch.compile wraps, on the call stack, with the
+   arguments of its call) and convert all of it: `tedfx.to_moe`, or
+   `tedfx.parallelize` when `parallel` is given. FFN indices are the whole
+   model's, so `MoEConfig.layers` picks the same FFNs as `tedfx.to_moe(model)`.
+   `tedfx.compiled_module(model)` returns that module.
+2. The converted module shares every tensor it keeps unchanged with the dense
+   model (embeddings, norms, attention without tensor parallelism): the code
+   dynamo runs eagerly between graphs uses them and trains the same weights.
+   The dense parameters it replaced (FFN weights, weights sharded by tensor
+   parallelism) are released: their storage is freed and any use raises
+   (tedfx.released); an optimizer that holds one raises at its first step.
+3. Each graph's compiled function, called with a set of the model's tensors
+   it has not seen, converts the graph for them (lifted into a module that
+   holds them under the model's names, the FFNs of step 1 to MoE blocks, the
+   same sharding), binds every parameter and router of the result to the one
+   module's, and from then on runs that. Outputs, gradients and the optimizer
+   all see the one module.
+
+What cannot be bound is an error naming the fix: a graph break inside an FFN,
+or one that cuts through a tensor-parallel region.
 """
 
 from __future__ import annotations
 
 import logging
-import re
 import weakref
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
@@ -27,29 +42,41 @@ import torch.distributed as dist
 import torch.fx as fx
 from torch import nn
 
+from . import _compat, pipeline
 from .config import MoEConfig, ParallelConfig
-from .passes.find_ffns import NoFFNFoundError
+from .moe.routing import Router
+from .released import mark_replaced
+from .runtime.executor import ParallelModule
 
 log = logging.getLogger(__name__)
 
 __all__ = ["built_module", "tedfx_backend"]
 
-# id of a model parameter -> (a weak reference to it, the module tedfx built from the graph that read it,
-# what runs it: the module or its inductor-compiled form). Keyed by id, checked by identity: tensors
-# compare elementwise, and a released one must not be read.
-_BUILT: dict[int, tuple[weakref.ref, nn.Module, Callable[..., Any]]] = {}
 
+@dataclass(frozen=True)
+class _Options:
+    moe: MoEConfig
+    parallel: ParallelConfig | None
+    inductor: bool
+    release_dense: bool
 
-def _remember(t: torch.Tensor, built: nn.Module, runner: Callable[..., Any]) -> None:
-    key = id(t)
-    _BUILT[key] = (weakref.ref(t, lambda _: _BUILT.pop(key, None)), built, runner)
-
-
-def _entry(t: torch.Tensor) -> tuple | None:
-    entry = _BUILT.get(id(t))
-    return entry if entry is not None and entry[0]() is t else None
-_SOURCE = re.compile(r"(?:^|_)(modules|parameters|buffers)_")
-_ROOT = re.compile(r"[lL]_(?:self|args_0|kwargs_self)_")
+    @classmethod
+    def parse(cls, options: dict[str, Any] | None) -> _Options:
+        options = dict(options or {})
+        unknown = sorted(set(options) - {"moe", "parallel", "inductor", "release_dense"})
+        if unknown:
+            raise ValueError(f'torch.compile(backend="tedfx") options {unknown} are unknown; expected "moe", '
+                             f'"parallel", "inductor", "release_dense".')
+        moe = options.get("moe")
+        if not isinstance(moe, MoEConfig):
+            raise ValueError('torch.compile(backend="tedfx") needs options={"moe": tedfx.MoEConfig(...)}, '
+                             f"found {moe!r}.")
+        parallel = options.get("parallel")
+        if parallel is not None and not dist.is_initialized():
+            raise ValueError('torch.compile(backend="tedfx") was given options["parallel"] but torch.distributed '
+                             "is not initialised: run the script under tedfx.launch(...) or torchrun (after "
+                             "tedfx.init_distributed()), or leave out \"parallel\" for one process.")
+        return cls(moe, parallel, bool(options.get("inductor", False)), bool(options.get("release_dense", True)))
 
 
 def tedfx_backend(gm: fx.GraphModule, example_inputs: list[Any], options: dict[str, Any] | None = None
@@ -60,56 +87,15 @@ def tedfx_backend(gm: fx.GraphModule, example_inputs: list[Any], options: dict[s
     Options:
         moe: the MoEConfig (required).
         parallel: the ParallelConfig; with torch.distributed initialised the model is parallelized.
-        inductor: run the rewritten graph through inductor instead of eagerly (default False).
-        release_dense: free the storage of the model's dense parameters (default True): tedfx trains
-            its own MoE copy, and the dense model can no longer be called or saved after compiling.
+        inductor: run the rewritten graphs through inductor instead of eagerly (default False).
+        release_dense: free the storage of the dense parameters tedfx replaced (default True): any use
+            of them raises afterwards, so the dense model can no longer be called or saved.
     """
-    options = dict(options or {})
-    moe = options.get("moe")
-    if not isinstance(moe, MoEConfig):
-        raise ValueError('torch.compile(backend="tedfx") needs options={"moe": tedfx.MoEConfig(...)}, '
-                         f'found {moe!r}.')
-    parallel: ParallelConfig | None = options.get("parallel")
-    user_positions, state_positions = _positions(gm, example_inputs)
-
-    def run_with(built: nn.Module) -> Callable[..., Any]:
-        def run(*args: Any) -> Any:
-            return built(*(args[i] for i in user_positions))
-
-        return run
-
-    # A recompile (new strides, a dim turned dynamic) reads the same model: reuse what was built
-    # (its dense storage may already be released).
-    previous = _entry(example_inputs[state_positions[0]]) if state_positions else None
-    if previous is not None:
-        return run_with(previous[2])
-    if parallel is not None and not dist.is_initialized():
-        raise ValueError('torch.compile(backend="tedfx") was given options["parallel"] but torch.distributed is '
-                         "not initialised: run the script under tedfx.launch(...) or torchrun (after "
-                         "tedfx.init_distributed()), or leave out \"parallel\" for one process.")
-    lifted = _Lifted(gm, {i: (_fqn(_placeholders(gm)[i].name), example_inputs[i]) for i in state_positions},
-                     user_positions, {i: v for i, v in enumerate(example_inputs) if not isinstance(v, torch.Tensor)})
-    user_inputs = tuple(example_inputs[i] for i in user_positions)
-    from . import api  # the doors import this module for compiled_module: import them when compiling
-
-    try:
-        if parallel is not None:
-            built: nn.Module = api.parallelize(lifted, user_inputs, moe=moe, parallel=parallel)
-        else:
-            built = api.to_moe(lifted, user_inputs, moe=moe)
-    except NoFFNFoundError:
-        # A graph break left this piece of the model without FFNs (every rank alike): it runs as captured.
-        log.warning("tedfx backend: a graph of %d nodes holds no FFN and runs unchanged; graph breaks split "
-                    "the model (HF models: set config.use_cache=False)", len(gm.graph.nodes))
-        return gm.forward
-    # Eagerly, or the rewritten graph itself through inductor (its MoE ops and collectives trace).
-    runner = torch.compile(built, backend="inductor") if options.get("inductor", False) else built
-    for i in state_positions:
-        _remember(example_inputs[i], built, runner)
-    if options.get("release_dense", True):
-        _release([example_inputs[i] for i in state_positions if isinstance(example_inputs[i], nn.Parameter)])
-    del lifted
-    return run_with(runner)
+    opts = _Options.parse(options)
+    converted = _converted_model(gm, [v for v in example_inputs if isinstance(v, torch.Tensor)], opts)
+    if converted is None:
+        return gm.forward  # code between the model's graphs that reads none of its tensors
+    return _Graph(gm, example_inputs, converted)
 
 
 def built_module(model: nn.Module) -> nn.Module:
@@ -117,34 +103,191 @@ def built_module(model: nn.Module) -> nn.Module:
 
     Exists after the compiled model's first call (`tedfx.compiled_module` is the public door).
     """
-    for p in model.parameters():
-        entry = _entry(p)
-        if entry is not None:
-            return entry[1]
-    raise LookupError("tedfx has not compiled this model yet: call the torch.compile'd model once first.")
+    converted = _CONVERTED.get(_compat.uncompiled(model))
+    if converted is None:
+        raise LookupError("tedfx has not compiled this model yet: call the torch.compile'd model once first "
+                          "(tedfx.compiled_module takes the model given to torch.compile).")
+    return converted.module
 
 
-def _fqn(placeholder: str) -> str | None:
-    """Dynamo's placeholder name of a module tensor -> its state-dict key, e.g.
-    "l_self_modules_h_modules_0_modules_mlp_modules_c_fc_parameters_weight_" -> "h.0.mlp.c_fc.weight"."""
-    # The root is `self`, or `args[0]` when a decorator wraps the model's forward (HF models).
-    root = _ROOT.match(placeholder)
-    if root is None:
-        return None
-    name = placeholder[root.end():].rstrip("_")
-    if not _SOURCE.match(name):
-        return None
-    parts = _SOURCE.split(name)
-    # parts: ["", "modules", "h", "modules", "0", ..., "parameters", "weight"]
-    return ".".join(parts[2::2])
+# The model given to torch.compile -> what tedfx built for it. Weak: the model owns its compiled form.
+_CONVERTED: weakref.WeakKeyDictionary[nn.Module, _Converted] = weakref.WeakKeyDictionary()
+
+
+def _converted_model(gm: fx.GraphModule, tensors: list[torch.Tensor], opts: _Options) -> _Converted | None:
+    """The converted form of the model whose tensors `gm` reads, built on the first of its graphs."""
+    ids = {id(t) for t in tensors}
+    stack = _compat.compiled_modules_on_stack()
+    for model, _, _ in stack:
+        converted = _CONVERTED.get(model)
+        if converted is not None and ids & converted.names.keys():
+            if converted.opts != opts:
+                raise ValueError(f'torch.compile(backend="tedfx") already converted this {type(model).__name__} '
+                                 f"with other options ({converted.opts} vs {opts}); its dense weights are "
+                                 "released: compile a fresh model.")
+            return converted
+    for model, args, kwargs in stack:
+        names = _tensor_names(model)
+        if ids & names.keys():
+            # Detached: capture must not mark the call's own tensors (dynamo guards on them).
+            args, kwargs = _compat.pytree.tree_map_only(torch.Tensor, torch.Tensor.detach, (tuple(args), dict(kwargs)))
+            converted = _Converted.build(model, args, kwargs, opts, names)
+            _CONVERTED[model] = converted
+            return converted
+    if any(isinstance(t, nn.Parameter) for t in tensors):
+        raise ValueError(
+            f'torch.compile(backend="tedfx") converts a whole nn.Module, but this graph ({len(gm.graph.nodes)} '
+            "nodes) reads parameters outside any module being compiled (a compiled function?). Compile the "
+            'model itself: torch.compile(model, backend="tedfx", options=...) or model.compile(backend="tedfx", '
+            "options=...).")
+    return None
+
+
+def _tensor_names(model: nn.Module) -> dict[int, str]:
+    """id of each parameter and buffer of `model` -> its first name."""
+    names: dict[int, str] = {}
+    for name, t in [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]:
+        names.setdefault(id(t), name)
+    return names
+
+
+class _Converted:
+    """The one module tedfx built for a compiled model, and the binding of the model's graphs to it."""
+
+    def __init__(self, model: nn.Module, module: nn.Module, names: dict[int, str], opts: _Options) -> None:
+        self._model = weakref.ref(model)
+        self.module = module
+        self.names = names
+        self.opts = opts
+        self.graph: nn.Module = module.module if isinstance(module, ParallelModule) else module
+        self.tensors = pipeline.named_tensors(self.graph)
+        self.routers = {name: m for name, m in self.graph.named_modules() if isinstance(m, Router)}
+        self.ffn_paths = frozenset(name.rpartition(".")[0] for name in self.routers)
+
+    @classmethod
+    def build(cls, model: nn.Module, args: tuple, kwargs: dict, opts: _Options,
+              names: dict[int, str]) -> _Converted:
+        """Convert all of `model` (called with `args`, `kwargs`); release the dense parameters it replaced."""
+        from . import api  # the doors import this module for compiled_module: import them when compiling
+
+        log.info("tedfx backend: converting %s as a whole", type(model).__name__)
+        with _compat.outside_dynamo_compile(), torch.enable_grad():
+            if opts.parallel is not None:
+                module: nn.Module = api.build_parallel_module(model, args, moe=opts.moe, parallel=opts.parallel,
+                                                              example_kwargs=kwargs, share_model_tensors=True)
+            else:
+                module, _ = pipeline.build_moe_graph(model, args, moe=opts.moe, example_kwargs=kwargs)
+                pipeline.adopt_model_tensors(module, model)
+        converted = cls(model, module, names, opts)
+        kept = {id(t) for t in converted.tensors.values()}
+        mark_replaced({n: p for n, p in model.named_parameters() if id(p) not in kept}, release=opts.release_dense)
+        return converted
+
+    def follow_mode(self) -> None:
+        """train()/eval() of the compiled model reaches the routers (capacity factor, gate noise). The graphs
+        follow it themselves: dynamo recompiles them when the mode changes."""
+        model = self._model()
+        if model is not None and model.training != self.module.training:
+            self.module.train(model.training)
+
+    def bind(self, gm: fx.GraphModule, args: tuple, state: list[int], user: list[int]) -> Callable[..., Any]:
+        """`gm` converted for the model tensors at `state` in `args`, running on this module's tensors."""
+        lifted = _Lifted(gm, {i: self._lift(args[i]) for i in state}, user,
+                         {i: v for i, v in enumerate(args) if not isinstance(v, torch.Tensor)})
+        # Dynamo traced the graph in the model's current mode (it guards on it), with dropout's `training`
+        # baked into every call: capture must keep, not flip, those flags.
+        model = self._model()
+        lifted.train(model.training if model is not None else True)
+        examples = tuple(args[i].detach() for i in user)
+        coords = self.module.mesh.coords if isinstance(self.module, ParallelModule) else None
+        with torch.enable_grad():
+            piece = pipeline.convert_piece(lifted, examples, moe=self.opts.moe, ffn_paths=self.ffn_paths,
+                                           parallel=self.opts.parallel, coords=coords)
+        self._bind_tensors(piece)
+        runner = torch.compile(piece, backend="inductor") if self.opts.inductor else piece
+        if not isinstance(self.module, ParallelModule):
+            return runner
+        pm = self.module
+
+        def run(*inputs: Any) -> Any:
+            with pm.bind_groups():
+                return runner(*inputs)
+
+        return run
+
+    def _lift(self, t: torch.Tensor) -> tuple[str, torch.Tensor]:
+        """(model name, tensor to capture with): the model's own tensor where this module shares it, else a
+        stand-in of its shape (the dense values may be released; binding replaces it anyway)."""
+        name = self.names[id(t)]
+        if self.tensors.get(name) is t or not isinstance(t, nn.Parameter):
+            return name, t
+        return name, nn.Parameter(torch.zeros(t.shape, dtype=t.dtype, device=t.device), t.requires_grad)
+
+    def _bind_tensors(self, piece: nn.Module) -> None:
+        """Replace every parameter and router of `piece` by this module's of the same name."""
+        new: dict[int, Any] = {}
+        for name, t in pipeline.named_tensors(piece).items():
+            mine = self.tensors.get(name)
+            if mine is None and not isinstance(t, nn.Parameter):
+                continue  # a buffer this module does not keep (e.g. one export folded): the graph's own copy
+            if mine is None:
+                raise ValueError(self._unbound_message(name))
+            if (mine.shape, mine.dtype) != (t.shape, t.dtype):
+                raise ValueError(
+                    f'torch.compile(backend="tedfx"): a graph of the model holds {name} as {tuple(t.shape)} '
+                    f"{t.dtype}, the converted model as {tuple(mine.shape)} {mine.dtype}: a graph break cuts "
+                    f"through a tensor-parallel region (e.g. between a projection and the attention reading "
+                    f"it), which shards it differently. Move the graph break to a block boundary, or remove it.")
+            new[id(t)] = mine
+        for name, router in piece.named_modules():
+            if isinstance(router, Router):
+                new[id(router)] = self.routers[name]
+        pipeline.replace_in_tree(piece, new)
+
+    def _unbound_message(self, name: str) -> str:
+        ffn = next((p for p in self.ffn_paths if name.startswith(p + ".")), None)
+        if ffn is not None:
+            return (f'torch.compile(backend="tedfx"): a graph of the model reads {name}, a weight of the FFN {ffn} '
+                    f"that tedfx converted to an MoE block, without the rest of that FFN: a graph break splits "
+                    f"the FFN (or part of it runs outside the compiled graphs). Remove the graph break inside "
+                    f"{ffn}, or leave this FFN dense with MoEConfig.layers.")
+        return (f'torch.compile(backend="tedfx"): a graph of the model reads {name}, which the converted model does '
+                f"not hold; convert the model with tedfx.to_moe / tedfx.parallelize to see why.")
+
+
+class _Graph:
+    """One graph dynamo compiled, run as the matching part of the converted model.
+
+    Dynamo calls it with the tensors of whichever module runs it (one graph serves every block):
+    each new set of tensors is converted and bound once, then reused.
+    """
+
+    def __init__(self, gm: fx.GraphModule, example_inputs: list[Any], converted: _Converted) -> None:
+        self.gm = gm
+        self.converted = converted
+        tensors = [i for i, v in enumerate(example_inputs) if isinstance(v, torch.Tensor)]
+        self.state = [i for i in tensors if id(example_inputs[i]) in converted.names]
+        self.user = [i for i in tensors if i not in self.state]
+        self.bound: dict[tuple[int, ...], Callable[..., Any]] = {}
+
+    def __call__(self, *args: Any) -> Any:
+        self.converted.follow_mode()
+        key = tuple(id(args[i]) for i in self.state)
+        run = self.bound.get(key)
+        if run is None:
+            missing = [i for i in self.state if id(args[i]) not in self.converted.names]
+            if missing:
+                raise ValueError(f'torch.compile(backend="tedfx"): a graph of the model was called with a tensor '
+                                 f"at input {missing[0]} that is not one of the model's.")
+            run = self.bound[key] = self.converted.bind(self.gm, args, self.state, self.user)
+        return run(*(args[i] for i in self.user))
 
 
 class _Lifted(nn.Module):
-    """The dynamo graph as a module that owns its parameters and buffers under their model names.
+    """A dynamo graph as a module that owns the model's tensors it reads, under the model's names.
 
-    forward(*tensors) takes the user's tensor inputs in order. Sizes that dynamo made symbolic
-    graph inputs are passed as the example's values: capture then decides afresh which dims
-    are dynamic.
+    forward(*tensors) takes the graph's other tensor inputs in order. Sizes that dynamo made symbolic
+    graph inputs are passed as the example's values: capture then decides afresh which dims are dynamic.
     """
 
     def __init__(self, gm: fx.GraphModule, tensors: dict[int, tuple[str, torch.Tensor]],
@@ -161,10 +304,12 @@ class _Lifted(nn.Module):
                 if not hasattr(owner, part):
                     owner.add_module(part, nn.Module())
                 owner = getattr(owner, part)
+            if hasattr(owner, leaf):
+                continue  # a tied tensor dynamo passes once per graph
             if isinstance(t, nn.Parameter):
-                owner.register_parameter(leaf, nn.Parameter(t.detach().clone(), requires_grad=t.requires_grad))
+                owner.register_parameter(leaf, t)
             else:
-                owner.register_buffer(leaf, t.detach().clone())
+                owner.register_buffer(leaf, t)
 
     def forward(self, *inputs: Any) -> Any:
         args: list[Any] = [None] * (len(self._names) + len(self._others) + len(self._constants))
@@ -177,22 +322,3 @@ class _Lifted(nn.Module):
             module = self.get_submodule(owner) if owner else self
             args[i] = getattr(module, leaf)
         return self.graph_fn(*args)
-
-
-def _placeholders(gm: fx.GraphModule) -> list[fx.Node]:
-    return [n for n in gm.graph.nodes if n.op == "placeholder"]
-
-
-def _positions(gm: fx.GraphModule, example_inputs: list[Any]) -> tuple[list[int], list[int]]:
-    """(positions of the user's tensor inputs, positions of the model's parameters and buffers)."""
-    user, state = [], []
-    for i, (node, value) in enumerate(zip(_placeholders(gm), example_inputs)):
-        if isinstance(value, torch.Tensor):
-            (state if _fqn(node.name) is not None else user).append(i)
-    return user, state
-
-
-def _release(params: list[nn.Parameter]) -> None:
-    """Free the storage of the model's dense parameters; shapes and strides stay (dynamo guards on them)."""
-    for p in params:
-        p.untyped_storage().resize_(0)

@@ -13,6 +13,7 @@ starting processes. All of them use these functions.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import warnings
 from typing import Any, Callable
@@ -28,7 +29,7 @@ from .passes.checkpoint import activation_checkpoint_pass, cache_all_to_all_pass
 from .passes.context import PassContext
 from .passes.drop_duplicate_tokens import drop_duplicate_tokens_pass
 from .passes.ffn_to_moe import ffn_to_moe_pass
-from .passes.find_ffns import find_ffns_pass
+from .passes.find_ffns import NoFFNFoundError, find_ffns_pass
 from .passes.graph import get_by_target
 from .passes.runner import Pass, run_passes
 from .passes.shard_experts import shard_experts_pass
@@ -36,8 +37,8 @@ from .passes.shard_tensor_parallel import shard_tensor_parallel_pass
 from .sharding import ParamShard, shard_tensor
 
 __all__ = [
-    "build_moe_graph", "capture_dense", "convert_to_moe", "grad_sync_params", "moe_passes", "parallel_passes",
-    "param_shards", "shard_for_rank",
+    "adopt_model_tensors", "build_moe_graph", "capture_dense", "convert_piece", "convert_to_moe", "grad_sync_params",
+    "moe_passes", "named_tensors", "parallel_passes", "param_shards", "replace_in_tree", "shard_for_rank",
 ]
 
 
@@ -207,3 +208,86 @@ def grad_sync_params(gm: nn.Module) -> list[tuple[str, nn.Parameter, str]]:
     """(name, parameter, data-parallel axis) in registration order: experts reduce over "edp", the rest over "dp"."""
     expert_ids = {id(p) for m in gm.modules() if isinstance(m, ExpertWeights) for p in m.parameters()}
     return [(n, p, "edp" if id(p) in expert_ids else "dp") for n, p in gm.named_parameters()]
+
+
+def convert_piece(
+    piece: nn.Module,
+    example_inputs: tuple[Any, ...],
+    *,
+    moe: MoEConfig,
+    ffn_paths: frozenset[str],
+    parallel: ParallelConfig | None = None,
+    coords: dict[str, int] | None = None,
+) -> fx.GraphModule:
+    """One graph of a model that torch.compile split at graph breaks, converted as the whole model was.
+
+    `piece` holds the model's tensors under the model's names. Exactly its FFNs at `ffn_paths` (those
+    the whole model's conversion turned into MoE blocks) become MoE blocks; with `parallel` the piece
+    is then sharded for `coords`. The result shares or copies `piece`'s tensors: the torch.compile
+    backend binds every one of them to the whole model's converted module afterwards.
+    """
+    gm = capture_dense(piece, example_inputs)
+    ctx = PassContext(moe=dataclasses.replace(moe, layers=lambda path: path in ffn_paths))
+    try:
+        gm = run_passes(gm, [find_ffns_pass], ctx=ctx)
+        converts = any(f.path in ffn_paths for f in ctx.records.ffns)
+    except NoFFNFoundError:
+        converts = False
+    if converts:
+        gm = run_passes(gm, [ffn_to_moe_pass], ctx=ctx)
+    else:
+        # Nothing here is an FFN the whole model's conversion converted: the MoE passes have nothing to
+        # do on this piece, and the sharding passes that require them may follow.
+        ctx.records.ffn_matches = None
+        ctx.done += [name for name in ("find_ffns", "ffn_to_moe") if name not in ctx.done]
+    if parallel is not None:
+        gm, _ = shard_for_rank(gm, ctx, parallel=parallel, coords=coords or {})
+    return gm
+
+
+def adopt_model_tensors(gm: nn.Module, model: nn.Module) -> None:
+    """Make `gm` use `model`'s own tensor wherever it holds an unchanged copy of it under the same name.
+
+    The torch.compile backend runs code between graphs eagerly on the model's tensors: sharing them is
+    what keeps that code and the graphs on the same (trained) weights.
+    """
+    theirs = named_tensors(model)
+    adopted = {}
+    for name, t in named_tensors(gm).items():
+        m = theirs.get(name)
+        if m is None or m is t or isinstance(m, nn.Parameter) != isinstance(t, nn.Parameter):
+            continue
+        if (m.shape, m.dtype, m.device, m.requires_grad) == (t.shape, t.dtype, t.device, t.requires_grad) \
+                and torch.equal(m, t):
+            adopted[id(t)] = m
+    replace_in_tree(gm, adopted)
+
+
+def replace_in_tree(root: nn.Module, new: dict[int, Any]) -> None:
+    """Replace every parameter, buffer and submodule `x` with `new[id(x)]` throughout `root`, including the
+    graphs held outside the module tree (checkpointed regions share their parent graph's tensors)."""
+    for module in _module_tree(root):
+        for store in (module._parameters, module._buffers, module._modules):
+            for key, value in list(store.items()):
+                if value is not None and id(value) in new:
+                    store[key] = new[id(value)]
+
+
+def _module_tree(root: nn.Module) -> list[nn.Module]:
+    seen: set[int] = set()
+    found, todo = [], [root]
+    while todo:
+        module = todo.pop()
+        if id(module) in seen:
+            continue
+        seen.add(id(module))
+        found.append(module)
+        todo += [m for m in module._modules.values() if m is not None]
+        todo += [m for m in vars(module).values() if isinstance(m, nn.Module)]
+    return found
+
+
+def named_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter and buffer by name, each alias of a tied tensor included."""
+    return {**dict(module.named_buffers(remove_duplicate=False)),
+            **dict(module.named_parameters(remove_duplicate=False))}

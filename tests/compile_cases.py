@@ -12,11 +12,14 @@ from torch import nn
 import tedfx
 from tedfx.api import compiled_module
 
-from models import VOCAB, tiny_gpt, tiny_gpt2
+from models import VOCAB, tiny_gpt, tiny_gpt2, tiny_gpt_with_graph_breaks
 
 __all__ = ["run_compile_cases"]
 
 MOE = tedfx.MoEConfig(num_experts=4, top_k=2, capacity_factor=1.0, min_capacity=1)
+# The graph-break model converts FFN 1 only: FFN 0 stays dense and tensor-parallel, bound like the attention.
+MOE_BY_MODEL = {"gpt_breaks": tedfx.MoEConfig(num_experts=4, top_k=2, capacity_factor=1.0, min_capacity=1,
+                                              layers="every_other")}
 PARALLEL = tedfx.ParallelConfig(tensor=2, expert=2, timeout=60.0)
 STEPS = 5
 
@@ -24,6 +27,8 @@ STEPS = 5
 def _build(name: str) -> nn.Module:
     if name == "gpt":
         return tiny_gpt()[0]
+    if name == "gpt_breaks":
+        return tiny_gpt_with_graph_breaks(n_layer=2)[0]
     model = tiny_gpt2()[0]
     model.config.use_cache = False
     for m in model.modules():
@@ -58,10 +63,13 @@ def _backend_vs_parallelize(name: str) -> dict[str, Any]:
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     xs = _batches()
-    pm = tedfx.parallelize(_build(name), (xs[0],), moe=MOE, parallel=PARALLEL)
+    moe = MOE_BY_MODEL.get(name, MOE)
+    pm = tedfx.parallelize(_build(name), (xs[0],), moe=moe, parallel=PARALLEL)
     model = _build(name)
-    compiled = torch.compile(model, backend="tedfx", options={"moe": MOE, "parallel": PARALLEL})
+    compiled = torch.compile(model, backend="tedfx", options={"moe": moe, "parallel": PARALLEL})
     forward_err = float((_logits(compiled(xs[0])) - _logits(pm(xs[0]))).abs().max())
+    counters = torch._dynamo.utils.counters
+    graphs_first_call, frames_first_call = counters["stats"]["unique_graphs"], counters["frames"]["total"]
     built = compiled_module(model)
     # Memory after the first step: what the compiled model keeps alive vs parallelize's module.
     memory = {"backend": _storage_bytes(model, built), "parallelize": _storage_bytes(pm)}
@@ -79,11 +87,22 @@ def _backend_vs_parallelize(name: str) -> dict[str, Any]:
         losses.append(pair)
     mine, ref = built.full_state_dict(), pm.full_state_dict()
     state_err = max(float((mine[k] - ref[k]).abs().max()) for k in mine if mine[k].numel())
-    counters = torch._dynamo.utils.counters
     return {"forward_err": forward_err, "losses": losses, "state_err": state_err,
             "keys_missing": sorted(set(ref) - set(mine)), "keys_extra": sorted(set(mine) - set(ref)),
-            "unique_graphs": counters["stats"]["unique_graphs"], "recompiles": sum(counters["recompiles"].values()),
-            "memory": memory, "built_type": type(built).__name__}
+            "unique_graphs": counters["stats"]["unique_graphs"],
+            # Frames dynamo converted during training (any recompile counts; the released weights must not cause one).
+            "recompiles": counters["frames"]["total"] - frames_first_call,
+            "graphs_first_call": graphs_first_call, "memory": memory, "built_type": type(built).__name__,
+            "moe_blocks": sorted(n for n, _ in built.module.named_modules() if n.endswith(".router")),
+            "expert_grads": _expert_grads_nonzero(compiled, built, xs)}
+
+
+def _expert_grads_nonzero(compiled: nn.Module, built: nn.Module, xs: list[torch.Tensor]) -> bool:
+    """One more backward: every local expert and router parameter gets a non-zero gradient."""
+    built.zero_grad()
+    F.cross_entropy(_logits(compiled(xs[0])).flatten(0, 1), xs[1].flatten()).backward()
+    moe = [p for n, p in built.named_parameters() if ".experts." in n or ".router." in n]
+    return bool(moe) and all(p.grad is not None and bool(p.grad.abs().sum() > 0) for p in moe)
 
 
 def _compiled_parallel_module() -> dict[str, Any]:
@@ -106,4 +125,4 @@ def _compiled_parallel_module() -> dict[str, Any]:
 
 def run_compile_cases() -> dict[str, Any]:
     return {"gpt": _backend_vs_parallelize("gpt"), "gpt2": _backend_vs_parallelize("gpt2"),
-            "compiled_pm": _compiled_parallel_module()}
+            "gpt_breaks": _backend_vs_parallelize("gpt_breaks"), "compiled_pm": _compiled_parallel_module()}

@@ -13,11 +13,11 @@ import logging
 import torch
 from torch import nn
 
-from tedfx.models.nanogpt import GPT, GPTConfig
+from tedfx.models.nanogpt import GPT, MLP, Block, GPTConfig
 
 __all__ = [
-    "VOCAB", "HIDDEN", "tiny_gpt", "tiny_gpt2", "tiny_llama", "tiny_bert", "tiny_opt",
-    "tiny_attention_only", "tiny_mlp_with_dropout", "BLOCK_STRUCTURES", "tiny_blocks",
+    "VOCAB", "HIDDEN", "tiny_gpt", "tiny_gpt_with_graph_breaks", "tiny_gpt2", "tiny_llama", "tiny_bert",
+    "tiny_opt", "tiny_attention_only", "tiny_mlp_with_dropout", "BLOCK_STRUCTURES", "tiny_blocks",
 ]
 
 VOCAB = 100
@@ -48,6 +48,36 @@ def tiny_gpt(activation: str = "gelu", *, n_layer: int = LAYERS, n_embd: int = H
     cfg = GPTConfig(vocab_size=VOCAB, block_size=32, n_layer=n_layer, n_head=HEADS, n_embd=n_embd,
                     dropout=dropout, bias=bias, activation=activation)
     return GPT(cfg), (_tokens(),)
+
+
+class _BreakingBlock(Block):
+    """A GPT block with a graph break between attention and MLP: dynamo compiles two graphs per block (shared
+    by all blocks) and, the break being inside the model's loop over blocks, runs the rest of the model eagerly."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x))
+        torch._dynamo.graph_break()
+        return x + self.mlp(self.ln_2(x))
+
+
+class _BreakingMLP(MLP):
+    """An MLP with a graph break between its two projections: no graph holds the whole FFN."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.act(self.c_fc(x))
+        torch._dynamo.graph_break()
+        return self.dropout(self.c_proj(h))
+
+
+def tiny_gpt_with_graph_breaks(n_layer: int = 4, *, inside_ffn: bool = False) -> tuple[nn.Module, tuple[torch.Tensor]]:
+    """tiny_gpt with a graph break in every block (between attention and MLP, or inside the MLP)."""
+    model, inputs = tiny_gpt(n_layer=n_layer)
+    for block in model.h:
+        if inside_ffn:
+            block.mlp.__class__ = _BreakingMLP
+        else:
+            block.__class__ = _BreakingBlock
+    return model, inputs
 
 
 def tiny_gpt2() -> tuple[nn.Module, tuple[torch.Tensor]]:

@@ -8,6 +8,7 @@ alike, and owns the gradient sync.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
@@ -71,8 +72,14 @@ class ParallelModule(nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if self.check_inputs and not torch.compiler.is_compiling():
             self._check_same_shapes(args, kwargs)  # a compiled graph guards its own input shapes
-        with collectives.bind_axes(self.mesh.groups(), self._stats):
+        with self.bind_groups():
             return self.module(*args, **kwargs)
+
+    def bind_groups(self) -> contextlib.AbstractContextManager[None]:
+        """Bind this rank's process groups and stats around a call of another graph that shares this module's
+        parameters (e.g. one graph of a model torch.compile split at graph breaks): what `forward` does
+        around `self.module`."""
+        return collectives.bind_axes(self.mesh.groups(), self._stats)
 
     def comm_stats(self) -> collectives.CommStats:
         """The collectives this rank issued since the last `comm_stats().reset()` (kind, axis, phase, calls, bytes)."""
