@@ -1,8 +1,10 @@
 """ffn_to_moe: rewrite the selected dense FFNs into MoE blocks (docs/moe.md, "The MoE block").
 
-For each FFN that `MoEConfig.layers` selects, in order:
+The projections of the FFNs `MoEConfig.layers` leaves dense are marked with
+`DENSE_FFN_META`. For each FFN that `MoEConfig.layers` selects, in order:
 1. Read the dense weights and lay them out [in, out] (nn.Linear stores
-   [out, in]; HF's Conv1D already stores [in, out]).
+   [out, in]; HF's Conv1D already stores [in, out]); a fused gate_up gives
+   w1 and w3 from its two halves, the gate half (found numerically) to w1.
 2. Build the block's modules at the FFN's path: `router` (weights seeded by
    (seed, FFN index) only, never by the layout) and `experts` (E upcycled
    copies, plus seeded noise if asked).
@@ -25,7 +27,7 @@ from ..moe.experts import ExpertWeights
 from ..moe.routing import Router
 from .context import MoEBlockRecord, PassContext
 from .find_ffns import FFNMatch, LinearRef
-from .graph import MOE_META, MoETag, Role, get_by_target, has_target
+from .graph import DENSE_FFN_META, MOE_META, MoETag, Role, get_by_target, has_target
 from .runner import requires
 
 __all__ = ["ffn_to_moe_pass"]
@@ -45,6 +47,12 @@ def ffn_to_moe_pass(gm: fx.GraphModule, *, ctx: PassContext) -> fx.GraphModule:
             f"MoEConfig.layers={moe.layers!r} selects none of the model's {len(matches)} FFNs "
             f"({', '.join(m.path for m in matches)}); pick at least one."
         )
+    chosen = {id(m) for m in selected}
+    for match in matches:
+        if id(match) not in chosen:  # tensor parallelism must still split these (docs/parallelism.md)
+            for ref in (match.fc1, match.up, match.fc2):
+                if ref is not None:
+                    ref.node.meta[DENSE_FFN_META] = match.path
     records = []
     for match in selected:
         records.append(_convert(gm, match, moe))
@@ -60,12 +68,14 @@ def _dense_weights(gm: fx.GraphModule, match: FFNMatch) -> dict[str, torch.Tenso
 
     def weight_in_out(ref: LinearRef) -> torch.Tensor:
         w = get_by_target(gm, ref.weight).detach()
-        return w if ref.transposed else w.t()
+        w = w if ref.transposed else w.t()
+        return w[:, slice(*ref.out_slice)] if ref.out_slice else w  # a half of a fused gate_up
 
     def bias(ref: LinearRef | None) -> torch.Tensor | None:
         if ref is None or ref.bias is None:
             return None
-        return get_by_target(gm, ref.bias).detach()
+        b = get_by_target(gm, ref.bias).detach()
+        return b[slice(*ref.out_slice)] if ref.out_slice else b
 
     dense = {"w1": weight_in_out(match.fc1), "b1": bias(match.fc1), "w2": weight_in_out(match.fc2),
              "b2": bias(match.fc2)}

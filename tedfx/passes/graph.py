@@ -4,7 +4,8 @@ Everything one pass leaves for another lives here, so no pass imports another
 for a constant:
 
 - node.meta keys: `MOE_META` tags every node of an MoE block with its FFN
-  path, its `Role` and the FFN's index; `REGION_META` names the checkpointed
+  path, its `Role` and the FFN's index; `DENSE_FFN_META` marks the projections of
+  an FFN that stayed dense; `REGION_META` names the checkpointed
   region a node is recomputed in; `DROPOUT_P_META` keeps an attention's
   captured dropout probability.
 - `Role`: what each node of an MoE block does; `Axis`: the mesh axes.
@@ -29,7 +30,8 @@ from ..axes import GROUP_AXES, MESH_AXES, Axis
 from ..capture import DROPOUT_P_META
 
 __all__ = [
-    "Axis", "DROPOUT_P_META", "GROUP_AXES", "Linear", "MESH_AXES", "MOE_META", "MoETag", "REGION_META", "Role",
+    "Axis", "DENSE_FFN_META", "DROPOUT_P_META", "GROUP_AXES", "Linear", "MESH_AXES", "MOE_META", "MoETag",
+    "REGION_META", "Role",
     "as_linear", "get_by_target", "has_target", "insert", "module_path", "moe_blocks", "set_by_target",
 ]
 
@@ -37,6 +39,8 @@ aten = torch.ops.aten
 
 MOE_META = "tedfx_moe"
 """node.meta key on every node of an MoE block: a `MoETag`."""
+DENSE_FFN_META = "tedfx_dense_ffn"
+"""node.meta key on the projections of an FFN that find_ffns found and MoEConfig.layers left dense: its path."""
 REGION_META = "tedfx_region"
 """node.meta key: the name of the checkpointed region a node is recomputed in."""
 
