@@ -353,7 +353,8 @@ def _matmul(node, ins, plan, T):
             return Placement("S", out[0], _all_seeds(ins))
         # Blame the operand not sharded per batch (head): q's shard is fine when k's is on head_dim.
         blamed = [sharded[i][0] for i in kinds if kinds[i] != "batch"] or [pa, pb]
-        raise Fail(_all_seeds(blamed), node, "matmul operands sharded on different dims")
+        what = "contracts the sharded dim" if "contract" in kinds.values() else "has operands sharded on different dims"
+        raise Fail(_all_seeds(blamed), node, f"matmul {what}")
     (i, (p, v)), = sharded.items()
     if kinds[i] == "contract":
         raise Fail(p.seeds, node, "matmul contracts the sharded dim")
@@ -437,6 +438,14 @@ _ELEMENTWISE = [
     aten.masked_fill.Scalar, aten.masked_fill.Tensor, aten.div.Scalar, aten.sub.Scalar, aten.rsub.Scalar,
     aten.to.dtype_layout,
 ]
+
+
+def _pointwise_rule(target) -> Callable | None:
+    """Any other pointwise aten op (erf in a spelled-out GELU, abs, ...) broadcasts as add does."""
+    tags = getattr(target, "tags", ())
+    return _elementwise if torch.Tag.pointwise in tags and torch.Tag.nondeterministic_seeded not in tags else None
+
+
 RULES: dict[Callable, Callable] = {
     **{op: _elementwise for op in _ELEMENTWISE},
     aten.transpose.int: _transpose,
@@ -463,7 +472,8 @@ RULES: dict[Callable, Callable] = {
     aten.repeat_interleave.self_int: _repeat_interleave,
     operator.getitem: _passthrough,
 }
-"""One handler per aten op: (node, input placements, plan, T) -> output placement; raises _Fail."""
+"""One handler per aten op: (node, input placements, plan, T) -> output placement; raises Fail.
+Pointwise ops without an entry use `_elementwise`."""
 
 
 # ---------------------------------------------------------------- propagation
@@ -498,7 +508,7 @@ def propagate(gm: fx.GraphModule, seeds: set[fx.Node], T: int) -> Plan:
         if all(plan.place.get(a, R).kind == "R" for a in node.all_input_nodes):
             plan.place[node] = R
             continue
-        rule = RULES.get(node.target)
+        rule = RULES.get(node.target) or _pointwise_rule(node.target)
         if rule is None:
             raise Fail(_all_seeds(ins + kw_ins), node, f"no sharding rule for {node.target}")
         plan.place[node] = rule(node, ins, plan, T)
