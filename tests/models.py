@@ -148,11 +148,15 @@ def tiny_mlp_with_dropout(p: float = 0.25) -> tuple[nn.Module, tuple[torch.Tenso
 
 
 class _ExplicitAttention(nn.Module):
-    """BERT-style attention as plain ops: q @ k^T / sqrt(d), masked_fill, softmax, dropout, @ v."""
+    """BERT-style attention as plain ops: q @ k^T / sqrt(d), masked_fill, softmax, dropout, @ v.
 
-    def __init__(self, hidden: int, heads: int) -> None:
+    With `bmm`, as fairseq and torch's own MultiheadAttention write it: batch and heads flattened into
+    one dim of B * heads, and torch.bmm.
+    """
+
+    def __init__(self, hidden: int, heads: int, bmm: bool = False) -> None:
         super().__init__()
-        self.heads, self.head_dim = heads, hidden // heads
+        self.heads, self.head_dim, self.bmm = heads, hidden // heads, bmm
         self.query, self.key, self.value = (nn.Linear(hidden, hidden) for _ in range(3))
         self.out = nn.Linear(hidden, hidden)
         self.drop = nn.Dropout(0.0)
@@ -161,20 +165,30 @@ class _ExplicitAttention(nn.Module):
         B, S, H = x.shape
         q, k, v = (proj(x).view(B, S, self.heads, self.head_dim).transpose(1, 2)
                    for proj in (self.query, self.key, self.value))
+        if self.bmm:
+            return self._bmm(q, k, v, pad_B11S)
         scores = torch.matmul(q, k.transpose(-1, -2)) / (self.head_dim ** 0.5)
         scores = scores.masked_fill(pad_B11S, -1e4)
         y = torch.matmul(self.drop(torch.softmax(scores, dim=-1)), v)
         return self.out(y.transpose(1, 2).reshape(B, S, H))
 
+    def _bmm(self, q, k, v, pad_B11S):
+        B, heads, S, d = q.shape
+        q, k, v = (t.reshape(B * heads, S, d) for t in (q, k, v))
+        scores = torch.bmm(q, k.transpose(1, 2)) * d ** -0.5
+        scores = scores.view(B, heads, S, S).masked_fill(pad_B11S, -1e4).view(B * heads, S, S)
+        y = torch.bmm(torch.softmax(scores, dim=-1), v).view(B, heads, S, d)
+        return self.out(y.transpose(1, 2).reshape(B, S, heads * d))
+
 
 class _ExplicitEncoder(nn.Module):
     """A post-norm BERT-like encoder: padding mask from token 0, explicit attention, GELU MLP, LM head."""
 
-    def __init__(self, hidden: int = HIDDEN, heads: int = HEADS, layers: int = LAYERS) -> None:
+    def __init__(self, hidden: int = HIDDEN, heads: int = HEADS, layers: int = LAYERS, bmm: bool = False) -> None:
         super().__init__()
         self.embed, self.pos = nn.Embedding(VOCAB, hidden), nn.Embedding(32, hidden)
         self.layers = nn.ModuleList(nn.ModuleDict({
-            "attn": _ExplicitAttention(hidden, heads), "ln1": nn.LayerNorm(hidden),
+            "attn": _ExplicitAttention(hidden, heads, bmm), "ln1": nn.LayerNorm(hidden),
             "fc1": nn.Linear(hidden, 2 * hidden), "fc2": nn.Linear(2 * hidden, hidden), "ln2": nn.LayerNorm(hidden),
         }) for _ in range(layers))
         self.head = nn.Linear(hidden, VOCAB)
@@ -188,10 +202,11 @@ class _ExplicitEncoder(nn.Module):
         return self.head(x)
 
 
-def tiny_explicit_encoder() -> tuple[nn.Module, tuple[torch.Tensor]]:
-    """Explicit attention (matmul, masked_fill by a padding mask, softmax), FFN width 64."""
+def tiny_explicit_encoder(bmm: bool = False) -> tuple[nn.Module, tuple[torch.Tensor]]:
+    """Explicit attention (matmul, masked_fill by a padding mask, softmax), FFN width 64; `bmm`: over
+    batch * heads flattened, as fairseq writes it."""
     torch.manual_seed(0)
-    return _ExplicitEncoder(), (_tokens(),)
+    return _ExplicitEncoder(bmm=bmm), (_tokens(),)
 
 
 class _FusedQKVBlock(nn.Module):

@@ -37,7 +37,18 @@ from tedfx.moe.routing import Router
 from tedfx.pipeline import build_moe_graph
 from tedfx.predict import predict_rank
 
-from models import VOCAB, patch_capture, tiny_gpt, tiny_gpt2, tiny_llama
+from models import (
+    VOCAB,
+    patch_capture,
+    tiny_explicit_encoder,
+    tiny_fused_qkv_encoder,
+    tiny_gpt,
+    tiny_gpt2,
+    tiny_gpt_neox,
+    tiny_gqa,
+    tiny_llama,
+    tiny_phi3,
+)
 
 __all__ = ["Case", "ErrorCase", "run_cases"]
 
@@ -61,7 +72,8 @@ class Case:
     """One parity case: a model and MoE routing on layout (T, X); D is the world size / (T * X)."""
 
     model: str
-    """"gpt" (tests/models.tiny_gpt), "gpt2" or "llama" (HF, dropout off)."""
+    """A key of BUILDERS: "gpt" (tests/models.tiny_gpt), "gpt2" or "llama" (HF, dropout off), or one of the
+    models written differently from ours ("explicit", "fused_qkv", "neox", "gqa", "phi3")."""
     tensor: int
     expert: int
     top_k: int = 1
@@ -130,6 +142,11 @@ BUILDERS: dict[str, Callable[[], nn.Module]] = {
     "gpt2": lambda: _no_dropout(tiny_gpt2()[0]),
     "llama": lambda: tiny_llama()[0],
     "llama_kv1": lambda: tiny_llama(kv_heads=1)[0],
+    "explicit": lambda: tiny_explicit_encoder()[0],
+    "fused_qkv": lambda: tiny_fused_qkv_encoder()[0],
+    "neox": lambda: tiny_gpt_neox()[0],
+    "gqa": lambda: tiny_gqa()[0],
+    "phi3": lambda: tiny_phi3()[0],
 }
 TP_SHARDED = {
     # Non-expert weights that Megatron tensor parallelism must split when T > 1 (one per layer).
@@ -139,6 +156,11 @@ TP_SHARDED = {
               "self_attn.o_proj.weight"),
     # One KV head does not divide by T: k and v stay replicated, each rank narrows them to its query heads.
     "llama_kv1": ("self_attn.q_proj.weight", "self_attn.o_proj.weight"),
+    "explicit": ("attn.query.weight", "attn.key.weight", "attn.value.weight", "attn.out.weight"),
+    "fused_qkv": ("qkv.weight", "proj.weight"),  # qkv viewed (3, heads, head_dim): split per chunk
+    "neox": ("attention.query_key_value.weight", "attention.dense.weight"),  # (heads, 3, head_dim)
+    "gqa": ("q.weight", "k.weight", "v.weight", "o.weight"),  # 2 KV heads, repeat_interleave
+    "phi3": ("self_attn.qkv_proj.weight", "self_attn.o_proj.weight"),  # q | k | v sliced; gate_up -> experts
 }
 _models: dict[str, nn.Module] = {}
 

@@ -18,6 +18,8 @@ plan, for the rank at ctx.coords["tp"]:
 
 from __future__ import annotations
 
+import operator
+
 import torch
 import torch.fx as fx
 from torch import nn
@@ -101,7 +103,11 @@ def shard_tensor_parallel_pass(gm: fx.GraphModule, *, ctx: PassContext) -> fx.Gr
 
 
 def _edit_shape(node: fx.Node, pos: int, dim: int, T: int) -> None:
-    """Divide a shape constant (view/reshape/expand size, split sizes) by T."""
+    """Divide a shape constant (view/reshape/expand size, split sizes) by T.
+
+    A symbolic size is an fx node computed from the inputs' sizes (export derives every size from
+    them), which are the same on every rank: a floordiv node divides it.
+    """
     arg = node.args[pos]
     if isinstance(arg, int):  # split(x, size)
         new = arg // T
@@ -111,6 +117,8 @@ def _edit_shape(node: fx.Node, pos: int, dim: int, T: int) -> None:
             new = [s // T for s in new]
         elif isinstance(new[dim], int) and new[dim] != -1:
             new[dim] //= T
+        elif isinstance(new[dim], fx.Node):
+            new[dim] = insert(node, operator.floordiv, (new[dim], T), before=True)
         elif new[dim] != -1:
-            raise RuntimeError(f"{node.name}: cannot divide symbolic size {new[dim]} by T={T}")
+            raise RuntimeError(f"{node.name}: cannot divide size {new[dim]} by T={T}")
     node.args = (*node.args[:pos], new, *node.args[pos + 1:])

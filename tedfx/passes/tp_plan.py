@@ -3,9 +3,9 @@
 See docs/parallelism.md, "Tensor parallelism".
 
 `plan_tensor_parallel` tries every linear outside the MoE blocks as
-column-parallel and propagates placements with the rule table of `tp_rules`;
-a seed whose shard reaches an op it cannot pass stays replicated, with the
-reason, and propagation restarts.
+column-parallel and propagates placements with the rule table of `tp_rules`
+(`propagate`); a seed whose shard reaches an op it cannot pass stays
+replicated, with the reason, and propagation restarts.
 
 Megatron tensor parallelism splits every attention projection (q, k, v, o) and
 every projection of a dense FFN. An op tedfx has no rule for, or a size T does
@@ -37,10 +37,10 @@ import torch
 import torch.fx as fx
 
 from .graph import DENSE_FFN_META, MOE_META, as_linear, module_path
-from .tp_rules import Fail, Plan, propagate
+from .tp_rules import Fail, Placement, Plan, R, all_seeds, node_ndim, node_val, rule_for
 
 __all__ = ["check_nothing_left_whole", "kept_whole_by_config", "linear_path", "plan_tensor_parallel",
-           "projections_to_split"]
+           "projections_to_split", "propagate", "settle_slices"]
 
 aten = torch.ops.aten
 
@@ -72,6 +72,66 @@ def kept_whole_by_config(gm: fx.GraphModule, patterns: tuple[str, ...]) -> froze
                              f"Use fnmatch globs on those paths, e.g. 'layers.*.attn.*'.")
         kept |= hits
     return frozenset(kept)
+
+
+def propagate(gm: fx.GraphModule, seeds: set[fx.Node], T: int) -> Plan:
+    """Place every node for these column-parallel seeds; raises Fail at the first op a shard cannot pass."""
+    plan = Plan()
+    for node in gm.graph.nodes:
+        ins = [plan.place.get(a, R) if isinstance(a, fx.Node) else R for a in node.args]
+        kw_ins = [plan.place.get(a, R) for a in node.kwargs.values() if isinstance(a, fx.Node)]
+        lin = as_linear(node)
+        if lin is not None:
+            xp = plan.place.get(lin.x, R)
+            if xp.kind == "S":
+                if xp.dim != node_ndim(lin.x) - 1 or xp.outer != 1:
+                    raise Fail(xp.seeds, node, "linear input sharded on a non-feature dim or in blocks")
+                plan.row.append(node)
+                plan.place[node] = R
+            elif node in seeds:
+                plan.column[node] = frozenset({node})
+                plan.place[node] = Placement("S", node_ndim(node) - 1, frozenset({node}))
+            else:
+                plan.place[node] = R
+            continue
+        if node.op == "output" or node.meta.get(MOE_META) or node.op in ("call_module", "placeholder", "get_attr"):
+            bad = [plan.place[a] for a in node.all_input_nodes if plan.place.get(a, R).kind == "S"]
+            if bad:
+                raise Fail(all_seeds(bad), node, "sharded value reaches an op that needs it whole")
+            plan.place[node] = R
+            continue
+        if all(plan.place.get(a, R).kind == "R" for a in node.all_input_nodes):
+            plan.place[node] = R
+            continue
+        rule = rule_for(node.target)
+        if rule is None:
+            raise Fail(all_seeds(ins + kw_ins), node, f"no sharding rule for {node.target}")
+        plan.place[node] = rule(node, ins, plan, T)
+    settle_slices(plan, T)
+    return plan
+
+
+def settle_slices(plan: Plan, T: int) -> None:
+    """After propagation: the slices of each fused projection must cut it into chunks, one chunk per slice."""
+    cuts: dict[fx.Node, set[int]] = {}
+    for node, (seeds, start, end) in plan.slices.items():
+        for seed in seeds:
+            cuts.setdefault(seed, {0, node_val(seed).shape[-1]}).update((start, end))
+    for seed, bounds in cuts.items():
+        bounds = sorted(bounds)
+        sizes = tuple(b - a for a, b in zip(bounds, bounds[1:]))
+        user = next(n for n, (seeds, _, _) in plan.slices.items() if seed in seeds)
+        if plan.chunks.get(seed, sizes) != sizes:
+            raise Fail(frozenset({seed}), user, "a fused projection split two different ways")
+        if any(c % T for c in sizes):
+            raise Fail(frozenset({seed}), user, f"slices cut the fused projection into chunks {list(sizes)}, "
+                                                f"not all divisible by T={T}")
+        plan.chunks[seed] = sizes
+    for node, (seeds, start, end) in plan.slices.items():
+        for seed in seeds:
+            bounds = sorted(cuts[seed])
+            if bounds.index(end) != bounds.index(start) + 1:
+                raise Fail(seeds, node, f"slice [{start}:{end}] spans several chunks of a fused projection")
 
 
 def plan_tensor_parallel(gm: fx.GraphModule, T: int, *, keep_whole: frozenset = frozenset()

@@ -25,16 +25,16 @@ or dense-FFN projection the plan leaves whole (docs/parallelism.md, "Tensor para
 
 from __future__ import annotations
 
+import dataclasses
 import operator
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
+import sympy
 import torch
 import torch.fx as fx
 
-from .graph import MOE_META, as_linear
-
-__all__ = ["Fail", "Placement", "Plan", "R", "RULES", "propagate", "settle_slices"]
+__all__ = ["Fail", "Placement", "Plan", "R", "RULES", "all_seeds", "node_ndim", "node_val", "rule_for"]
 
 aten = torch.ops.aten
 
@@ -46,6 +46,13 @@ class Placement:
     kind: str  # "R" | "S"
     dim: int = -1
     seeds: frozenset = frozenset()
+    outer: Any = 1
+    """Blocks the sharded dim holds, each split over T on its own: the batch B of a (B * heads) dim that
+    bmm-style attention flattens; 1 for a plain shard. An int or a sympy expression of the captured sizes."""
+
+    def at(self, dim: int) -> Placement:
+        """The same shard, moved to `dim`."""
+        return dataclasses.replace(self, dim=dim)
 
 
 R = Placement("R")
@@ -80,13 +87,13 @@ class Plan:
 # ---------------------------------------------------------------- the rule table
 
 
-def _val(node) -> torch.Tensor | None:
+def node_val(node) -> torch.Tensor | None:
     v = node.meta.get("val") if isinstance(node, fx.Node) else None
     return v if isinstance(v, torch.Tensor) else None
 
 
-def _ndim(node) -> int:
-    v = _val(node)
+def node_ndim(node) -> int:
+    v = node_val(node)
     return v.dim() if v is not None else 0
 
 
@@ -99,60 +106,61 @@ def _passthrough(node, ins, plan, T):
 
 
 def _elementwise(node, ins, plan, T):
-    out_nd = _ndim(node)
+    out_nd = node_ndim(node)
     sharded = [(a, p) for a, p in zip(node.args, ins) if p.kind == "S"]
     if not sharded:
         return R
-    dims = {p.dim + (out_nd - _ndim(a)) for a, p in sharded}
+    dims = {(p.dim + (out_nd - node_ndim(a)), p.outer) for a, p in sharded}
     if len(dims) != 1:
-        raise Fail(_all_seeds(ins), node, "operands sharded on different dims")
-    d = dims.pop()
+        raise Fail(all_seeds(ins), node, "operands sharded on different dims")
+    d, outer = dims.pop()
     for a, p in zip(node.args, ins):
-        if isinstance(a, fx.Node) and p.kind == "R" and _val(a) is not None:
-            aligned = d - (out_nd - _ndim(a))
-            if aligned >= 0 and _val(a).shape[aligned] != 1:
-                raise Fail(_all_seeds(ins), node, "replicated operand not broadcast along the sharded dim")
-    return Placement("S", d, _all_seeds(ins))
+        if isinstance(a, fx.Node) and p.kind == "R" and node_val(a) is not None:
+            aligned = d - (out_nd - node_ndim(a))
+            if aligned >= 0 and node_val(a).shape[aligned] != 1:
+                raise Fail(all_seeds(ins), node, "replicated operand not broadcast along the sharded dim")
+    return Placement("S", d, all_seeds(ins), outer)
 
 
 def _transpose(node, ins, plan, T):
     p = ins[0]
     if p.kind != "S":
         return R
-    nd = _ndim(node.args[0])
+    nd = node_ndim(node.args[0])
     a, b = (_norm_dim(d, nd) for d in node.args[1:3])
-    return Placement("S", b if p.dim == a else a if p.dim == b else p.dim, p.seeds)
+    return p.at(b if p.dim == a else a if p.dim == b else p.dim)
 
 
 def _permute(node, ins, plan, T):
     p = ins[0]
     if p.kind != "S":
         return R
-    nd = _ndim(node.args[0])
+    nd = node_ndim(node.args[0])
     order = [_norm_dim(d, nd) for d in node.args[1]]
-    return Placement("S", order.index(p.dim), p.seeds)
+    return p.at(order.index(p.dim))
 
 
 def _unsqueeze(node, ins, plan, T):
     p = ins[0]
     if p.kind != "S":
         return R
-    d = _norm_dim(node.args[1], _ndim(node))
-    return Placement("S", p.dim + 1 if d <= p.dim else p.dim, p.seeds)
+    d = _norm_dim(node.args[1], node_ndim(node))
+    return p.at(p.dim + 1 if d <= p.dim else p.dim)
 
 
 def _slice(node, ins, plan, T):
     """A slice along the sharded features of a fused projection (Phi-3's qkv[..., a:b]) picks one chunk."""
     p = ins[0]
-    nd = _ndim(node.args[0])
+    nd = node_ndim(node.args[0])
     if p.kind != "S" or _norm_dim(node.args[1] if len(node.args) > 1 else 0, nd) != p.dim:
         return p
-    full = _val(node.args[0]).shape[p.dim]
+    full = node_val(node.args[0]).shape[p.dim]
     start = node.args[2] if len(node.args) > 2 and node.args[2] is not None else 0
     end = node.args[3] if len(node.args) > 3 else None
     end = full if end is None or (isinstance(end, int) and end >= full) else end
-    if not (isinstance(start, int) and isinstance(end, int)) or (len(node.args) > 4 and node.args[4] != 1):
-        raise Fail(p.seeds, node, "slice along the sharded dim with symbolic bounds or a step")
+    if not (isinstance(start, int) and isinstance(end, int)) or (len(node.args) > 4 and node.args[4] != 1) \
+            or p.outer != 1:
+        raise Fail(p.seeds, node, "slice along the sharded dim with symbolic bounds, a step or blocks")
     start, end = (_norm_dim(b, full) for b in (start, end))
     if (start, end) == (0, full):
         return p
@@ -163,7 +171,7 @@ def _slice(node, ins, plan, T):
 
 def _check_fused(node, p: Placement, size: int) -> None:
     """Chunks of a fused projection are chunks of its output features: the sharded dim must hold all of them."""
-    if any(_val(s) is None or _val(s).shape[-1] != size for s in p.seeds):
+    if p.outer != 1 or any(node_val(s) is None or node_val(s).shape[-1] != size for s in p.seeds):
         raise Fail(p.seeds, node, "split of a sharded dim that is not a projection's whole output features")
 
 
@@ -178,51 +186,28 @@ def _record_chunks(node, p: Placement, sizes: list, plan, T) -> None:
         plan.chunks[seed] = tuple(sizes)
 
 
-def settle_slices(plan: Plan, T: int) -> None:
-    """After propagation: the slices of each fused projection must cut it into chunks, one chunk per slice."""
-    cuts: dict[fx.Node, set[int]] = {}
-    for node, (seeds, start, end) in plan.slices.items():
-        for seed in seeds:
-            cuts.setdefault(seed, {0, _val(seed).shape[-1]}).update((start, end))
-    for seed, bounds in cuts.items():
-        bounds = sorted(bounds)
-        sizes = tuple(b - a for a, b in zip(bounds, bounds[1:]))
-        user = next(n for n, (seeds, _, _) in plan.slices.items() if seed in seeds)
-        if plan.chunks.get(seed, sizes) != sizes:
-            raise Fail(frozenset({seed}), user, "a fused projection split two different ways")
-        if any(c % T for c in sizes):
-            raise Fail(frozenset({seed}), user, f"slices cut the fused projection into chunks {list(sizes)}, "
-                                                f"not all divisible by T={T}")
-        plan.chunks[seed] = sizes
-    for node, (seeds, start, end) in plan.slices.items():
-        for seed in seeds:
-            bounds = sorted(cuts[seed])
-            if bounds.index(end) != bounds.index(start) + 1:
-                raise Fail(seeds, node, f"slice [{start}:{end}] spans several chunks of a fused projection")
-
-
 def _cat(node, ins, plan, T):
     # Empty operands (legacy cat skips them, e.g. an empty KV-cache placeholder) do not take part.
-    tensors = [t for t in node.args[0] if _val(t) is None or _val(t).numel() > 0]
+    tensors = [t for t in node.args[0] if node_val(t) is None or node_val(t).numel() > 0]
     places = [plan.place.get(t, R) for t in tensors]
-    dim = _norm_dim(node.args[1] if len(node.args) > 1 else 0, _ndim(node))
-    kinds = {(p.kind, p.dim) for p in places}
-    if kinds == {("R", -1)}:
+    dim = _norm_dim(node.args[1] if len(node.args) > 1 else 0, node_ndim(node))
+    kinds = {(p.kind, p.dim, p.outer) for p in places}
+    if kinds == {("R", -1, 1)}:
         return R
     if len(kinds) != 1 or dim == places[0].dim:
-        raise Fail(_all_seeds(places), node, "cat of mixed placements or along the sharded dim")
-    return Placement("S", places[0].dim, _all_seeds(places))
+        raise Fail(all_seeds(places), node, "cat of mixed placements or along the sharded dim")
+    return dataclasses.replace(places[0], seeds=all_seeds(places))
 
 
 def _split(node, ins, plan, T):
     p = ins[0]
     if p.kind != "S":
         return R
-    nd = _ndim(node.args[0])
+    nd = node_ndim(node.args[0])
     dim = _norm_dim(node.args[2] if len(node.args) > 2 else 0, nd)
     if dim != p.dim:
         return p
-    full = _val(node.args[0]).shape[dim]
+    full = node_val(node.args[0]).shape[dim]
     size = node.args[1]
     sizes = [size] * (full // size) if isinstance(size, int) else list(size)
     if sum(sizes) != full or any(not isinstance(s, int) or s % T for s in sizes):
@@ -235,10 +220,10 @@ def _split(node, ins, plan, T):
 def _chunk(node, ins, plan, T):
     """chunk(n) of the sharded features: each rank chunks its share of every chunk (GPT-NeoX, Phi-3's gate_up)."""
     p = ins[0]
-    dim = _norm_dim(node.args[2] if len(node.args) > 2 else 0, _ndim(node.args[0]))
+    dim = _norm_dim(node.args[2] if len(node.args) > 2 else 0, node_ndim(node.args[0]))
     if p.kind != "S" or dim != p.dim:
         return p
-    full, n = _val(node.args[0]).shape[dim], node.args[1]
+    full, n = node_val(node.args[0]).shape[dim], node.args[1]
     if not isinstance(full, int) or full % n:
         raise Fail(p.seeds, node, f"chunk({n}) of {full} features is uneven")
     _record_chunks(node, p, [full // n] * n, plan, T)
@@ -248,12 +233,12 @@ def _chunk(node, ins, plan, T):
 def _unbind(node, ins, plan, T):
     """unbind/select along another dim than the sharded one: the shard moves down when a dim before it goes."""
     p = ins[0]
-    dim = _norm_dim(node.args[1] if len(node.args) > 1 else 0, _ndim(node.args[0]))
+    dim = _norm_dim(node.args[1] if len(node.args) > 1 else 0, node_ndim(node.args[0]))
     if p.kind != "S":
         return R
     if dim == p.dim:
         raise Fail(p.seeds, node, "unbind or select along the sharded dim")
-    return Placement("S", p.dim - (p.dim > dim), p.seeds)
+    return p.at(p.dim - (p.dim > dim))
 
 
 def _unbound_later(node: fx.Node, dim: int, hops: int = 4) -> bool:
@@ -264,12 +249,12 @@ def _unbound_later(node: fx.Node, dim: int, hops: int = 4) -> bool:
             return False
         user = next(iter(node.users))
         if user.target in (aten.unbind.int, aten.select.int):
-            return _norm_dim(user.args[1] if len(user.args) > 1 else 0, _ndim(node)) == dim
+            return _norm_dim(user.args[1] if len(user.args) > 1 else 0, node_ndim(node)) == dim
         if user.target is aten.transpose.int:
-            a, b = (_norm_dim(d, _ndim(node)) for d in user.args[1:3])
+            a, b = (_norm_dim(d, node_ndim(node)) for d in user.args[1:3])
             dim = b if dim == a else a if dim == b else dim
         elif user.target is aten.permute.default:
-            dim = [_norm_dim(d, _ndim(node)) for d in user.args[1]].index(dim)
+            dim = [_norm_dim(d, node_ndim(node)) for d in user.args[1]].index(dim)
         elif user.target not in (aten.clone.default, aten.contiguous.default, aten.alias.default):
             return False
         node = user
@@ -277,40 +262,72 @@ def _unbound_later(node: fx.Node, dim: int, hops: int = 4) -> bool:
 
 
 def _reshape(node, ins, plan, T):
-    """view/reshape: the sharded input dim must be the outermost of the dims it becomes part of."""
+    """view/reshape: the sharded factor of the input dim lands on the output dim where it starts.
+
+    Within the dims that hold the same elements, the sharded factor sits behind `outer` elements of
+    the dims before it; it lands on the first output dim whose prefix divides them, the rest of them
+    becoming that dim's `outer` blocks: (B, heads, S, d) -> (B * heads, S, d) for bmm gives blocks B,
+    and back. A fused projection viewed (n, heads, head_dim) and then unbound is split per chunk.
+    """
     p = ins[0]
     if p.kind != "S":
         return R
-    src, dst = _val(node.args[0]).shape, _val(node).shape
+    src, dst = node_val(node.args[0]).shape, node_val(node).shape
     group_in, group_out = _dim_groups(src, dst, p.dim)
-    if group_in is None or group_in[0] != p.dim:
+    if group_in is None:
         raise Fail(p.seeds, node, f"reshape {tuple(src)} -> {tuple(dst)} splits the sharded dim {p.dim}")
-    out_dim = group_out[0]
-    size = dst[out_dim]
-    if len(group_in) == 1 and len(group_out) > 1 and isinstance(size, int) and _unbound_later(node, out_dim):
+    j = group_out[0]
+    if group_in == [p.dim] and p.outer == 1 and len(group_out) > 1 and isinstance(dst[j], int) \
+            and _unbound_later(node, j):
         # A fused projection viewed (n, heads, head_dim), as timm's qkv (3, heads, head_dim): each of the
         # n chunks is split over T on its own, so every rank keeps its heads' q, k and v together.
-        _record_chunks(node, p, [src[p.dim] // size] * size, plan, T)
-        out_dim = group_out[1]
-        size = dst[out_dim]
-    if not isinstance(size, int) or size % T:
-        raise Fail(p.seeds, node, f"dim {out_dim} of shape {tuple(dst)} (size {size}, e.g. the number of "
+        _record_chunks(node, p, [src[p.dim] // dst[j]] * dst[j], plan, T)
+        j, outer = group_out[1], sympy.Integer(1)
+    else:
+        j, outer = _landing(src, dst, group_in, group_out, p)
+        if j is None:
+            raise Fail(p.seeds, node, f"reshape {tuple(src)} -> {tuple(dst)} splits the sharded dim {p.dim}")
+    size = sympy.sympify(_expr(dst[j])) / outer
+    if not size.is_Integer or int(size) % T:
+        raise Fail(p.seeds, node, f"dim {j} of shape {tuple(dst)} (size {size}, e.g. the number of "
                     f"attention heads) is not divisible by T={T}")
-    plan.shape_edits[node] = (1, out_dim)
-    return Placement("S", out_dim, p.seeds)
+    plan.shape_edits[node] = (1, j)
+    return Placement("S", j, p.seeds, int(outer) if outer.is_Integer else outer)
+
+
+def _landing(src, dst, group_in, group_out, p: Placement):
+    """(output dim, its outer blocks) where the input's sharded factor starts; (None, None) if it is cut."""
+    outer = sympy.sympify(_expr(p.outer))
+    for i in group_in[:group_in.index(p.dim)]:
+        outer *= _expr(src[i])
+    factor = sympy.sympify(_expr(src[p.dim])) / _expr(p.outer)
+    prefix = sympy.Integer(1)
+    for j in group_out:
+        blocks = sympy.simplify(outer / prefix)
+        if blocks.is_integer is not True:
+            break
+        size = sympy.simplify(_expr(dst[j]) / blocks)
+        # The factor starts here: it spans this dim and more (heads, head_dim -> features) or fits in it.
+        if size.is_integer and size != 1 and (sympy.simplify(factor / size).is_integer
+                                              or sympy.simplify(size / factor).is_integer):
+            return j, blocks
+        prefix *= _expr(dst[j])
+    return None, None
 
 
 def _expand(node, ins, plan, T):
     p = ins[0]
     if p.kind != "S":
         return R
-    d = p.dim + (_ndim(node) - _ndim(node.args[0]))
+    d = p.dim + (node_ndim(node) - node_ndim(node.args[0]))
     plan.shape_edits[node] = (1, d)
-    return Placement("S", d, p.seeds)
+    return p.at(d)
 
 
 def _sdpa(node, ins, plan, T):
     q, k, v = ins[:3]
+    if any(p.outer != 1 for p in ins):
+        raise Fail(all_seeds(ins), node, "attention inputs sharded in blocks")
     if q.kind == k.kind == v.kind == "R":
         mask = ins[3] if len(ins) > 3 else R
         if mask.kind == "S":
@@ -321,15 +338,15 @@ def _sdpa(node, ins, plan, T):
         # query head), and each rank narrows them to its own query heads.
         bad = [p for p in (k, v) if p.kind == "S" and p.dim != 1]
         if bad:  # blame k/v only: the query's shard is fine
-            raise Fail(_all_seeds(bad), node, "k or v sharded on a dim other than heads")
+            raise Fail(all_seeds(bad), node, "k or v sharded on a dim other than heads")
         plan.narrow.extend((node, i, 1) for i, p in ((1, k), (2, v)) if p.kind == "R")
     elif not (q.kind == k.kind == v.kind == "S" and q.dim == k.dim == v.dim == 1):
-        raise Fail(_all_seeds(ins), node, "q, k, v must all be sharded on the heads dim")
+        raise Fail(all_seeds(ins), node, "q, k, v must all be sharded on the heads dim")
     if len(node.args) > 3 and isinstance(node.args[3], fx.Node):
-        mask = _val(node.args[3])
+        mask = node_val(node.args[3])
         if ins[3].kind == "R" and mask is not None and mask.dim() == 4 and mask.shape[1] != 1:
-            raise Fail(_all_seeds(ins), node, "per-head attention mask is replicated")
-    return Placement("S", 1, _all_seeds(ins))
+            raise Fail(all_seeds(ins), node, "per-head attention mask is replicated")
+    return Placement("S", 1, all_seeds(ins))
 
 
 def _matmul(node, ins, plan, T):
@@ -341,36 +358,36 @@ def _matmul(node, ins, plan, T):
     through; a sharded contraction dim would need a reduction, and fails.
     """
     (a, b), (pa, pb) = node.args[:2], ins[:2]
-    va, vb, nd = _val(a), _val(b), _ndim(node)
+    va, vb, nd = node_val(a), node_val(b), node_ndim(node)
     if va is None or vb is None or va.dim() < 2 or vb.dim() < 2:
-        raise Fail(_all_seeds(ins), node, "matmul with a vector operand")
+        raise Fail(all_seeds(ins), node, "matmul with a vector operand")
     sharded = {i: (p, v) for i, (p, v) in enumerate(((pa, va), (pb, vb))) if p.kind == "S"}
     kinds = {i: "batch" if p.dim < v.dim() - 2 else ("row", "contract")[i] if p.dim == v.dim() - 2
              else ("contract", "col")[i] for i, (p, v) in sharded.items()}
     out = {i: p.dim + nd - v.dim() for i, (p, v) in sharded.items()}
     if len(sharded) == 2:
-        if set(kinds.values()) == {"batch"} and out[0] == out[1]:
-            return Placement("S", out[0], _all_seeds(ins))
+        if set(kinds.values()) == {"batch"} and out[0] == out[1] and pa.outer == pb.outer:
+            return dataclasses.replace(pa.at(out[0]), seeds=all_seeds(ins))
         # Blame the operand not sharded per batch (head): q's shard is fine when k's is on head_dim.
         blamed = [sharded[i][0] for i in kinds if kinds[i] != "batch"] or [pa, pb]
         what = "contracts the sharded dim" if "contract" in kinds.values() else "has operands sharded on different dims"
-        raise Fail(_all_seeds(blamed), node, f"matmul {what}")
+        raise Fail(all_seeds(blamed), node, f"matmul {what}")
     (i, (p, v)), = sharded.items()
     if kinds[i] == "contract":
         raise Fail(p.seeds, node, "matmul contracts the sharded dim")
     other = vb if i == 0 else va
     od = out[i] - (nd - other.dim())
     if kinds[i] == "batch" and od >= 0 and other.shape[od] != 1:
-        if not isinstance(other.shape[od], int) or other.shape[od] % T:
+        if not isinstance(other.shape[od], int) or other.shape[od] % T or p.outer != 1:
             raise Fail(p.seeds, node, f"replicated operand of size {other.shape[od]} along the sharded batch dim "
                                       f"is not divisible by T={T}")
         plan.narrow.append((node, 1 - i, od))
-    return Placement("S", out[i], p.seeds)
+    return p.at(out[i])
 
 
 def _softmax(node, ins, plan, T):
     p = ins[0]
-    if p.kind == "S" and _norm_dim(node.args[1], _ndim(node)) == p.dim:
+    if p.kind == "S" and _norm_dim(node.args[1], node_ndim(node)) == p.dim:
         raise Fail(p.seeds, node, "softmax over the sharded dim")
     return p
 
@@ -385,8 +402,8 @@ def _repeat_interleave(node, ins, plan, T):
     if dim is None:
         raise Fail(p.seeds, node, "repeat_interleave without a dim flattens the sharded tensor")
     output_size = node.args[3] if len(node.args) > 3 else node.kwargs.get("output_size")
-    if _norm_dim(dim, _ndim(node)) == p.dim and output_size is not None:
-        raise Fail(p.seeds, node, "repeat_interleave with output_size along the sharded dim")
+    if _norm_dim(dim, node_ndim(node)) == p.dim and (output_size is not None or p.outer != 1):
+        raise Fail(p.seeds, node, "repeat_interleave with output_size or blocks along the sharded dim")
     return p
 
 
@@ -422,7 +439,7 @@ def _dim_groups(src, dst, dim):
     return None, None
 
 
-def _all_seeds(places) -> frozenset:
+def all_seeds(places) -> frozenset:
     out = frozenset()
     for p in places:
         out |= p.seeds
@@ -438,12 +455,6 @@ _ELEMENTWISE = [
     aten.masked_fill.Scalar, aten.masked_fill.Tensor, aten.div.Scalar, aten.sub.Scalar, aten.rsub.Scalar,
     aten.to.dtype_layout,
 ]
-
-
-def _pointwise_rule(target) -> Callable | None:
-    """Any other pointwise aten op (erf in a spelled-out GELU, abs, ...) broadcasts as add does."""
-    tags = getattr(target, "tags", ())
-    return _elementwise if torch.Tag.pointwise in tags and torch.Tag.nondeterministic_seeded not in tags else None
 
 
 RULES: dict[Callable, Callable] = {
@@ -472,45 +483,13 @@ RULES: dict[Callable, Callable] = {
     aten.repeat_interleave.self_int: _repeat_interleave,
     operator.getitem: _passthrough,
 }
-"""One handler per aten op: (node, input placements, plan, T) -> output placement; raises Fail.
-Pointwise ops without an entry use `_elementwise`."""
+"""One handler per aten op: (node, input placements, plan, T) -> output placement; raises Fail."""
 
 
-# ---------------------------------------------------------------- propagation
-
-
-def propagate(gm: fx.GraphModule, seeds: set[fx.Node], T: int) -> Plan:
-    """Place every node for these column-parallel seeds; raises Fail at the first op a shard cannot pass."""
-    plan = Plan()
-    for node in gm.graph.nodes:
-        ins = [plan.place.get(a, R) if isinstance(a, fx.Node) else R for a in node.args]
-        kw_ins = [plan.place.get(a, R) for a in node.kwargs.values() if isinstance(a, fx.Node)]
-        lin = as_linear(node)
-        if lin is not None:
-            xp = plan.place.get(lin.x, R)
-            if xp.kind == "S":
-                if xp.dim != _ndim(lin.x) - 1:
-                    raise Fail(xp.seeds, node, "linear input sharded on a non-feature dim")
-                plan.row.append(node)
-                plan.place[node] = R
-            elif node in seeds:
-                plan.column[node] = frozenset({node})
-                plan.place[node] = Placement("S", _ndim(node) - 1, frozenset({node}))
-            else:
-                plan.place[node] = R
-            continue
-        if node.op == "output" or node.meta.get(MOE_META) or node.op in ("call_module", "placeholder", "get_attr"):
-            bad = [plan.place[a] for a in node.all_input_nodes if plan.place.get(a, R).kind == "S"]
-            if bad:
-                raise Fail(_all_seeds(bad), node, "sharded value reaches an op that needs it whole")
-            plan.place[node] = R
-            continue
-        if all(plan.place.get(a, R).kind == "R" for a in node.all_input_nodes):
-            plan.place[node] = R
-            continue
-        rule = RULES.get(node.target) or _pointwise_rule(node.target)
-        if rule is None:
-            raise Fail(_all_seeds(ins + kw_ins), node, f"no sharding rule for {node.target}")
-        plan.place[node] = rule(node, ins, plan, T)
-    settle_slices(plan, T)
-    return plan
+def rule_for(target) -> Callable | None:
+    """The handler of an op: its RULES entry; any other pointwise aten op (erf in a spelled-out GELU, abs,
+    ...) broadcasts as add does; None when there is no rule."""
+    if target in RULES:
+        return RULES[target]
+    tags = getattr(target, "tags", ())
+    return _elementwise if torch.Tag.pointwise in tags and torch.Tag.nondeterministic_seeded not in tags else None

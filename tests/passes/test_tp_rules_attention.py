@@ -171,6 +171,22 @@ def test_phi3_slices_of_the_fused_qkv_become_local_slices():
     assert bounds == [(0, 16), (16, 24), (24, 64)]  # q | k | v of the rank's 2 heads and 1 KV head
 
 
+@pytest.mark.parametrize("T", [2, 4])
+def test_bmm_attention_over_batch_times_heads(T):
+    """fairseq-style attention: (B, heads, S, d) -> (B * heads, S, d), torch.bmm, and back. The shard of
+    the heads stays inside each batch's block of the flattened dim (its `outer` blocks are B)."""
+    gm, _, _ = _moe_graph(tiny_explicit_encoder, bmm=True)
+    plan, _ = plan_tensor_parallel(gm, T)
+    bmms = [n for n in gm.graph.nodes if n.target is aten.bmm.default]
+    assert len(bmms) == 4 and all(plan.place[n].dim == 0 and plan.place[n].outer != 1 for n in bmms)
+    ranks = _ranks(tiny_explicit_encoder, T, bmm=True)
+    assert _split(ranks[0][1]) == ({f"layers.{i}.attn.{p}" for i in range(2) for p in ("query", "key", "value")},
+                                   {f"layers.{i}.attn.out" for i in range(2)})
+    # The flattened size B * heads is symbolic: each rank divides it by T in the graph.
+    assert sum(n.target is operator.floordiv for n in ranks[0][0].graph.nodes) >= 2
+    _assert_ranks_compute_the_reference(tiny_explicit_encoder, ranks, bmm=True)
+
+
 # --- GQA and MQA: k/v split when the KV heads divide T, else narrowed per rank ----------------------------
 
 
