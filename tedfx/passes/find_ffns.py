@@ -157,30 +157,26 @@ def _in_out(gm: fx.GraphModule, ref: LinearRef) -> tuple[int, int]:
     return (fan_in, ref.out_slice[1] - ref.out_slice[0]) if ref.out_slice else (fan_in, fan_out)
 
 
-_SPLITS = (aten.chunk.default, aten.split.Tensor, aten.split_with_sizes.default)
+_HALVING = {  # split op -> whether its size argument cuts `F + F` features in two halves
+    aten.chunk.default: lambda parts, F: parts == 2,
+    aten.split.Tensor: lambda parts, F: parts == F,
+    aten.split_with_sizes.default: lambda parts, F: list(parts) == [F, F],
+}
 
 
 def _fused_halves(projections: dict[fx.Node, LinearRef]) -> dict[fx.Node, LinearRef]:
-    """The two halves of every projection split in two along its features (`gate, up = proj(x).chunk(2, -1)`):
-    {getitem node: the projection's LinearRef restricted to that half}."""
+    """{getitem: LinearRef of that half} for every projection split in two along its features, as
+    `gate, up = proj(x).chunk(2, dim=-1)` (Phi-3's gate_up_proj)."""
     halves = {}
     for node, ref in projections.items():
-        users = list(node.users)
-        if len(users) != 1 or users[0].target not in _SPLITS:
+        split, out = next(iter(node.users), None), node.meta.get("val")
+        if len(node.users) != 1 or split.target not in _HALVING or not isinstance(out, torch.Tensor):
             continue
-        split, out = users[0], node.meta.get("val")
-        if not isinstance(out, torch.Tensor) or not isinstance(out.shape[-1], int):
-            continue
-        F = out.shape[-1] // 2
-        dim = split.args[2] if len(split.args) > 2 else split.kwargs.get("dim", 0)
-        parts = split.args[1]
-        if dim not in (-1, out.dim() - 1) or out.shape[-1] != 2 * F or parts not in (2, F, [F, F]) \
-                or (split.target is aten.chunk.default) != (parts == 2):
-            continue
+        F, dim = out.shape[-1] // 2, split.args[2] if len(split.args) > 2 else split.kwargs.get("dim", 0)
         items = {u.args[1]: u for u in split.users if u.target is operator.getitem}
-        if sorted(items) == [0, 1] and len(split.users) == 2:
-            for i, item in items.items():
-                halves[item] = replace(ref, out_slice=(i * F, (i + 1) * F))
+        if dim in (-1, out.dim() - 1) and isinstance(F, int) and out.shape[-1] == 2 * F \
+                and _HALVING[split.target](split.args[1], F) and sorted(items) == [0, 1] and len(split.users) == 2:
+            halves.update((item, replace(ref, out_slice=(i * F, (i + 1) * F))) for i, item in items.items())
     return halves
 
 

@@ -68,9 +68,13 @@ class Fail(Exception):
 
 @dataclass
 class Plan:
+    """The tensor-parallel plan of one graph: placements, and what shard_tensor_parallel rewrites."""
+
     place: dict[fx.Node, Placement] = field(default_factory=dict)
     column: dict[fx.Node, frozenset] = field(default_factory=dict)
+    """Column-parallel linears (output features split)."""
     row: list[fx.Node] = field(default_factory=list)
+    """Row-parallel linears (input features split; partial sums all-reduced)."""
     chunks: dict[fx.Node, tuple[int, ...]] = field(default_factory=dict)
     """Column-parallel linear -> sizes of the chunks of its output features, each split over T on its own."""
     shape_edits: dict[fx.Node, tuple[int, int]] = field(default_factory=dict)  # node -> (arg position in list, dim)

@@ -18,6 +18,7 @@ ParallelConfig.replicate, the opt-out that keeps named projections whole.
 
 from __future__ import annotations
 
+import copy
 import functools
 import operator
 from typing import Any, Callable
@@ -30,6 +31,7 @@ from torch import nn
 import tedfx
 from tedfx import collectives, pipeline
 from tedfx._compat import pytree
+from tedfx.passes.shard_tensor_parallel import shard_tensor_parallel_pass
 from tedfx.passes.tp_plan import plan_tensor_parallel
 from tedfx.predict import simulated_axes
 from tedfx.runtime.mesh import Layout
@@ -272,8 +274,10 @@ def test_ops_a_shard_cannot_pass_keep_their_projections_replicated_with_the_reas
 
 
 def test_a_projection_left_whole_raises_naming_it_why_and_the_fix():
+    gm, ctx, _ = _moe_graph(tiny_explicit_encoder)
+    rank_ctx = ctx.for_rank(tedfx.ParallelConfig(tensor=8), {"tp": 0, "ep": 0, "edp": 0})
     with pytest.raises(ValueError) as info:
-        _ranks(tiny_explicit_encoder, 8)  # 4 heads cannot split 8 ways
+        shard_tensor_parallel_pass(copy.deepcopy(gm), ctx=rank_ctx)  # 4 heads cannot split 8 ways
     message = str(info.value)
     assert "ParallelConfig.tensor=8 would leave 8 projection(s) whole" in message
     for i in range(2):
