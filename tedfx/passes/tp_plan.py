@@ -89,6 +89,9 @@ def propagate(gm: fx.GraphModule, seeds: set[fx.Node], T: int) -> Plan:
                 plan.row.append(node)
                 plan.place[node] = R
             elif node in seeds:
+                features = node_val(node).shape[-1] if node_val(node) is not None else None
+                if not isinstance(features, int) or features % T:
+                    raise Fail(frozenset({node}), node, f"its {features} output features are not divisible by T={T}")
                 plan.column[node] = frozenset({node})
                 plan.place[node] = Placement("S", node_ndim(node) - 1, frozenset({node}))
             else:
@@ -144,10 +147,8 @@ def plan_tensor_parallel(gm: fx.GraphModule, T: int, *, keep_whole: frozenset = 
         keep_whole: linears never tried as column-parallel (ParallelConfig.replicate).
 
     Returns:
-        (plan, notes); `plan.reasons` names why each seed that failed stayed replicated.
-
-    Raises:
-        ValueError: a fused projection's chunks are not divisible by T.
+        (plan, notes); `plan.reasons` names why each seed that failed stayed replicated (which
+        `check_nothing_left_whole` turns into an error for the projections that must be split).
     """
     seeds = {n for n in gm.graph.nodes if as_linear(n) is not None and not n.meta.get(MOE_META)} - keep_whole
     notes, reasons = [], {}
@@ -155,13 +156,6 @@ def plan_tensor_parallel(gm: fx.GraphModule, T: int, *, keep_whole: frozenset = 
         try:
             plan = propagate(gm, seeds, T)
         except Fail as fail:
-            if fail.hard:
-                where = module_path(fail.node)
-                raise ValueError(
-                    f"tensor parallelism with ParallelConfig.tensor={T} cannot shard {where or fail.node.name}: "
-                    f"{fail.reason}. Choose a tensor degree that divides the attention heads (and KV heads) "
-                    f"and the FFN width."
-                ) from None
             if not fail.seeds:
                 raise RuntimeError(f"tensor parallelism cannot place {fail.node.name}: {fail.reason}") from None
             notes.append(f"kept replicated {sorted(s.name for s in fail.seeds)}: {fail.reason}")

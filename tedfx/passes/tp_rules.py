@@ -59,11 +59,11 @@ R = Placement("R")
 
 
 class Fail(Exception):
-    """A shard reached an op it cannot pass. `hard`: a size not divisible by T, an error for the user."""
+    """A shard reached an op it cannot pass: its `seeds` stay replicated, for `reason`."""
 
-    def __init__(self, seeds: frozenset, node: fx.Node, reason: str, hard: bool = False) -> None:
+    def __init__(self, seeds: frozenset, node: fx.Node, reason: str) -> None:
         super().__init__(f"{node.name}: {reason}")
-        self.seeds, self.node, self.reason, self.hard = seeds, node, reason, hard
+        self.seeds, self.node, self.reason = seeds, node, reason
 
 
 @dataclass
@@ -182,7 +182,7 @@ def _check_fused(node, p: Placement, size: int) -> None:
 def _record_chunks(node, p: Placement, sizes: list, plan, T) -> None:
     """The seeds' output features come in `sizes` chunks, each split over T on its own."""
     if any(not isinstance(s, int) or s % T for s in sizes):
-        raise Fail(p.seeds, node, f"chunks {sizes} of a fused projection are not divisible by T={T}", hard=True)
+        raise Fail(p.seeds, node, f"chunks {sizes} of a fused projection are not divisible by T={T}")
     _check_fused(node, p, sum(sizes))
     for seed in p.seeds:
         if plan.chunks.get(seed, tuple(sizes)) != tuple(sizes):
@@ -214,8 +214,8 @@ def _split(node, ins, plan, T):
     full = node_val(node.args[0]).shape[dim]
     size = node.args[1]
     sizes = [size] * (full // size) if isinstance(size, int) else list(size)
-    if sum(sizes) != full or any(not isinstance(s, int) or s % T for s in sizes):
-        raise Fail(p.seeds, node, f"split sizes {sizes} are not divisible by T={T}", hard=True)
+    if sum(sizes) != full:
+        raise Fail(p.seeds, node, f"split sizes {sizes} do not add up to {full}")
     _record_chunks(node, p, sizes, plan, T)
     plan.shape_edits[node] = (1, -1)
     return p
