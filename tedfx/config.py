@@ -145,6 +145,13 @@ class ParallelConfig:
     """Seconds a collective may wait before the run fails instead of hanging."""
     bucket_mb: float = 25.0
     """Gradient all-reduce bucket size in MiB."""
+    replicate: tuple[str, ...] = ()
+    """Module paths (fnmatch globs, e.g. "layers.*.attn.*") of linears outside the MoE blocks that tensor
+    parallelism keeps whole on every rank. With T > 1 every attention projection (q, k, v, o: a linear that
+    reaches attention, sdpa or a matmul of two activations, through no other linear, or is reached from it)
+    and every projection of a dense FFN must be split, or parallelize raises naming it; k/v projections whose
+    KV heads do not divide by T are exempt (each rank narrows them to its query heads). List here what you
+    accept replicated instead; a pattern that matches no linear raises."""
 
     def __post_init__(self) -> None:
         cls = "ParallelConfig"
@@ -169,6 +176,9 @@ class ParallelConfig:
             _fail(cls, "timeout", self.timeout, "a number of seconds > 0")
         if not self.bucket_mb > 0:
             _fail(cls, "bucket_mb", self.bucket_mb, "a number of MiB > 0")
+        if isinstance(self.replicate, str) or not all(isinstance(p, str) and p for p in self.replicate):
+            _fail(cls, "replicate", self.replicate, 'a tuple of module paths or globs, e.g. ("layers.*.attn.*",)')
+        object.__setattr__(self, "replicate", tuple(self.replicate))
 
     def check_supported(self) -> None:
         """Raise for options this version of tedfx declares but does not run yet (never ignore them silently)."""

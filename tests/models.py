@@ -18,6 +18,7 @@ from tedfx.models.nanogpt import GPT, MLP, Block, GPTConfig
 __all__ = [
     "VOCAB", "HIDDEN", "tiny_gpt", "tiny_gpt_with_graph_breaks", "tiny_gpt2", "tiny_llama", "tiny_bert",
     "tiny_opt", "tiny_attention_only", "tiny_mlp_with_dropout", "BLOCK_STRUCTURES", "tiny_blocks",
+    "tiny_explicit_encoder", "tiny_fused_qkv_encoder", "tiny_gpt_neox", "tiny_gqa", "tiny_phi3",
 ]
 
 VOCAB = 100
@@ -171,6 +172,184 @@ def tiny_mlp_with_dropout(p: float = 0.25) -> tuple[nn.Module, tuple[torch.Tenso
     torch.manual_seed(0)
     x = torch.randn(BATCH, SEQ, HIDDEN, generator=torch.Generator().manual_seed(0))
     return _DropoutMLP(p=p), (x,)
+
+
+# --- models written differently from ours: explicit attention, fused QKV, GQA, fused gate_up ----------
+
+
+class _ExplicitAttention(nn.Module):
+    """BERT-style attention as plain ops: q @ k^T / sqrt(d), masked_fill, softmax, dropout, @ v.
+
+    With `bmm`, as fairseq and torch's own MultiheadAttention write it: batch and heads flattened into
+    one dim of B * heads, and torch.bmm.
+    """
+
+    def __init__(self, hidden: int, heads: int, bmm: bool = False) -> None:
+        super().__init__()
+        self.heads, self.head_dim, self.bmm = heads, hidden // heads, bmm
+        self.query, self.key, self.value = (nn.Linear(hidden, hidden) for _ in range(3))
+        self.out = nn.Linear(hidden, hidden)
+        self.drop = nn.Dropout(0.0)
+
+    def forward(self, x: torch.Tensor, pad_B11S: torch.Tensor) -> torch.Tensor:
+        B, S, H = x.shape
+        q, k, v = (proj(x).view(B, S, self.heads, self.head_dim).transpose(1, 2)
+                   for proj in (self.query, self.key, self.value))
+        if self.bmm:
+            return self._bmm(q, k, v, pad_B11S)
+        scores = torch.matmul(q, k.transpose(-1, -2)) / (self.head_dim ** 0.5)
+        scores = scores.masked_fill(pad_B11S, -1e4)
+        y = torch.matmul(self.drop(torch.softmax(scores, dim=-1)), v)
+        return self.out(y.transpose(1, 2).reshape(B, S, H))
+
+    def _bmm(self, q, k, v, pad_B11S):
+        B, heads, S, d = q.shape
+        q, k, v = (t.reshape(B * heads, S, d) for t in (q, k, v))
+        scores = torch.bmm(q, k.transpose(1, 2)) * d ** -0.5
+        scores = scores.view(B, heads, S, S).masked_fill(pad_B11S, -1e4).view(B * heads, S, S)
+        y = torch.bmm(torch.softmax(scores, dim=-1), v).view(B, heads, S, d)
+        return self.out(y.transpose(1, 2).reshape(B, S, heads * d))
+
+
+class _ExplicitEncoder(nn.Module):
+    """A post-norm BERT-like encoder: padding mask from token 0, explicit attention, GELU MLP, LM head."""
+
+    def __init__(self, hidden: int = HIDDEN, heads: int = HEADS, layers: int = LAYERS, bmm: bool = False) -> None:
+        super().__init__()
+        self.embed, self.pos = nn.Embedding(VOCAB, hidden), nn.Embedding(32, hidden)
+        self.layers = nn.ModuleList(nn.ModuleDict({
+            "attn": _ExplicitAttention(hidden, heads, bmm), "ln1": nn.LayerNorm(hidden),
+            "fc1": nn.Linear(hidden, 2 * hidden), "fc2": nn.Linear(2 * hidden, hidden), "ln2": nn.LayerNorm(hidden),
+        }) for _ in range(layers))
+        self.head = nn.Linear(hidden, VOCAB)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        x = self.embed(idx) + self.pos(torch.arange(idx.shape[1], device=idx.device))
+        pad_B11S = (idx == 0)[:, None, None, :]
+        for layer in self.layers:
+            x = layer["ln1"](x + layer["attn"](x, pad_B11S))
+            x = layer["ln2"](x + layer["fc2"](nn.functional.gelu(layer["fc1"](x))))
+        return self.head(x)
+
+
+def tiny_explicit_encoder(bmm: bool = False) -> tuple[nn.Module, tuple[torch.Tensor]]:
+    """Explicit attention (matmul, masked_fill by a padding mask, softmax), FFN width 64; `bmm`: over
+    batch * heads flattened, as fairseq writes it."""
+    torch.manual_seed(0)
+    return _ExplicitEncoder(bmm=bmm), (_tokens(),)
+
+
+class _FusedQKVBlock(nn.Module):
+    """timm's ViT block: qkv viewed (3, heads, head_dim) and unbound, q scaled, explicit softmax attention."""
+
+    def __init__(self, hidden: int, heads: int) -> None:
+        super().__init__()
+        self.heads, self.scale = heads, (hidden // heads) ** -0.5
+        self.norm1, self.norm2 = nn.LayerNorm(hidden), nn.LayerNorm(hidden)
+        self.qkv, self.proj = nn.Linear(hidden, 3 * hidden), nn.Linear(hidden, hidden)
+        self.fc1, self.fc2 = nn.Linear(hidden, 4 * hidden), nn.Linear(4 * hidden, hidden)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, C = x.shape
+        qkv = self.qkv(self.norm1(x)).reshape(B, N, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        attn = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
+        x = x + self.proj((attn @ v).transpose(1, 2).reshape(B, N, C))
+        return x + self.fc2(nn.functional.gelu(self.fc1(self.norm2(x))))
+
+
+class _FusedQKVEncoder(nn.Module):
+    def __init__(self, hidden: int = HIDDEN, heads: int = HEADS, layers: int = LAYERS) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, hidden)
+        self.pos = nn.Parameter(0.02 * torch.randn(1, 32, hidden))
+        self.blocks = nn.ModuleList(_FusedQKVBlock(hidden, heads) for _ in range(layers))
+        self.norm, self.head = nn.LayerNorm(hidden), nn.Linear(hidden, VOCAB)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        x = self.embed(idx) + self.pos[:, :idx.shape[1]]
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.norm(x))
+
+
+def tiny_fused_qkv_encoder() -> tuple[nn.Module, tuple[torch.Tensor]]:
+    """ViT-style fused QKV: one linear H -> 3H viewed (3, heads, head_dim) and unbound; FFN width 128."""
+    torch.manual_seed(0)
+    return _FusedQKVEncoder(), (_tokens(),)
+
+
+def tiny_gpt_neox() -> tuple[nn.Module, tuple[torch.Tensor]]:
+    """HF GPT-NeoX / Pythia: fused query_key_value viewed (heads, 3, head_dim), partial rotary, FFN width 128."""
+    import transformers
+
+    _quiet_transformers()
+    torch.manual_seed(0)
+    cfg = transformers.GPTNeoXConfig(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS,
+                                     num_attention_heads=HEADS, intermediate_size=4 * HIDDEN,
+                                     max_position_embeddings=32, bos_token_id=0, eos_token_id=0)
+    return transformers.GPTNeoXForCausalLM(cfg), (_tokens(),)
+
+
+class _GQABlock(nn.Module):
+    """Causal GQA as plain ops: k, v repeated to the query heads by repeat_interleave, a sliced causal mask."""
+
+    def __init__(self, hidden: int, heads: int, kv_heads: int) -> None:
+        super().__init__()
+        self.heads, self.kv_heads, self.head_dim = heads, kv_heads, hidden // heads
+        self.norm1, self.norm2 = nn.RMSNorm(hidden), nn.RMSNorm(hidden)
+        self.q = nn.Linear(hidden, hidden, bias=False)
+        self.k, self.v = (nn.Linear(hidden, kv_heads * self.head_dim, bias=False) for _ in range(2))
+        self.o = nn.Linear(hidden, hidden, bias=False)
+        self.gate, self.up = nn.Linear(hidden, 2 * hidden, bias=False), nn.Linear(hidden, 2 * hidden, bias=False)
+        self.down = nn.Linear(2 * hidden, hidden, bias=False)
+        self.register_buffer("causal", torch.tril(torch.ones(32, 32)).view(1, 1, 32, 32), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, S, H = x.shape
+        h = self.norm1(x)
+        q = self.q(h).view(B, S, self.heads, self.head_dim).transpose(1, 2)
+        k, v = (proj(h).view(B, S, self.kv_heads, self.head_dim).transpose(1, 2) for proj in (self.k, self.v))
+        k, v = (t.repeat_interleave(self.heads // self.kv_heads, dim=1) for t in (k, v))
+        scores = (q @ k.transpose(-2, -1)) * self.head_dim ** -0.5
+        scores = scores.masked_fill(self.causal[:, :, :S, :S] == 0, float("-inf"))
+        x = x + self.o((scores.softmax(dim=-1) @ v).transpose(1, 2).reshape(B, S, H))
+        h = self.norm2(x)
+        return x + self.down(nn.functional.silu(self.gate(h)) * self.up(h))
+
+
+class _GQADecoder(nn.Module):
+    def __init__(self, hidden: int = HIDDEN, heads: int = HEADS, kv_heads: int = 2, layers: int = LAYERS) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, hidden)
+        self.blocks = nn.ModuleList(_GQABlock(hidden, heads, kv_heads) for _ in range(layers))
+        self.norm, self.head = nn.RMSNorm(hidden), nn.Linear(hidden, VOCAB, bias=False)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        x = self.embed(idx)
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.norm(x))
+
+
+def tiny_gqa(kv_heads: int = 2) -> tuple[nn.Module, tuple[torch.Tensor]]:
+    """A GQA decoder with `kv_heads` KV heads expanded by repeat_interleave; SwiGLU FFN width 64."""
+    torch.manual_seed(0)
+    return _GQADecoder(kv_heads=kv_heads), (_tokens(),)
+
+
+def tiny_phi3(kv_heads: int = 2) -> tuple[nn.Module, tuple[torch.Tensor]]:
+    """HF Phi-3: fused qkv_proj sliced into q, k, v (GQA) and fused gate_up_proj chunked; FFN width 64."""
+    import transformers
+
+    _quiet_transformers()
+    torch.manual_seed(0)
+    cfg = transformers.Phi3Config(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=64,
+                                  num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+                                  num_key_value_heads=kv_heads, max_position_embeddings=32,
+                                  original_max_position_embeddings=32, bos_token_id=0, eos_token_id=0,
+                                  pad_token_id=0)
+    return transformers.Phi3ForCausalLM(cfg), (_tokens(),)
 
 
 _captures: dict[tuple, tuple[nn.Module, nn.Module]] = {}

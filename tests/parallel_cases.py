@@ -42,7 +42,19 @@ from tedfx.passes.checkpoint import CheckpointRegion
 from tedfx.pipeline import build_moe_graph
 from tedfx.predict import predict_rank
 
-from models import VOCAB, patch_capture, tiny_blocks, tiny_gpt, tiny_gpt2, tiny_llama
+from models import (
+    VOCAB,
+    patch_capture,
+    tiny_blocks,
+    tiny_explicit_encoder,
+    tiny_fused_qkv_encoder,
+    tiny_gpt,
+    tiny_gpt2,
+    tiny_gpt_neox,
+    tiny_gqa,
+    tiny_llama,
+    tiny_phi3,
+)
 from moe_reference import reference_grads
 
 __all__ = ["Case", "ErrorCase", "LossScaleCase", "run_cases"]
@@ -67,8 +79,10 @@ class Case:
     """One parity case: a model and MoE routing on layout (T, X); D is the world size / (T * X)."""
 
     model: str
-    """"gpt" (tests/models.tiny_gpt), "gpt2" or "llama" (HF, dropout off), "dict_blocks" (a GPT whose blocks
-    sit in a ModuleDict driven by the parent's forward: activation checkpointing must find them from the graph)."""
+    """A key of BUILDERS: "gpt" (tests/models.tiny_gpt), "gpt2" or "llama" (HF, dropout off), "dict_blocks" (a GPT
+    whose blocks sit in a ModuleDict driven by the parent's forward: activation checkpointing must find them from
+    the graph), or one of the models written differently from ours ("explicit", "fused_qkv", "neox", "gqa",
+    "phi3")."""
     tensor: int
     expert: int
     top_k: int = 1
@@ -157,6 +171,11 @@ BUILDERS: dict[str, Callable[[], nn.Module]] = {
     "llama": lambda: tiny_llama()[0],
     "llama_kv1": lambda: tiny_llama(kv_heads=1)[0],
     "dict_blocks": lambda: tiny_blocks("module_dict")[0],
+    "explicit": lambda: tiny_explicit_encoder()[0],
+    "fused_qkv": lambda: tiny_fused_qkv_encoder()[0],
+    "neox": lambda: tiny_gpt_neox()[0],
+    "gqa": lambda: tiny_gqa()[0],
+    "phi3": lambda: tiny_phi3()[0],
 }
 TP_SHARDED = {
     # Non-expert weights that Megatron tensor parallelism must split when T > 1 (one per layer).
@@ -167,6 +186,11 @@ TP_SHARDED = {
     # One KV head does not divide by T: k and v stay replicated, each rank narrows them to its query heads.
     "llama_kv1": ("self_attn.q_proj.weight", "self_attn.o_proj.weight"),
     "dict_blocks": ("attn.c_attn.weight", "attn.c_proj.weight"),
+    "explicit": ("attn.query.weight", "attn.key.weight", "attn.value.weight", "attn.out.weight"),
+    "fused_qkv": ("qkv.weight", "proj.weight"),  # qkv viewed (3, heads, head_dim): split per chunk
+    "neox": ("attention.query_key_value.weight", "attention.dense.weight"),  # (heads, 3, head_dim)
+    "gqa": ("q.weight", "k.weight", "v.weight", "o.weight"),  # 2 KV heads, repeat_interleave
+    "phi3": ("self_attn.qkv_proj.weight", "self_attn.o_proj.weight"),  # q | k | v sliced; gate_up -> experts
 }
 _models: dict[str, nn.Module] = {}
 

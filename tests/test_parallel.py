@@ -49,9 +49,19 @@ def _hf_cases(T: int, X: int) -> list[Case]:
     return [Case("gpt2", T, X, top_k=2), Case("llama", T, X, top_k=1), Case("llama", T, X, top_k=2, dropless=True)]
 
 
+ZOO = ("explicit", "fused_qkv", "neox", "gqa", "phi3")
+"""Models written differently from ours (tests/models.py): attention as matmul + softmax, fused QKV viewed
+(3, heads, d) and (heads, 3, d), GQA by repeat_interleave, Phi-3's sliced qkv_proj and chunked gate_up_proj."""
+
+
+def _zoo_cases(T: int, X: int) -> list[Case]:
+    return [Case(model, T, X, top_k=2) for model in ZOO]
+
+
 WORLD_CASES: dict[int, list[Case | ErrorCase | LossScaleCase]] = {
     2: [
         *_gpt_cases([(2, 1), (1, 2)]),
+        *_zoo_cases(2, 1),
         ErrorCase("experts_do_not_divide", expert=2),
         ErrorCase("different_weights"),
     ],
@@ -62,6 +72,7 @@ WORLD_CASES: dict[int, list[Case | ErrorCase | LossScaleCase]] = {
         Case("llama_kv1", 2, 2, top_k=2),
         Case("dict_blocks", 2, 2, top_k=2, checkpointing="block"),
         LossScaleCase(2, 2),
+        *_zoo_cases(2, 2),
         ErrorCase("tensor_does_not_divide_world", tensor=3),
         ErrorCase("different_input_shapes", tensor=2),
         ErrorCase("different_rng", tensor=2),
@@ -71,6 +82,7 @@ WORLD_CASES: dict[int, list[Case | ErrorCase | LossScaleCase]] = {
         *_comm_cases(2, 2),
         *_comm_cases(2, 4),
         *_hf_cases(2, 2),
+        *_zoo_cases(2, 2),
     ],
 }
 """Every case, by the world size it runs in; D = world / (T * X)."""

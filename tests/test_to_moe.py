@@ -2,7 +2,7 @@
 
 Tier (c) of the tests (docs/architecture.md, "Tests"): the upcycled MoE equals the dense model at step 0 (for
 every E, k with normalised gates, no dropping, no noise), on the test GPT and
-on HF GPT-2 and Llama; plus the state-dict contract, training, seeding, the
+on HF GPT-2, Llama and Phi-3 (a fused gate_up projection); plus the state-dict contract, training, seeding, the
 layer selection, errors and the report.
 
 Capturing a model is the slow step (seconds per HF model) and does not depend
@@ -27,13 +27,14 @@ from tedfx import MoEConfig
 from tedfx.moe.routing import Router
 from tedfx.passes.graph import moe_blocks
 
-from models import VOCAB, patch_capture, tiny_gpt, tiny_gpt2, tiny_llama
+from models import VOCAB, patch_capture, tiny_gpt, tiny_gpt2, tiny_llama, tiny_phi3
 
 BUILDERS = {
     "gpt-gelu": lambda: tiny_gpt("gelu", n_layer=4),  # 4 FFNs, so "every_other" has two to pick
     "gpt-swiglu": lambda: tiny_gpt("swiglu"),
     "hf-gpt2": tiny_gpt2,
     "hf-llama": tiny_llama,
+    "hf-phi3": tiny_phi3,  # fused gate_up_proj, chunked into gate and up
 }
 # Per model: its FFN count, the FFNs' module path, the dense parameters under it, the expert tensors
 # replacing them, and F.
@@ -110,6 +111,52 @@ def test_upcycled_moe_differs_from_dense_when_it_should():
         noisy = tedfx.to_moe(model, inputs, moe=MoEConfig(num_experts=4, top_k=2, drop_tokens=False,
                                                           expert_noise=0.5))
         assert (noisy(*inputs) - reference).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("E, k", [(2, 1), (4, 2), (4, 3)])
+def test_upcycled_moe_equals_dense_with_a_fused_gate_up(E, k):
+    """Phi-3's gate_up_proj: w1 and w3 of every expert are the gate and up halves of the fused weight."""
+    model, inputs = dense("hf-phi3")
+    moe_model = tedfx.to_moe(model, inputs, moe=exact_moe(E, k))
+    assert ffn_paths(moe_model) == ["model.layers.0.mlp", "model.layers.1.mlp"]
+    sd = moe_model.state_dict()
+    for i in range(2):
+        fused_FH = model.get_parameter(f"model.layers.{i}.mlp.gate_up_proj.weight").detach()
+        assert f"model.layers.{i}.mlp.gate_up_proj.weight" not in sd
+        for e in range(E):
+            assert torch.equal(sd[f"model.layers.{i}.mlp.experts.w1"][e], fused_FH[:64].t())  # chunk 0: the gate
+            assert torch.equal(sd[f"model.layers.{i}.mlp.experts.w3"][e], fused_FH[64:].t())
+    with torch.no_grad():
+        torch.testing.assert_close(logits(moe_model(*inputs)), logits(model(*inputs)), rtol=0, atol=1e-5)
+
+
+class _FusedGLUBlock(nn.Module):
+    """x + down(up * gelu(gate)) with `up, gate = proj(x).split(F, -1)` and biases: gate is the second half."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, HIDDEN)
+        self.proj = nn.Linear(HIDDEN, 128)
+        self.down = nn.Linear(64, HIDDEN)
+        self.head = nn.Linear(HIDDEN, VOCAB)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        x = self.embed(idx)
+        up, gate = self.proj(x).split(64, dim=-1)
+        return self.head(x + self.down(up * F.gelu(gate)))
+
+
+def test_fused_gate_up_bias_halves_go_to_b1_and_b3():
+    torch.manual_seed(0)
+    model, tokens = _FusedGLUBlock().eval(), torch.randint(0, VOCAB, (2, 8))
+    moe_model = tedfx.to_moe(model, (tokens,), moe=exact_moe(4, 2))
+    sd = moe_model.state_dict()
+    w_FH, b_F = model.proj.weight.detach(), model.proj.bias.detach()
+    for e in range(4):
+        assert torch.equal(sd["experts.w1"][e], w_FH[64:].t()) and torch.equal(sd["experts.b1"][e], b_F[64:])
+        assert torch.equal(sd["experts.w3"][e], w_FH[:64].t()) and torch.equal(sd["experts.b3"][e], b_F[:64])
+    with torch.no_grad():
+        torch.testing.assert_close(moe_model(tokens), model(tokens), rtol=0, atol=1e-5)
 
 
 # --- state dict ---------------------------------------------------------------------------------------------

@@ -34,13 +34,14 @@ class ExpertInit:
         sources: {"w1": (dense key, transposed), ...}: where each tensor comes from. `fetch(key)` of a
             weight gives the dense tensor as stored; `transposed` says it is [out, in] (nn.Linear) and
             must be transposed into tedfx's [in, out] layout. A GLU's fused gate_up weight names the
-            same key twice with `halves` to pick its half.
+            same key twice, with `out_slices` to pick its half.
         fetch: dense state-dict key -> tensor (the model's own tensor: never copied whole).
         num_experts: E.
         upcycle: experts start as copies of the dense FFN; False: normal(0, 0.02) weights, zero biases.
         noise: relative std of seeded Gaussian noise added to each upcycled weight.
         seed: the block's seed (MoEConfig.seed and the FFN index).
-        halves: {"w1": (part, parts), ...}: the part of a fused projection's output features a tensor takes.
+        out_slices: {"w1": (start, stop), ...}: the output features a tensor takes of a fused projection
+            (a GLU's gate_up split in two halves).
     """
 
     sources: dict[str, tuple[str, bool]]
@@ -49,7 +50,7 @@ class ExpertInit:
     upcycle: bool
     noise: float
     seed: int
-    halves: dict[str, tuple[int, int]] | None = None
+    out_slices: dict[str, tuple[int, int]] | None = None
 
     def __deepcopy__(self, memo: dict) -> "ExpertInit":
         return self  # immutable, and it references the dense model's tensors, which must never be copied
@@ -58,10 +59,11 @@ class ExpertInit:
         """The dense FFN's tensor `name` in tedfx's layout ([in, out] for weights), a view where possible."""
         key, transposed = self.sources[name]
         t = self.fetch(key).detach()
-        if self.halves and name in self.halves:
-            part, parts = self.halves[name]
-            t = t.chunk(parts, dim=0 if transposed or t.dim() == 1 else 1)[part]
-        return t.t() if transposed and t.dim() == 2 else t
+        t = t.t() if transposed and t.dim() == 2 else t
+        if self.out_slices and name in self.out_slices:
+            start, stop = self.out_slices[name]
+            t = t.narrow(t.dim() - 1, start, stop - start)
+        return t
 
     def shape(self, name: str) -> tuple[int, ...]:
         """Full stacked shape [E, ...] of tensor `name`."""

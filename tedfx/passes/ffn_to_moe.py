@@ -1,8 +1,10 @@
 """ffn_to_moe: rewrite the selected dense FFNs into MoE blocks (docs/moe.md, "The MoE block").
 
-For each FFN that `MoEConfig.layers` selects, in order:
+The projections of the FFNs `MoEConfig.layers` leaves dense are marked with
+`DENSE_FFN_META`. For each FFN that `MoEConfig.layers` selects, in order:
 1. Read the dense weights and lay them out [in, out] (nn.Linear stores
-   [out, in]; HF's Conv1D already stores [in, out]).
+   [out, in]; HF's Conv1D already stores [in, out]); a fused gate_up gives
+   w1 and w3 from its two halves, the gate half (found numerically) to w1.
 2. Build the block's modules at the FFN's path: `router` (weights seeded by
    (seed, FFN index) only, never by the layout) and `experts` (E upcycled
    copies, plus seeded noise if asked).
@@ -27,7 +29,7 @@ from ..moe.experts import ExpertInit, ExpertWeights
 from ..moe.routing import Router
 from .context import MoEBlockRecord, PassContext
 from .find_ffns import FFNMatch
-from .graph import FFN_EXIT_META, MOE_META, MoETag, Role, get_by_target, has_target
+from .graph import DENSE_FFN_META, FFN_EXIT_META, MOE_META, MoETag, Role, get_by_target, has_target
 from .runner import requires
 
 __all__ = ["ffn_to_moe_pass"]
@@ -51,8 +53,13 @@ def ffn_to_moe_pass(gm: fx.GraphModule, *, ctx: PassContext, materialize: bool =
             f"MoEConfig.layers={moe.layers!r} selects none of the model's {len(matches)} FFNs "
             f"({', '.join(m.path for m in matches)}); pick at least one."
         )
+    chosen = {id(m) for m in selected}
     for match in matches:  # every FFN's exit, converted or not: the blocks of activation checkpointing
         match.exit.meta[FFN_EXIT_META] = match.path
+        if id(match) not in chosen:  # tensor parallelism must still split these (docs/parallelism.md)
+            for ref in (match.fc1, match.up, match.fc2):
+                if ref is not None:
+                    ref.node.meta[DENSE_FFN_META] = match.path
     records = []
     for match in selected:
         records.append(_convert(gm, match, moe, materialize=materialize, fetch=ctx.fetch_dense))
@@ -68,10 +75,13 @@ def _expert_init(gm: fx.GraphModule, match: FFNMatch, moe: MoEConfig,
     """The recipe of the block's experts: which dense tensors they come from, and how."""
     sources: dict[str, tuple[str, bool]] = {}
     refs = {"1": match.fc1, "2": match.fc2, **({"3": match.up} if match.up is not None else {})}
+    out_slices: dict[str, tuple[int, int]] = {}
     for i, ref in refs.items():
         sources[f"w{i}"] = (ref.weight, not ref.transposed)  # nn.Linear stores [out, in]
         if ref.bias is not None:
             sources[f"b{i}"] = (ref.bias, False)
+        if ref.out_slice:  # a half of a fused gate_up projection
+            out_slices[f"w{i}"] = out_slices[f"b{i}"] = tuple(ref.out_slice)
     # The model's own tensors, taken now: the dense parameters leave the graph at the end of the pass.
     tensors = {key: get_by_target(gm, key) for key, _ in sources.values()}
 
@@ -80,7 +90,7 @@ def _expert_init(gm: fx.GraphModule, match: FFNMatch, moe: MoEConfig,
         return fetch(key) if t.is_meta and fetch is not None else t
 
     return ExpertInit(sources=sources, fetch=read, num_experts=moe.num_experts, upcycle=moe.upcycle,
-                      noise=moe.expert_noise, seed=moe.seed * 7919 + match.index)
+                      noise=moe.expert_noise, seed=moe.seed * 7919 + match.index, out_slices=out_slices)
 
 
 def _convert(gm: fx.GraphModule, match: FFNMatch, moe: MoEConfig, *, materialize: bool,

@@ -5,12 +5,15 @@ Match records only; `ffn_to_moe` does the rewriting.
 An FFN is a single-entry single-exit region, MLP `x -> fc1 -> act -> [dropout] -> fc2`
 or GLU `x -> (act(gate(x)) * up(x)) -> down`, whose projections are `aten.linear` or HF
 Conv1D's `view -> aten.addmm -> view`, with only elementwise or view-like ops between
-them. The activation is not matched by op names (GELU comes as one op, as erf
+them. A GLU's gate and up may be the two halves of one fused projection H -> 2F, split
+by `chunk`/`split` (Phi-3's gate_up_proj): each half is then a projection of its own.
+The activation is not matched by op names (GELU comes as one op, as erf
 arithmetic, or as GPT-2's mul/pow/tanh arithmetic): the subgraph between the
 projections is evaluated on test tensors and compared with `ACTIVATIONS`.
 
 The search, in order:
-1. Build a networkx view of the dataflow between tensor-valued nodes.
+1. Build a networkx view of the dataflow between tensor-valued nodes; the halves
+   of fused gate_up projections join the projections.
 2. From every projection, walk forward a bounded number of hops through
    elementwise/view-like ops, stopping at the next projection. A projection
    reached that way has the walk's source as a *feeder*.
@@ -24,6 +27,7 @@ The search, in order:
 from __future__ import annotations
 
 import logging
+import operator
 from collections import defaultdict, deque
 from dataclasses import dataclass, replace
 from typing import Literal
@@ -55,6 +59,8 @@ class LinearRef:
     """get_attr target of the bias, None when there is none."""
     transposed: bool
     """True when the weight is stored [in, out] (HF Conv1D via addmm); False for nn.Linear's [out, in]."""
+    out_slice: tuple[int, int] | None = None
+    """(start, stop) of the output features used, for one half of a fused gate_up projection; None: all."""
 
 
 @dataclass(frozen=True)
@@ -139,10 +145,39 @@ def _data_input(ref: LinearRef) -> fx.Node:
     return ref.node.args[1] if ref.node.target is aten.addmm.default else ref.node.args[0]
 
 
+def _fused_nodes(ref: LinearRef, source: fx.Node) -> list[fx.Node]:
+    """For the half of a fused gate_up: the projection and its split, which the region also holds."""
+    return [ref.node, source.args[0]] if ref.out_slice else []
+
+
 def _in_out(gm: fx.GraphModule, ref: LinearRef) -> tuple[int, int]:
-    """(in_features, out_features) of a projection."""
+    """(in_features, out_features) of a projection (of its half, for a fused gate_up)."""
     rows, cols = get_by_target(gm, ref.weight).shape
-    return (rows, cols) if ref.transposed else (cols, rows)
+    fan_in, fan_out = (rows, cols) if ref.transposed else (cols, rows)
+    return (fan_in, ref.out_slice[1] - ref.out_slice[0]) if ref.out_slice else (fan_in, fan_out)
+
+
+_HALVING = {  # split op -> whether its size argument cuts `F + F` features in two halves
+    aten.chunk.default: lambda parts, F: parts == 2,
+    aten.split.Tensor: lambda parts, F: parts == F,
+    aten.split_with_sizes.default: lambda parts, F: list(parts) == [F, F],
+}
+
+
+def _fused_halves(projections: dict[fx.Node, LinearRef]) -> dict[fx.Node, LinearRef]:
+    """{getitem: LinearRef of that half} for every projection split in two along its features, as
+    `gate, up = proj(x).chunk(2, dim=-1)` (Phi-3's gate_up_proj)."""
+    halves = {}
+    for node, ref in projections.items():
+        split, out = next(iter(node.users), None), node.meta.get("val")
+        if len(node.users) != 1 or split.target not in _HALVING or not isinstance(out, torch.Tensor):
+            continue
+        F, dim = out.shape[-1] // 2, split.args[2] if len(split.args) > 2 else split.kwargs.get("dim", 0)
+        items = {u.args[1]: u for u in split.users if u.target is operator.getitem}
+        if dim in (-1, out.dim() - 1) and isinstance(F, int) and out.shape[-1] == 2 * F \
+                and _HALVING[split.target](split.args[1], F) and sorted(items) == [0, 1] and len(split.users) == 2:
+            halves.update((item, replace(ref, out_slice=(i * F, (i + 1) * F))) for i, item in items.items())
+    return halves
 
 
 def _is_tensor(node: fx.Node) -> bool:
@@ -350,7 +385,7 @@ def _match(gm: fx.GraphModule, dg: nx.DiGraph, sources: list[fx.Node], target: f
     for s in sources:
         entry, views = _entry_of(projections[s], set(sources))
         entries.add(entry)
-        pre_views += views
+        pre_views += views + _fused_nodes(projections[s], s)
     if len(entries) != 1:
         raise _Rejected("the two projections read different tensors (a GLU's gate and up read the same input)")
     entry = entries.pop()
@@ -400,6 +435,7 @@ def find_ffns(gm: fx.GraphModule) -> list[FFNMatch]:
     """
     order = {node: i for i, node in enumerate(gm.graph.nodes)}
     projections = {n: ref for n in gm.graph.nodes if (ref := _projection(gm, n)) is not None}
+    projections.update(_fused_halves(projections))
     dg = _dataflow(gm.graph)
 
     # 1. Feeders: projections that reach another one through elementwise ops only.
@@ -490,7 +526,8 @@ def _path_candidates(dg: nx.DiGraph, projections: dict[fx.Node, LinearRef], orde
     for source in projections:
         hops = _walk(dg, source, projections, elementwise_only=False)
         for target, distance in hops.items():
-            if target is source or target not in projections or (source, target) in seen:
+            if target is source or target not in projections or (source, target) in seen \
+                    or projections[target].out_slice:  # half of a fused projection: not a down projection
                 continue
             inner = _inner_nodes(dg, [source], target, {source: hops}, projections)
             reason = _non_elementwise_ops(inner, order) or "no elementwise path between the projections"

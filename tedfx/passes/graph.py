@@ -5,8 +5,9 @@ for a constant:
 
 - node.meta keys: `MOE_META` tags every node of an MoE block with its FFN
   path, its `Role` and the FFN's index; `FFN_EXIT_META` marks the exit of
-  every FFN, converted or not; `REGION_META` names the checkpointed region a
-  node is recomputed in; `DROPOUT_P_META` keeps an attention's
+  every FFN, converted or not; `DENSE_FFN_META` marks the projections of an
+  FFN that stayed dense; `REGION_META` names the checkpointed region a node is
+  recomputed in; `DROPOUT_P_META` keeps an attention's
   captured dropout probability.
 - `Role`: what each node of an MoE block does; `Axis`: the mesh axes.
 - `moe_blocks(graph)`: every MoE block's nodes by role.
@@ -30,8 +31,8 @@ from ..axes import GROUP_AXES, MESH_AXES, Axis
 from ..capture import DROPOUT_P_META
 
 __all__ = [
-    "Axis", "DROPOUT_P_META", "FFN_EXIT_META", "GROUP_AXES", "Linear", "MESH_AXES", "MOE_META", "MoETag", "REGION_META",
-    "Role",
+    "Axis", "DENSE_FFN_META", "DROPOUT_P_META", "FFN_EXIT_META", "GROUP_AXES", "Linear", "MESH_AXES", "MOE_META",
+    "MoETag", "REGION_META", "Role",
     "as_linear", "get_by_target", "has_target", "insert", "module_path", "moe_blocks", "set_by_target",
 ]
 
@@ -43,6 +44,8 @@ FFN_EXIT_META = "tedfx_ffn_exit"
 """node.meta key on the node whose value leaves an FFN (an MoE block's unflatten_tokens, or a dense FFN's last
 projection): the FFN's module path. Written by ffn_to_moe for every FFN of the model; activation checkpointing
 finds the transformer blocks from these exits."""
+DENSE_FFN_META = "tedfx_dense_ffn"
+"""node.meta key on the projections of an FFN that find_ffns found and MoEConfig.layers left dense: its path."""
 REGION_META = "tedfx_region"
 """node.meta key: the name of the checkpointed region a node is recomputed in."""
 

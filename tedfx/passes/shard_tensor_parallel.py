@@ -1,8 +1,9 @@
 """shard_tensor_parallel: Megatron tensor parallelism on the non-expert graph (docs/parallelism.md).
 
-The placement of every activation comes from `tp_rules.plan_tensor_parallel`
-(a rule table over aten ops). This pass rewrites the graph from that plan, for
-the rank at ctx.coords["tp"]:
+The placement of every activation comes from `tp_plan.plan_tensor_parallel`
+(with the rule table of `tp_rules`); `tp_plan.check_nothing_left_whole` raises
+when the plan would leave an attention or dense-FFN projection whole. This pass rewrites the graph from that
+plan, for the rank at ctx.coords["tp"]:
 
 1. Slice the weights of column-parallel linears on their output features (per
    chunk for fused projections that are split afterwards, such as GPT-2's
@@ -10,11 +11,14 @@ the rank at ctx.coords["tp"]:
 2. Put Megatron's f (identity forward, all-reduce backward) before every
    column-parallel input, and an all-reduce after every row-parallel output,
    with the bias added after the reduction.
-3. Divide the shape constants of view/reshape/expand/split on sharded dims by T.
+3. Divide the shape constants of view/reshape/expand/split on sharded dims by T,
+   and the bounds of slices that cut a fused projection into chunks.
 4. Narrow replicated k/v (GQA whose KV heads do not divide by T) to this rank's heads.
 """
 
 from __future__ import annotations
+
+import operator
 
 import torch
 import torch.fx as fx
@@ -25,11 +29,13 @@ from ..sharding import ParamShard, shard_tensor
 from .context import PassContext
 from .graph import FFN_EXIT_META, Axis, as_linear, get_by_target, insert, set_by_target
 from .runner import requires
-from .tp_rules import plan_tensor_parallel
+from .tp_plan import check_nothing_left_whole, kept_whole_by_config, plan_tensor_parallel
 
 __all__ = ["shard_tensor_parallel_pass"]
 
 aten = torch.ops.aten
+_MAX_END = 2**62
+"""Slice ends at or above this mean "to the end" (export writes sys.maxsize)."""
 
 
 @requires("ffn_to_moe")
@@ -37,7 +43,9 @@ def shard_tensor_parallel_pass(gm: fx.GraphModule, *, ctx: PassContext) -> fx.Gr
     """Shard the non-expert graph over "tp" for the rank at ctx.coords["tp"] (T = ctx.parallel.tensor > 1)."""
     T, t = ctx.parallel.tensor, ctx.coords["tp"]
     records = ctx.records
-    plan, records.tp_notes = plan_tensor_parallel(gm, T)
+    kept_whole = kept_whole_by_config(gm, ctx.parallel.replicate)
+    plan, records.tp_notes = plan_tensor_parallel(gm, T, keep_whole=kept_whole)
+    records.tp_notes += check_nothing_left_whole(gm, plan, T, allowed=kept_whole)
 
     def slice_param(target: str, dim: int, chunks: tuple[int, ...] | None) -> None:
         full = get_by_target(gm, target)
@@ -85,16 +93,23 @@ def shard_tensor_parallel_pass(gm: fx.GraphModule, *, ctx: PassContext) -> fx.Gr
     # 3-4.
     for node, (pos, dim) in plan.shape_edits.items():
         _edit_shape(node, pos, dim, T)
-    for node, i in plan.kv_slices:
-        kv = node.args[i]
-        local = insert(node, collectives.slice_for_rank, (kv, Axis.TP, 1), before=True)
-        node.replace_input_with(kv, local)
-        records.tp_notes.append(f"{node.name}: replicated {'kv'[i - 1]} narrowed to this rank's query heads")
+    for node in plan.slices:  # each slice is one chunk: [start, end) of the full features -> of the local ones
+        node.args = (*node.args[:2], *(b // T if isinstance(b, int) and b < _MAX_END else b for b in node.args[2:4]),
+                     *node.args[4:])
+    for node, i, dim in plan.narrow:
+        operand = node.args[i]
+        local = insert(node, collectives.slice_for_rank, (operand, Axis.TP, dim), before=True)
+        node.args = (*node.args[:i], local, *node.args[i + 1:])
+        records.tp_notes.append(f"{node.name}: replicated operand {i} narrowed to this rank's heads")
     return gm
 
 
 def _edit_shape(node: fx.Node, pos: int, dim: int, T: int) -> None:
-    """Divide a shape constant (view/reshape/expand size, split sizes) by T."""
+    """Divide a shape constant (view/reshape/expand size, split sizes) by T.
+
+    A symbolic size is an fx node computed from the inputs' sizes (export derives every size from
+    them), which are the same on every rank: a floordiv node divides it.
+    """
     arg = node.args[pos]
     if isinstance(arg, int):  # split(x, size)
         new = arg // T
@@ -104,6 +119,8 @@ def _edit_shape(node: fx.Node, pos: int, dim: int, T: int) -> None:
             new = [s // T for s in new]
         elif isinstance(new[dim], int) and new[dim] != -1:
             new[dim] //= T
+        elif isinstance(new[dim], fx.Node):
+            new[dim] = insert(node, operator.floordiv, (new[dim], T), before=True)
         elif new[dim] != -1:
-            raise RuntimeError(f"{node.name}: cannot divide symbolic size {new[dim]} by T={T}")
+            raise RuntimeError(f"{node.name}: cannot divide size {new[dim]} by T={T}")
     node.args = (*node.args[:pos], new, *node.args[pos + 1:])

@@ -2,35 +2,39 @@
 
 Every tensor gets a placement over the "tp" axis: replicated (R) or sharded on
 a dim (S(d)). A linear that reads S(last) is row-parallel and yields a partial
-sum that shard_tensor_parallel all-reduces back to R. `plan_tensor_parallel`,
+sum that shard_tensor_parallel all-reduces back to R. `tp_plan.plan_tensor_parallel`,
 in order:
 
-1. Seeds: every linear (`graph.as_linear`) outside the MoE blocks is tried as
-   column-parallel (its output S(last)).
+1. Seeds: every linear (`graph.as_linear`) outside the MoE blocks, except those
+   ParallelConfig.replicate keeps whole, is tried as column-parallel (its output S(last)).
 2. Propagate placements through the graph with `RULES`, one small handler per
    aten op. A seed whose shard reaches an op without a rule (a norm, the
    graph's output, an MoE block) fails, with every seed that fed it; those stay
-   replicated and propagation restarts. This settles on QKV/up column-parallel
-   and out/down row-parallel, and keeps embeddings, norms, router and LM head
-   replicated, without naming any of them.
-3. Attention left whole is an error for the user (heads not divisible by T),
-   never a silently replicated model.
+   replicated (`Plan.reasons` says why) and propagation restarts. This settles on
+   QKV/up column-parallel and out/down row-parallel, and keeps embeddings, norms,
+   router and LM head replicated, without naming any of them.
+3. Fused projections are split per chunk (`Plan.chunks`) wherever the graph
+   splits them: `split`/`chunk`/`slice` of the output features (GPT-2's c_attn,
+   Phi-3's qkv_proj and gate_up_proj) or a view as (n, heads, head_dim) that is
+   unbound (timm's qkv). A view as (heads, n, head_dim) (GPT-NeoX) is split in
+   contiguous blocks of heads, which keeps each head's q, k and v together.
 
-The result is a `Plan`; shard_tensor_parallel rewrites the graph from it.
+Attention left whole is not decided here: `tp_plan` raises for every attention
+or dense-FFN projection the plan leaves whole (docs/parallelism.md, "Tensor parallelism").
 """
 
 from __future__ import annotations
 
+import dataclasses
 import operator
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
+import sympy
 import torch
 import torch.fx as fx
 
-from .graph import MOE_META, as_linear, module_path
-
-__all__ = ["Fail", "Placement", "Plan", "R", "RULES", "plan_tensor_parallel", "propagate"]
+__all__ = ["Fail", "Placement", "Plan", "R", "RULES", "all_seeds", "node_ndim", "node_val", "rule_for"]
 
 aten = torch.ops.aten
 
@@ -42,40 +46,58 @@ class Placement:
     kind: str  # "R" | "S"
     dim: int = -1
     seeds: frozenset = frozenset()
+    outer: Any = 1
+    """Blocks the sharded dim holds, each split over T on its own: the batch B of a (B * heads) dim that
+    bmm-style attention flattens; 1 for a plain shard. An int or a sympy expression of the captured sizes."""
+
+    def at(self, dim: int) -> Placement:
+        """The same shard, moved to `dim`."""
+        return dataclasses.replace(self, dim=dim)
 
 
 R = Placement("R")
 
 
 class Fail(Exception):
-    """A shard reached an op it cannot pass. `hard`: a size not divisible by T, an error for the user."""
+    """A shard reached an op it cannot pass: its `seeds` stay replicated, for `reason`."""
 
-    def __init__(self, seeds: frozenset, node: fx.Node, reason: str, hard: bool = False) -> None:
+    def __init__(self, seeds: frozenset, node: fx.Node, reason: str) -> None:
         super().__init__(f"{node.name}: {reason}")
-        self.seeds, self.node, self.reason, self.hard = seeds, node, reason, hard
+        self.seeds, self.node, self.reason = seeds, node, reason
 
 
 @dataclass
 class Plan:
+    """The tensor-parallel plan of one graph: placements, and what shard_tensor_parallel rewrites."""
+
     place: dict[fx.Node, Placement] = field(default_factory=dict)
     column: dict[fx.Node, frozenset] = field(default_factory=dict)
+    """Column-parallel linears (output features split)."""
     row: list[fx.Node] = field(default_factory=list)
+    """Row-parallel linears (input features split; partial sums all-reduced)."""
     chunks: dict[fx.Node, tuple[int, ...]] = field(default_factory=dict)
+    """Column-parallel linear -> sizes of the chunks of its output features, each split over T on its own."""
     shape_edits: dict[fx.Node, tuple[int, int]] = field(default_factory=dict)  # node -> (arg position in list, dim)
-    kv_slices: list[tuple[fx.Node, int]] = field(default_factory=list)
-    """(sdpa node, argument index) of replicated k/v that each rank narrows to its query heads."""
+    slices: dict[fx.Node, tuple[frozenset, int, int]] = field(default_factory=dict)
+    """slice node along the sharded features of a fused projection -> (seeds, start, end); each is one chunk,
+    and shard_tensor_parallel divides its bounds by T."""
+    narrow: list[tuple[fx.Node, int, int]] = field(default_factory=list)
+    """(attention node, argument index, dim): a replicated operand (GQA k/v whose KV heads do not divide by T)
+    that each rank narrows to its query heads' share along dim."""
+    reasons: dict[fx.Node, str] = field(default_factory=dict)
+    """Seed kept replicated -> why (the op its shard could not pass)."""
 
 
 # ---------------------------------------------------------------- the rule table
 
 
-def _val(node) -> torch.Tensor | None:
+def node_val(node) -> torch.Tensor | None:
     v = node.meta.get("val") if isinstance(node, fx.Node) else None
     return v if isinstance(v, torch.Tensor) else None
 
 
-def _ndim(node) -> int:
-    v = _val(node)
+def node_ndim(node) -> int:
+    v = node_val(node)
     return v.dim() if v is not None else 0
 
 
@@ -88,118 +110,228 @@ def _passthrough(node, ins, plan, T):
 
 
 def _elementwise(node, ins, plan, T):
-    out_nd = _ndim(node)
+    out_nd = node_ndim(node)
     sharded = [(a, p) for a, p in zip(node.args, ins) if p.kind == "S"]
     if not sharded:
         return R
-    dims = {p.dim + (out_nd - _ndim(a)) for a, p in sharded}
+    dims = {(p.dim + (out_nd - node_ndim(a)), p.outer) for a, p in sharded}
     if len(dims) != 1:
-        raise Fail(_all_seeds(ins), node, "operands sharded on different dims")
-    d = dims.pop()
+        raise Fail(all_seeds(ins), node, "operands sharded on different dims")
+    d, outer = dims.pop()
     for a, p in zip(node.args, ins):
-        if isinstance(a, fx.Node) and p.kind == "R" and _val(a) is not None:
-            aligned = d - (out_nd - _ndim(a))
-            if aligned >= 0 and _val(a).shape[aligned] != 1:
-                raise Fail(_all_seeds(ins), node, "replicated operand not broadcast along the sharded dim")
-    return Placement("S", d, _all_seeds(ins))
+        if isinstance(a, fx.Node) and p.kind == "R" and node_val(a) is not None:
+            aligned = d - (out_nd - node_ndim(a))
+            if aligned >= 0 and node_val(a).shape[aligned] != 1:
+                raise Fail(all_seeds(ins), node, "replicated operand not broadcast along the sharded dim")
+    return Placement("S", d, all_seeds(ins), outer)
 
 
 def _transpose(node, ins, plan, T):
     p = ins[0]
     if p.kind != "S":
         return R
-    nd = _ndim(node.args[0])
+    nd = node_ndim(node.args[0])
     a, b = (_norm_dim(d, nd) for d in node.args[1:3])
-    return Placement("S", b if p.dim == a else a if p.dim == b else p.dim, p.seeds)
+    return p.at(b if p.dim == a else a if p.dim == b else p.dim)
 
 
 def _permute(node, ins, plan, T):
     p = ins[0]
     if p.kind != "S":
         return R
-    nd = _ndim(node.args[0])
+    nd = node_ndim(node.args[0])
     order = [_norm_dim(d, nd) for d in node.args[1]]
-    return Placement("S", order.index(p.dim), p.seeds)
+    return p.at(order.index(p.dim))
 
 
 def _unsqueeze(node, ins, plan, T):
     p = ins[0]
     if p.kind != "S":
         return R
-    d = _norm_dim(node.args[1], _ndim(node))
-    return Placement("S", p.dim + 1 if d <= p.dim else p.dim, p.seeds)
+    d = _norm_dim(node.args[1], node_ndim(node))
+    return p.at(p.dim + 1 if d <= p.dim else p.dim)
 
 
 def _slice(node, ins, plan, T):
+    """A slice along the sharded features of a fused projection (Phi-3's qkv[..., a:b]) picks one chunk."""
     p = ins[0]
-    if p.kind == "S" and _norm_dim(node.args[1] if len(node.args) > 1 else 0, _ndim(node.args[0])) == p.dim:
-        raise Fail(p.seeds, node, "slice along the sharded dim")
+    nd = node_ndim(node.args[0])
+    if p.kind != "S" or _norm_dim(node.args[1] if len(node.args) > 1 else 0, nd) != p.dim:
+        return p
+    full = node_val(node.args[0]).shape[p.dim]
+    start = node.args[2] if len(node.args) > 2 and node.args[2] is not None else 0
+    end = node.args[3] if len(node.args) > 3 else None
+    end = full if end is None or (isinstance(end, int) and end >= full) else end
+    if not (isinstance(start, int) and isinstance(end, int)) or (len(node.args) > 4 and node.args[4] != 1) \
+            or p.outer != 1:
+        raise Fail(p.seeds, node, "slice along the sharded dim with symbolic bounds, a step or blocks")
+    start, end = (_norm_dim(b, full) for b in (start, end))
+    if (start, end) == (0, full):
+        return p
+    _check_fused(node, p, full)
+    plan.slices[node] = (p.seeds, start, end)
     return p
+
+
+def _check_fused(node, p: Placement, size: int) -> None:
+    """Chunks of a fused projection are chunks of its output features: the sharded dim must hold all of them."""
+    if p.outer != 1 or any(node_val(s) is None or node_val(s).shape[-1] != size for s in p.seeds):
+        raise Fail(p.seeds, node, "split of a sharded dim that is not a projection's whole output features")
+
+
+def _record_chunks(node, p: Placement, sizes: list, plan, T) -> None:
+    """The seeds' output features come in `sizes` chunks, each split over T on its own."""
+    if any(not isinstance(s, int) or s % T for s in sizes):
+        raise Fail(p.seeds, node, f"chunks {sizes} of a fused projection are not divisible by T={T}")
+    _check_fused(node, p, sum(sizes))
+    for seed in p.seeds:
+        if plan.chunks.get(seed, tuple(sizes)) != tuple(sizes):
+            raise Fail(p.seeds, node, "a fused projection split two different ways")
+        plan.chunks[seed] = tuple(sizes)
 
 
 def _cat(node, ins, plan, T):
     # Empty operands (legacy cat skips them, e.g. an empty KV-cache placeholder) do not take part.
-    tensors = [t for t in node.args[0] if _val(t) is None or _val(t).numel() > 0]
+    tensors = [t for t in node.args[0] if node_val(t) is None or node_val(t).numel() > 0]
     places = [plan.place.get(t, R) for t in tensors]
-    dim = _norm_dim(node.args[1] if len(node.args) > 1 else 0, _ndim(node))
-    kinds = {(p.kind, p.dim) for p in places}
-    if kinds == {("R", -1)}:
+    dim = _norm_dim(node.args[1] if len(node.args) > 1 else 0, node_ndim(node))
+    kinds = {(p.kind, p.dim, p.outer) for p in places}
+    if kinds == {("R", -1, 1)}:
         return R
     if len(kinds) != 1 or dim == places[0].dim:
-        raise Fail(_all_seeds(places), node, "cat of mixed placements or along the sharded dim")
-    return Placement("S", places[0].dim, _all_seeds(places))
+        raise Fail(all_seeds(places), node, "cat of mixed placements or along the sharded dim")
+    return dataclasses.replace(places[0], seeds=all_seeds(places))
 
 
 def _split(node, ins, plan, T):
     p = ins[0]
     if p.kind != "S":
         return R
-    nd = _ndim(node.args[0])
+    nd = node_ndim(node.args[0])
     dim = _norm_dim(node.args[2] if len(node.args) > 2 else 0, nd)
     if dim != p.dim:
         return p
-    full = _val(node.args[0]).shape[dim]
+    full = node_val(node.args[0]).shape[dim]
     size = node.args[1]
     sizes = [size] * (full // size) if isinstance(size, int) else list(size)
-    if any(not isinstance(s, int) or s % T for s in sizes) or sum(sizes) != full:
-        raise Fail(p.seeds, node, f"split sizes {sizes} are not divisible by T={T}", hard=True)
-    for seed in p.seeds:
-        if plan.chunks.get(seed, tuple(sizes)) != tuple(sizes):
-            raise Fail(p.seeds, node, "a fused projection split two different ways")
-        plan.chunks[seed] = tuple(sizes)
+    if sum(sizes) != full:
+        raise Fail(p.seeds, node, f"split sizes {sizes} do not add up to {full}")
+    _record_chunks(node, p, sizes, plan, T)
     plan.shape_edits[node] = (1, -1)
     return p
 
 
+def _chunk(node, ins, plan, T):
+    """chunk(n) of the sharded features: each rank chunks its share of every chunk (GPT-NeoX, Phi-3's gate_up)."""
+    p = ins[0]
+    dim = _norm_dim(node.args[2] if len(node.args) > 2 else 0, node_ndim(node.args[0]))
+    if p.kind != "S" or dim != p.dim:
+        return p
+    full, n = node_val(node.args[0]).shape[dim], node.args[1]
+    if not isinstance(full, int) or full % n:
+        raise Fail(p.seeds, node, f"chunk({n}) of {full} features is uneven")
+    _record_chunks(node, p, [full // n] * n, plan, T)
+    return p
+
+
+def _unbind(node, ins, plan, T):
+    """unbind/select along another dim than the sharded one: the shard moves down when a dim before it goes."""
+    p = ins[0]
+    dim = _norm_dim(node.args[1] if len(node.args) > 1 else 0, node_ndim(node.args[0]))
+    if p.kind != "S":
+        return R
+    if dim == p.dim:
+        raise Fail(p.seeds, node, "unbind or select along the sharded dim")
+    return p.at(p.dim - (p.dim > dim))
+
+
+def _unbound_later(node: fx.Node, dim: int, hops: int = 4) -> bool:
+    """Whether `dim` of `node` is unbound or selected soon after, through transposes and permutes: the sign
+    that a view as (n, heads, head_dim) fuses n tensors (timm's qkv), not n groups of heads."""
+    for _ in range(hops):
+        if len(node.users) != 1:
+            return False
+        user = next(iter(node.users))
+        if user.target in (aten.unbind.int, aten.select.int):
+            return _norm_dim(user.args[1] if len(user.args) > 1 else 0, node_ndim(node)) == dim
+        if user.target is aten.transpose.int:
+            a, b = (_norm_dim(d, node_ndim(node)) for d in user.args[1:3])
+            dim = b if dim == a else a if dim == b else dim
+        elif user.target is aten.permute.default:
+            dim = [_norm_dim(d, node_ndim(node)) for d in user.args[1]].index(dim)
+        elif user.target not in (aten.clone.default, aten.contiguous.default, aten.alias.default):
+            return False
+        node = user
+    return False
+
+
 def _reshape(node, ins, plan, T):
-    """view/reshape: the sharded input dim must be the outermost of the dims it becomes part of."""
+    """view/reshape: the sharded factor of the input dim lands on the output dim where it starts.
+
+    Within the dims that hold the same elements, the sharded factor sits behind `outer` elements of
+    the dims before it; it lands on the first output dim whose prefix divides them, the rest of them
+    becoming that dim's `outer` blocks: (B, heads, S, d) -> (B * heads, S, d) for bmm gives blocks B,
+    and back. A fused projection viewed (n, heads, head_dim) and then unbound is split per chunk.
+    """
     p = ins[0]
     if p.kind != "S":
         return R
-    src, dst = _val(node.args[0]).shape, _val(node).shape
+    src, dst = node_val(node.args[0]).shape, node_val(node).shape
     group_in, group_out = _dim_groups(src, dst, p.dim)
-    if group_in is None or group_in[0] != p.dim:
+    if group_in is None:
         raise Fail(p.seeds, node, f"reshape {tuple(src)} -> {tuple(dst)} splits the sharded dim {p.dim}")
-    out_dim = group_out[0]
-    size = dst[out_dim]
-    if not isinstance(size, int) or size % T:
-        raise Fail(p.seeds, node, f"dim {out_dim} of shape {tuple(dst)} (size {size}, e.g. the number of "
+    j = group_out[0]
+    if group_in == [p.dim] and p.outer == 1 and len(group_out) > 1 and isinstance(dst[j], int) \
+            and _unbound_later(node, j):
+        # A fused projection viewed (n, heads, head_dim), as timm's qkv (3, heads, head_dim): each of the
+        # n chunks is split over T on its own, so every rank keeps its heads' q, k and v together.
+        _record_chunks(node, p, [src[p.dim] // dst[j]] * dst[j], plan, T)
+        j, outer = group_out[1], sympy.Integer(1)
+    else:
+        j, outer = _landing(src, dst, group_in, group_out, p)
+        if j is None:
+            raise Fail(p.seeds, node, f"reshape {tuple(src)} -> {tuple(dst)} splits the sharded dim {p.dim}")
+    size = sympy.sympify(_expr(dst[j])) / outer
+    if not size.is_Integer or int(size) % T:
+        raise Fail(p.seeds, node, f"dim {j} of shape {tuple(dst)} (size {size}, e.g. the number of "
                     f"attention heads) is not divisible by T={T}")
-    plan.shape_edits[node] = (1, out_dim)
-    return Placement("S", out_dim, p.seeds)
+    plan.shape_edits[node] = (1, j)
+    return Placement("S", j, p.seeds, int(outer) if outer.is_Integer else outer)
+
+
+def _landing(src, dst, group_in, group_out, p: Placement):
+    """(output dim, its outer blocks) where the input's sharded factor starts; (None, None) if it is cut."""
+    outer = sympy.sympify(_expr(p.outer))
+    for i in group_in[:group_in.index(p.dim)]:
+        outer *= _expr(src[i])
+    factor = sympy.sympify(_expr(src[p.dim])) / _expr(p.outer)
+    prefix = sympy.Integer(1)
+    for j in group_out:
+        blocks = sympy.simplify(outer / prefix)
+        if blocks.is_integer is not True:
+            break
+        size = sympy.simplify(_expr(dst[j]) / blocks)
+        # The factor starts here: it spans this dim and more (heads, head_dim -> features) or fits in it.
+        if size.is_integer and size != 1 and (sympy.simplify(factor / size).is_integer
+                                              or sympy.simplify(size / factor).is_integer):
+            return j, blocks
+        prefix *= _expr(dst[j])
+    return None, None
 
 
 def _expand(node, ins, plan, T):
     p = ins[0]
     if p.kind != "S":
         return R
-    d = p.dim + (_ndim(node) - _ndim(node.args[0]))
+    d = p.dim + (node_ndim(node) - node_ndim(node.args[0]))
     plan.shape_edits[node] = (1, d)
-    return Placement("S", d, p.seeds)
+    return p.at(d)
 
 
 def _sdpa(node, ins, plan, T):
     q, k, v = ins[:3]
+    if any(p.outer != 1 for p in ins):
+        raise Fail(all_seeds(ins), node, "attention inputs sharded in blocks")
     if q.kind == k.kind == v.kind == "R":
         mask = ins[3] if len(ins) > 3 else R
         if mask.kind == "S":
@@ -210,15 +342,73 @@ def _sdpa(node, ins, plan, T):
         # query head), and each rank narrows them to its own query heads.
         bad = [p for p in (k, v) if p.kind == "S" and p.dim != 1]
         if bad:  # blame k/v only: the query's shard is fine
-            raise Fail(_all_seeds(bad), node, "k or v sharded on a dim other than heads")
-        plan.kv_slices.extend((node, i) for i, p in ((1, k), (2, v)) if p.kind == "R")
+            raise Fail(all_seeds(bad), node, "k or v sharded on a dim other than heads")
+        plan.narrow.extend((node, i, 1) for i, p in ((1, k), (2, v)) if p.kind == "R")
     elif not (q.kind == k.kind == v.kind == "S" and q.dim == k.dim == v.dim == 1):
-        raise Fail(_all_seeds(ins), node, "q, k, v must all be sharded on the heads dim")
+        raise Fail(all_seeds(ins), node, "q, k, v must all be sharded on the heads dim")
     if len(node.args) > 3 and isinstance(node.args[3], fx.Node):
-        mask = _val(node.args[3])
+        mask = node_val(node.args[3])
         if ins[3].kind == "R" and mask is not None and mask.dim() == 4 and mask.shape[1] != 1:
-            raise Fail(_all_seeds(ins), node, "per-head attention mask is replicated")
-    return Placement("S", 1, _all_seeds(ins))
+            raise Fail(all_seeds(ins), node, "per-head attention mask is replicated")
+    return Placement("S", 1, all_seeds(ins))
+
+
+def _matmul(node, ins, plan, T):
+    """matmul/bmm (attention written as plain ops): batch dims align from the right.
+
+    Both operands sharded on the same batch dim (q @ k^T per head) stay sharded there; a replicated
+    operand that is not broadcast along the sharded batch dim (GQA k/v whose KV heads do not divide
+    by T) is narrowed to this rank's share. Rows of the left or columns of the right operand pass
+    through; a sharded contraction dim would need a reduction, and fails.
+    """
+    (a, b), (pa, pb) = node.args[:2], ins[:2]
+    va, vb, nd = node_val(a), node_val(b), node_ndim(node)
+    if va is None or vb is None or va.dim() < 2 or vb.dim() < 2:
+        raise Fail(all_seeds(ins), node, "matmul with a vector operand")
+    sharded = {i: (p, v) for i, (p, v) in enumerate(((pa, va), (pb, vb))) if p.kind == "S"}
+    kinds = {i: "batch" if p.dim < v.dim() - 2 else ("row", "contract")[i] if p.dim == v.dim() - 2
+             else ("contract", "col")[i] for i, (p, v) in sharded.items()}
+    out = {i: p.dim + nd - v.dim() for i, (p, v) in sharded.items()}
+    if len(sharded) == 2:
+        if set(kinds.values()) == {"batch"} and out[0] == out[1] and pa.outer == pb.outer:
+            return dataclasses.replace(pa.at(out[0]), seeds=all_seeds(ins))
+        # Blame the operand not sharded per batch (head): q's shard is fine when k's is on head_dim.
+        blamed = [sharded[i][0] for i in kinds if kinds[i] != "batch"] or [pa, pb]
+        what = "contracts the sharded dim" if "contract" in kinds.values() else "has operands sharded on different dims"
+        raise Fail(all_seeds(blamed), node, f"matmul {what}")
+    (i, (p, v)), = sharded.items()
+    if kinds[i] == "contract":
+        raise Fail(p.seeds, node, "matmul contracts the sharded dim")
+    other = vb if i == 0 else va
+    od = out[i] - (nd - other.dim())
+    if kinds[i] == "batch" and od >= 0 and other.shape[od] != 1:
+        if not isinstance(other.shape[od], int) or other.shape[od] % T or p.outer != 1:
+            raise Fail(p.seeds, node, f"replicated operand of size {other.shape[od]} along the sharded batch dim "
+                                      f"is not divisible by T={T}")
+        plan.narrow.append((node, 1 - i, od))
+    return p.at(out[i])
+
+
+def _softmax(node, ins, plan, T):
+    p = ins[0]
+    if p.kind == "S" and _norm_dim(node.args[1], node_ndim(node)) == p.dim:
+        raise Fail(p.seeds, node, "softmax over the sharded dim")
+    return p
+
+
+def _repeat_interleave(node, ins, plan, T):
+    """GQA's k/v expansion along the heads dim: each rank repeats its own KV heads, which are exactly the
+    ones its query heads read (KV heads divisible by T)."""
+    p = ins[0]
+    dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim")
+    if p.kind != "S":
+        return R
+    if dim is None:
+        raise Fail(p.seeds, node, "repeat_interleave without a dim flattens the sharded tensor")
+    output_size = node.args[3] if len(node.args) > 3 else node.kwargs.get("output_size")
+    if _norm_dim(dim, node_ndim(node)) == p.dim and (output_size is not None or p.outer != 1):
+        raise Fail(p.seeds, node, "repeat_interleave with output_size or blocks along the sharded dim")
+    return p
 
 
 def _expr(size):
@@ -253,7 +443,7 @@ def _dim_groups(src, dst, dim):
     return None, None
 
 
-def _all_seeds(places) -> frozenset:
+def all_seeds(places) -> frozenset:
     out = frozenset()
     for p in places:
         out |= p.seeds
@@ -266,7 +456,11 @@ _ELEMENTWISE = [
     aten.pow.Tensor_Scalar, aten.square.default, aten.sigmoid.default, aten.exp.default, aten.rsqrt.default,
     aten.dropout.default, aten.clone.default, aten.contiguous.default, aten.alias.default,
     aten._to_copy.default, aten.to.dtype, aten.type_as.default, aten.where.self,
+    aten.masked_fill.Scalar, aten.masked_fill.Tensor, aten.div.Scalar, aten.sub.Scalar, aten.rsub.Scalar,
+    aten.to.dtype_layout,
 ]
+
+
 RULES: dict[Callable, Callable] = {
     **{op: _elementwise for op in _ELEMENTWISE},
     aten.transpose.int: _transpose,
@@ -281,77 +475,25 @@ RULES: dict[Callable, Callable] = {
     aten._unsafe_view.default: _reshape,
     aten.expand.default: _expand,
     aten.scaled_dot_product_attention.default: _sdpa,
+    aten.chunk.default: _chunk,
+    aten.unbind.int: _unbind,
+    aten.select.int: _unbind,
+    aten.matmul.default: _matmul,
+    aten.bmm.default: _matmul,
+    aten.softmax.int: _softmax,
+    aten._softmax.default: _softmax,
+    aten.log_softmax.int: _softmax,
+    aten._log_softmax.default: _softmax,
+    aten.repeat_interleave.self_int: _repeat_interleave,
     operator.getitem: _passthrough,
 }
 """One handler per aten op: (node, input placements, plan, T) -> output placement; raises Fail."""
 
 
-# ---------------------------------------------------------------- propagation
-
-
-def propagate(gm: fx.GraphModule, seeds: set[fx.Node], T: int) -> Plan:
-    plan = Plan()
-    for node in gm.graph.nodes:
-        ins = [plan.place.get(a, R) if isinstance(a, fx.Node) else R for a in node.args]
-        kw_ins = [plan.place.get(a, R) for a in node.kwargs.values() if isinstance(a, fx.Node)]
-        lin = as_linear(node)
-        if lin is not None:
-            xp = plan.place.get(lin.x, R)
-            if xp.kind == "S":
-                if xp.dim != _ndim(lin.x) - 1:
-                    raise Fail(xp.seeds, node, "linear input sharded on a non-feature dim")
-                plan.row.append(node)
-                plan.place[node] = R
-            elif node in seeds:
-                plan.column[node] = frozenset({node})
-                plan.place[node] = Placement("S", _ndim(node) - 1, frozenset({node}))
-            else:
-                plan.place[node] = R
-            continue
-        if node.op == "output" or node.meta.get(MOE_META) or node.op in ("call_module", "placeholder", "get_attr"):
-            bad = [plan.place[a] for a in node.all_input_nodes if plan.place.get(a, R).kind == "S"]
-            if bad:
-                raise Fail(_all_seeds(bad), node, "sharded value reaches an op that needs it whole")
-            plan.place[node] = R
-            continue
-        if all(plan.place.get(a, R).kind == "R" for a in node.all_input_nodes):
-            plan.place[node] = R
-            continue
-        rule = RULES.get(node.target)
-        if rule is None:
-            raise Fail(_all_seeds(ins + kw_ins), node, f"no sharding rule for {node.target}")
-        plan.place[node] = rule(node, ins, plan, T)
-    return plan
-
-
-def plan_tensor_parallel(gm: fx.GraphModule, T: int) -> tuple[Plan, list[str]]:
-    seeds = {n for n in gm.graph.nodes if as_linear(n) is not None and not n.meta.get(MOE_META)}
-    notes = []
-    while True:
-        try:
-            plan = propagate(gm, seeds, T)
-        except Fail as fail:
-            if fail.hard:
-                where = module_path(fail.node)
-                raise ValueError(
-                    f"tensor parallelism with ParallelConfig.tensor={T} cannot shard {where or fail.node.name}: "
-                    f"{fail.reason}. Choose a tensor degree that divides the attention heads (and KV heads) "
-                    f"and the FFN width."
-                ) from None
-            if not fail.seeds:
-                raise RuntimeError(f"tensor parallelism cannot place {fail.node.name}: {fail.reason}") from None
-            notes.append(f"kept replicated {sorted(s.name for s in fail.seeds)}: {fail.reason}")
-            seeds -= fail.seeds
-            continue
-        # Attention left whole means its heads did not divide by T: an error for the user, not a
-        # silently replicated model.
-        for node in gm.graph.nodes:
-            if node.op == "call_function" and node.target == aten.scaled_dot_product_attention.default \
-                    and plan.place.get(node, R).kind == "R":
-                heads = _val(node.args[0]).shape[1] if _val(node.args[0]) is not None else "?"
-                raise ValueError(
-                    f"tensor parallelism with ParallelConfig.tensor={T} cannot split the attention of "
-                    f"{module_path(node) or node.name}: its {heads} query heads are not divisible by {T} "
-                    f"({'; '.join(notes[-2:]) or 'no projection could be split'}). Choose a tensor degree "
-                    f"that divides the attention heads and the FFN width.")
-        return plan, notes
+def rule_for(target) -> Callable | None:
+    """The handler of an op: its RULES entry; any other pointwise aten op (erf in a spelled-out GELU, abs,
+    ...) broadcasts as add does; None when there is no rule."""
+    if target in RULES:
+        return RULES[target]
+    tags = getattr(target, "tags", ())
+    return _elementwise if torch.Tag.pointwise in tags and torch.Tag.nondeterministic_seeded not in tags else None

@@ -32,6 +32,7 @@ from models import (
     tiny_llama,
     tiny_mlp_with_dropout,
     tiny_opt,
+    tiny_phi3,
 )
 
 aten = torch.ops.aten
@@ -60,7 +61,8 @@ def _dense_ffn(gm: fx.GraphModule, match: FFNMatch, x: torch.Tensor) -> torch.Te
     def project(ref: LinearRef, h: torch.Tensor) -> torch.Tensor:
         weight = operator.attrgetter(ref.weight)(gm)
         y = h @ (weight if ref.transposed else weight.T)
-        return y + operator.attrgetter(ref.bias)(gm) if ref.bias else y
+        y = y + operator.attrgetter(ref.bias)(gm) if ref.bias else y
+        return y[..., slice(*ref.out_slice)] if ref.out_slice else y  # a half of a fused gate_up
 
     h = ACTIVATIONS[match.activation](project(match.fc1, x))
     if match.up is not None:
@@ -216,6 +218,67 @@ def test_glu_operand_order_does_not_matter() -> None:
     assert (m.kind, m.activation, m.fc1.weight, m.up.weight, m.fc2.weight) == (
         "glu", "gelu_tanh", "gate.weight", "up.weight", "down.weight")
     _check_match(gm, inputs, [m])
+
+
+# --- Fused gate_up: one projection H -> 2F split into gate and up ---------------------------------
+
+def test_phi3_fused_gate_up_chunked_is_a_glu() -> None:
+    gm, inputs = _captured(tiny_phi3)
+    matches = find_ffns(gm)
+    assert [(m.path, m.kind, m.activation) for m in matches] == [
+        ("model.layers.0.mlp", "glu", "silu"), ("model.layers.1.mlp", "glu", "silu")]
+    for i, m in enumerate(matches):
+        fused = f"model.layers.{i}.mlp.gate_up_proj.weight"
+        # Phi-3 writes `gate, up = gate_up_proj(x).chunk(2, dim=-1)`: the gate is the first half.
+        assert (m.fc1.weight, m.fc1.out_slice, m.up.weight, m.up.out_slice) == (fused, (0, 64), fused, (64, 128))
+        assert m.fc1.node is m.up.node and m.fc2.weight == f"model.layers.{i}.mlp.down_proj.weight"
+        assert (m.hidden_dim, m.ffn_dim) == (HIDDEN, 64)
+        assert any(n.target is aten.chunk.default for n in m.nodes)  # the split belongs to the region
+    _check_match(gm, inputs, matches)
+
+
+class _FusedGLU(nn.Module):
+    """`up, gate = proj(x).split(F, -1)` with biases: the gate is the second half, found numerically."""
+
+    def __init__(self, hidden: int = 8, width: int = 16) -> None:
+        super().__init__()
+        self.width = width
+        self.proj = nn.Linear(hidden, 2 * width)
+        self.down = nn.Linear(width, hidden)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        up, gate = self.proj(x).split(self.width, dim=-1)
+        return x + self.down(up * nn.functional.gelu(gate))
+
+
+def test_fused_gate_up_split_with_the_gate_second_and_biases() -> None:
+    torch.manual_seed(0)
+    inputs = (torch.randn(2, 3, 8),)
+    gm = capture(_FusedGLU(), inputs)
+    (m,) = find_ffns(gm)
+    assert (m.kind, m.activation, m.ffn_dim) == ("glu", "gelu", 16)
+    assert (m.fc1.weight, m.fc1.bias, m.fc1.out_slice) == ("proj.weight", "proj.bias", (16, 32))
+    assert (m.up.weight, m.up.bias, m.up.out_slice) == ("proj.weight", "proj.bias", (0, 16))
+    _check_match(gm, inputs, [m])
+
+
+class _ThreeWaySplit(nn.Module):
+    """A projection chunked in three is not a gate_up pair: not an FFN."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(8, 48)
+        self.down = nn.Linear(16, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, b, c = self.proj(x).chunk(3, dim=-1)
+        return self.down(a * nn.functional.silu(b) + c)
+
+
+def test_projection_chunked_in_three_is_no_glu() -> None:
+    gm = capture(_ThreeWaySplit(), (torch.randn(2, 3, 8),))
+    with pytest.raises(NoFFNFoundError, match="aten.chunk.default"):
+        find_ffns(gm)
 
 
 # --- What must not match, and the error that says so ---------------------------------------------
