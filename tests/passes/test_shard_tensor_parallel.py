@@ -11,7 +11,9 @@ the step's CommStats against the graph.
 
 from __future__ import annotations
 
+import ast
 import copy
+import re
 
 import pytest
 import torch
@@ -20,6 +22,8 @@ from torch import nn
 
 import tedfx
 from tedfx import collectives
+from tedfx.capture import capture
+from tedfx.passes.context import PassContext
 from tedfx.passes.graph import as_linear
 from tedfx.passes.runner import run_passes
 from tedfx.passes.shard_tensor_parallel import shard_tensor_parallel_pass
@@ -46,8 +50,10 @@ def calls(gm: fx.GraphModule, target) -> list[fx.Node]:
     return [n for n in gm.graph.nodes if n.op == "call_function" and n.target is target]
 
 
-def tp_rank(rank_graph, name: str, t: int, moe: tedfx.MoEConfig = MOE_LAYER_1, tensor: int = T):
-    return rank_graph(name, tensor=tensor, expert=1, tp=t, passes=[shard_tensor_parallel_pass], moe=moe)
+def tp_rank(rank_graph, name: str, t: int, moe: tedfx.MoEConfig = MOE_LAYER_1, tensor: int = T,
+            replicate: tuple[str, ...] = ()):
+    return rank_graph(name, tensor=tensor, expert=1, tp=t, passes=[shard_tensor_parallel_pass], moe=moe,
+                      replicate=replicate)
 
 
 def local_rows(full: torch.Tensor, t: int, chunks: tuple[int, ...] | None, dim: int = 0) -> torch.Tensor:
@@ -158,7 +164,13 @@ def test_kv_heads_that_do_not_divide_are_narrowed_to_the_rank_s_query_heads(rank
     assert len(sdpas) == 2 and all(s.args[1:] == ("tp", 1) for s in slices)
     for i, sdpa in enumerate(sdpas):  # k and v of each attention, narrowed on the heads dim
         assert sdpa.args[1:3] == tuple(slices[2 * i:2 * i + 2])
-    assert sum("narrowed to this rank's query heads" in n for n in rank.ctx.records.tp_notes) == 4
+    notes = rank.ctx.records.tp_notes
+    assert [n for n in notes if "narrowed to this rank's heads" in n] == [
+        f"{sdpa.name}: replicated operand {i} narrowed to this rank's heads" for sdpa in sdpas for i in (1, 2)]
+    # The loud check lets k_proj and v_proj stay whole for this reason only, and says so.
+    assert [n for n in notes if "kept whole" in n] == [
+        f"model.layers.{i}.self_attn.{p}_proj: kept whole, its 1 KV heads do not divide by T=2; each rank narrows "
+        f"its value to its query heads' share" for i in range(2) for p in "kv"]
 
 
 # --- running it ---------------------------------------------------------------------------------------
@@ -209,14 +221,52 @@ def test_a_step_runs_and_counts_what_the_graph_holds(rank_graph, name) -> None:
 # --- errors -------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name,message", [
-    ("gpt", r"cannot shard h\.0\.attn: split sizes \[32, 32, 32\] are not divisible by T=3"),
-    ("llama", r"cannot split the attention of model\.layers\.0\.self_attn: its 4 query heads are not divisible"),
-], ids=["gpt", "llama"])
-def test_heads_not_divisible_by_t_is_a_value_error_from_the_pass(rank_graph, name, message) -> None:
-    with pytest.raises(ValueError, match=message) as info:
-        tp_rank(rank_graph, name, 0, tensor=3)
+def suggested_replicate(message: str, tensor: int) -> tuple[str, ...]:
+    """The ParallelConfig.replicate the loud error suggests."""
+    (globs,) = re.findall(rf"ParallelConfig\(tensor={tensor}, replicate=(\(.*\))\)\.$", message)
+    return ast.literal_eval(globs)
+
+
+_HEADS = r"\(size {n}, e\.g\. the number of attention heads\) is not divisible by T={T} \(at \w+ in {block}\)"
+_LLAMA_ATTN = r"model\.layers\.{i}\.self_attn\."
+LEFT_WHOLE = {
+    # GPT at T=3: c_attn's q | k | v chunks of 32 features (4 heads of 8) and dense FFN 0's 128 features.
+    "gpt": (3, [r"h\.{i}\.attn\.c_attn \(attention input projection\): chunks \[32, 32, 32\] of a fused "
+                r"projection are not divisible by T=3 \(at \w+ in h\.{i}\.attn\)",
+                r"h\.{i}\.attn\.c_proj \(attention output projection\): its input comes from h\.{i}\.attn\.c_attn, "
+                r"left whole",
+                r"h\.0\.mlp\.c_fc \(projection of the dense FFN h\.0\.mlp\): its 128 output features are not "
+                r"divisible by T=3",
+                r"h\.0\.mlp\.c_proj \(projection of the dense FFN h\.0\.mlp\): its input comes from h\.0\.mlp\.c_fc"],
+            ("h.*.attn.c_attn", "h.*.attn.c_proj", "h.*.mlp.c_fc", "h.*.mlp.c_proj"), []),
+    # Llama at T=8: q_proj's 32 features divide, its 4 heads do not, nor the 2 KV heads of k_proj and v_proj;
+    # dense FFN 0 (64 wide) splits.
+    "llama": (8, [_LLAMA_ATTN + r"q_proj \(attention input projection\): dim 2 of shape \(\w+, \w+, 4, 8\) "
+                  + _HEADS.format(n=4, T=8, block=_LLAMA_ATTN[:-2]),
+                  *(_LLAMA_ATTN + p + r"_proj \(attention input projection\): dim 2 of shape \(\w+, \w+, 2, 8\) "
+                    + _HEADS.format(n=2, T=8, block=_LLAMA_ATTN[:-2]) for p in "kv"),
+                  _LLAMA_ATTN + r"o_proj \(attention output projection\): its input comes from "],
+              tuple(f"model.layers.*.self_attn.{p}_proj" for p in "qkvo"),
+              [LLAMA.format(0, "mlp.gate"), LLAMA.format(0, "mlp.up")]),
+}
+
+
+@pytest.mark.parametrize("name", list(LEFT_WHOLE))
+def test_heads_not_divisible_by_t_is_a_value_error_from_the_pass(rank_graph, name) -> None:
+    tensor, lines, replicate, split_anyway = LEFT_WHOLE[name]
+    whole = len({line.format(i=i) for line in lines for i in range(2)})
+    with pytest.raises(ValueError, match=rf"ParallelConfig\.tensor={tensor} would leave {whole} projection\(s\) "
+                                         rf"whole") as info:
+        tp_rank(rank_graph, name, 0, tensor=tensor)
     assert info.value.__notes__ == ["(found by the tedfx pass shard_tensor_parallel)"]
+    message = str(info.value)
+    for line in {line.format(i=i) for line in lines for i in range(2)}:
+        assert re.search("^  - " + line, message, re.M), (line, message)
+    assert suggested_replicate(message, tensor) == replicate
+    # The fix it suggests works: exactly those projections stay whole, said so; the rest still splits.
+    rank = tp_rank(rank_graph, name, 0, tensor=tensor, replicate=replicate)
+    assert sum("as ParallelConfig.replicate asks" in n for n in rank.ctx.records.tp_notes) == whole
+    assert rank.ctx.records.tp_column == split_anyway
 
 
 class _TwoMlps(nn.Module):
@@ -238,12 +288,58 @@ def test_dense_ffn_width_not_divisible_by_t_is_a_value_error_from_the_pass() -> 
     moe_gm, moe_ctx = build_moe_graph(model, inputs, moe=tedfx.MoEConfig(num_experts=2, top_k=1, layers=[1]))
     assert "mlps.0.0.weight" in moe_gm.state_dict()  # FFN 0 stays dense: tensor parallelism splits it
     ctx = moe_ctx.for_rank(tedfx.ParallelConfig(tensor=3), {"edp": 0, "ep": 0, "tp": 0})
-    with pytest.raises(ValueError, match=r"ParallelConfig.tensor=3 cannot split mlps\.0\.0\.weight of shape "
-                                         r"\(16, 8\) along dim 0: not divisible by 3") as info:
+    with pytest.raises(ValueError, match=r"ParallelConfig\.tensor=3 would leave 2 projection\(s\) whole") as info:
         run_passes(copy.deepcopy(moe_gm), [shard_tensor_parallel_pass], ctx=ctx)
     assert info.value.__notes__ == ["(found by the tedfx pass shard_tensor_parallel)"]
+    message = str(info.value)
+    assert re.search(r"^  - mlps\.0\.0 \(projection of the dense FFN mlps\.0\): its 16 output features are not "
+                     r"divisible by T=3 \(at \w+ in mlps\.0\.0\)$", message, re.M), message
+    assert "\n  - mlps.0.2 (projection of the dense FFN mlps.0): its input comes from mlps.0.0, left whole\n" in message
+    assert suggested_replicate(message, 3) == ("mlps.*.0", "mlps.*.2")
+    # Taking that fix: the FFN stays whole on every rank, said so, and nothing is split.
+    ctx = moe_ctx.for_rank(tedfx.ParallelConfig(tensor=3, replicate=("mlps.*.0", "mlps.*.2")),
+                           {"edp": 0, "ep": 0, "tp": 0})
+    gm = run_passes(copy.deepcopy(moe_gm), [shard_tensor_parallel_pass], ctx=ctx)
+    assert (ctx.records.tp_column, ctx.records.tp_row) == ([], [])
+    assert [n for n in ctx.records.tp_notes if "kept whole" in n] == [
+        f"mlps.0.{i}: kept whole, as ParallelConfig.replicate asks" for i in (0, 2)]
+    assert tuple(gm.state_dict()["mlps.0.0.weight"].shape) == (16, 8)
     # With T=2 the same graph splits: up column-parallel, down row-parallel.
     ctx = moe_ctx.for_rank(tedfx.ParallelConfig(tensor=2), {"edp": 0, "ep": 0, "tp": 1})
     gm = run_passes(copy.deepcopy(moe_gm), [shard_tensor_parallel_pass], ctx=ctx)
     assert (ctx.records.tp_column, ctx.records.tp_row) == (["mlps.0.0.weight"], ["mlps.0.2.weight"])
     assert tuple(gm.state_dict()["mlps.0.0.weight"].shape) == (8, 8)
+
+
+class _FlattenedMlp(nn.Module):
+    """An MLP whose hidden activation is flattened with the sequence dim, [B, 3, 16] -> [B, 48], and back."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.up, self.down = nn.Linear(8, 16), nn.Linear(16, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = nn.functional.gelu(self.up(x)).reshape(x.shape[0], 3 * 16) * 2.0
+        return self.down(h.reshape(x.shape[0], 3, 16))
+
+
+def test_a_shard_in_outer_blocks_divides_the_flattened_size_and_the_partial_sums_add_up() -> None:
+    """Each rank's [B, 48] holds 3 blocks of 8 features, [B, 24]: both reshapes are divided, and the
+    ranks' partial sums of `down` add up to the full graph's output."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 8)
+    full = capture(_FlattenedMlp(), (x,), dynamic=False)
+    partials = []
+    for t in range(T):
+        ctx = PassContext(moe=tedfx.MoEConfig(num_experts=2, top_k=1), parallel=tedfx.ParallelConfig(tensor=T),
+                          coords={"edp": 0, "ep": 0, "tp": t})
+        gm = shard_tensor_parallel_pass(copy.deepcopy(full), ctx=ctx)
+        assert (ctx.records.tp_column, ctx.records.tp_row) == (["up.weight"], ["down.weight"])
+        assert [n.args[1] for n in calls(gm, torch.ops.aten.reshape.default)] == [[2, 24], [2, 3, 8]]
+        (reduce,) = calls(gm, collectives.all_reduce)
+        partials.append(_values(gm, (x,), t)[reduce.args[0]])
+    with torch.no_grad():
+        expected = full(x)
+    bias = full.get_parameter("down.bias").detach()
+    torch.testing.assert_close(partials[0] + partials[1] + bias, expected, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(partials[0] + bias, expected, atol=1e-3)

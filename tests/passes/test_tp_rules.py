@@ -7,6 +7,9 @@ and after ffn_to_moe, and on small hand-written modules for single rules.
 
 from __future__ import annotations
 
+import ast
+import re
+
 import pytest
 import torch
 import torch.fx as fx
@@ -14,7 +17,8 @@ from torch import nn
 
 from tedfx.capture import capture
 from tedfx.passes.graph import MOE_META, as_linear, module_path
-from tedfx.passes.tp_rules import Placement, R, plan_tensor_parallel
+from tedfx.passes.tp_plan import check_nothing_left_whole, kept_whole_by_config, plan_tensor_parallel, propagate
+from tedfx.passes.tp_rules import Fail, Placement, R
 
 aten = torch.ops.aten
 SDPA = aten.scaled_dot_product_attention.default
@@ -33,11 +37,29 @@ def calls(gm: fx.GraphModule, target) -> list[fx.Node]:
     return [n for n in gm.graph.nodes if n.op == "call_function" and n.target is target]
 
 
+def left_whole(gm: fx.GraphModule, T: int, count: int) -> str:
+    """The loud error for the `count` projections a plan at degree T leaves whole; the ParallelConfig.replicate
+    it suggests must then plan without raising, keeping exactly the projections it named whole."""
+    plan, _ = plan_tensor_parallel(gm, T)
+    with pytest.raises(ValueError, match=rf"ParallelConfig\.tensor={T} would leave {count} projection\(s\) whole"
+                       ) as info:
+        check_nothing_left_whole(gm, plan, T, allowed=frozenset())
+    message = str(info.value)
+    named = re.findall(r"^  - (\S+) \(", message, flags=re.M)
+    assert len(named) == count, message
+    (globs,) = re.findall(rf"ParallelConfig\(tensor={T}, replicate=(\(.*\))\)\.$", message)
+    kept = kept_whole_by_config(gm, ast.literal_eval(globs))
+    plan, _ = plan_tensor_parallel(gm, T, keep_whole=kept)
+    notes = check_nothing_left_whole(gm, plan, T, allowed=kept)
+    assert sorted(n.split(":")[0] for n in notes if "as ParallelConfig.replicate asks" in n) == sorted(named)
+    return message
+
+
 GPT_COLUMN = {f"h.{i}.{w}" for i in range(2) for w in ("attn.c_attn.weight", "mlp.c_fc.weight")}
 GPT_ROW = {f"h.{i}.{w}" for i in range(2) for w in ("attn.c_proj.weight", "mlp.c_proj.weight")}
 LLAMA = "model.layers.{}.{}_proj.weight"
-LLAMA_COLUMN = {LLAMA.format(i, p) for i in range(2) for p in ("self_attn.q", "self_attn.k", "self_attn.v",
-                                                                  "mlp.gate", "mlp.up")}
+LLAMA_ATTN = ("self_attn.q", "self_attn.k", "self_attn.v")
+LLAMA_COLUMN = {LLAMA.format(i, p) for i in range(2) for p in LLAMA_ATTN + ("mlp.gate", "mlp.up")}
 LLAMA_ROW = {LLAMA.format(i, p) for i in range(2) for p in ("self_attn.o", "mlp.down")}
 
 
@@ -116,7 +138,9 @@ def test_grouped_query_attention_divides_kv_heads_and_their_repeat(dense_graph) 
     expands = calls(gm, aten.expand.default)
     kv = [n for n in expands if plan.place.get(n, R).kind == "S"]
     assert len(kv) == 4 and all(plan.shape_edits[n] == (1, 1) for n in kv)  # [B, 2 kv, 2 rep, S, D]
-    assert plan.kv_slices == []
+    by_weight = linears(gm)
+    assert all(by_weight[LLAMA.format(i, p)] in plan.column for i in range(2) for p in LLAMA_ATTN)
+    assert plan.narrow == []  # k and v are split, so nothing replicated is narrowed per rank
 
 
 def test_kv_heads_not_divisible_stay_replicated_and_are_narrowed_per_rank(dense_graph) -> None:
@@ -128,26 +152,42 @@ def test_kv_heads_not_divisible_stay_replicated_and_are_narrowed_per_rank(dense_
         assert by_weight[LLAMA.format(i, "self_attn.k")] not in plan.column
         assert by_weight[LLAMA.format(i, "self_attn.v")] not in plan.column
         assert by_weight[LLAMA.format(i, "self_attn.o")] in plan.row
-    assert sorted((n.name, i) for n, i in plan.kv_slices) == sorted(
-        (n.name, i) for n in calls(gm, SDPA) for i in (1, 2))
+    # Each attention narrows its replicated k (argument 1) and v (argument 2) on the heads dim (1).
+    assert sorted((n.name, i, d) for n, i, d in plan.narrow) == sorted(
+        (n.name, i, 1) for n in calls(gm, SDPA) for i in (1, 2))
     assert sum("kept replicated" in note for note in notes) == 5  # k, v of each block, and the LM head
+    # The loud check exempts exactly those k/v projections, saying why, and raises nothing.
+    exempt = check_nothing_left_whole(gm, plan, 2, allowed=frozenset())
+    assert exempt == [f"model.layers.{i}.self_attn.{p}_proj: kept whole, its 1 KV heads do not divide by T=2; "
+                      f"each rank narrows its value to its query heads' share" for i in range(2) for p in "kv"]
 
 
 # --- T not dividing the heads -------------------------------------------------------------------------
 
 
 def test_fused_heads_not_divisible_is_a_value_error_naming_the_module(dense_graph) -> None:
-    gm, _ = dense_graph("gpt")
-    with pytest.raises(ValueError, match=r"ParallelConfig.tensor=3 cannot shard h\.0\.attn: split sizes "
-                                         r"\[32, 32, 32\] are not divisible by T=3"):
-        plan_tensor_parallel(gm, 3)
+    gm, _ = dense_graph("gpt")  # c_attn's q | k | v chunks of 32 features (4 heads of 8) over T=3
+    plan, _ = plan_tensor_parallel(gm, 3)  # planning alone keeps c_attn replicated, with the reason
+    assert not {f"h.{i}.attn.c_attn.weight" for i in range(2)} & weights(plan.column)
+    message = left_whole(gm, 3, count=4)
+    for i in range(2):
+        assert re.search(rf"^  - h\.{i}\.attn\.c_attn \(attention input projection\): chunks \[32, 32, 32\] of a "
+                         rf"fused projection are not divisible by T=3 \(at \w+ in h\.{i}\.attn\)$", message, re.M)
+        assert f"  - h.{i}.attn.c_proj (attention output projection): its input comes from h.{i}.attn.c_attn, " \
+               f"left whole" in message
+    assert "ParallelConfig(tensor=3, replicate=('h.*.attn.c_attn', 'h.*.attn.c_proj'))" in message
 
 
 def test_query_heads_not_divisible_is_a_value_error_naming_the_module(dense_graph) -> None:
-    gm, _ = dense_graph("llama")
-    with pytest.raises(ValueError, match=r"cannot split the attention of model\.layers\.0\.self_attn: its 4 "
-                                         r"query heads are not divisible by 3"):
-        plan_tensor_parallel(gm, 3)
+    gm, _ = dense_graph("llama")  # T=8 divides the 32 features of q_proj but not its 4 heads
+    message = left_whole(gm, 8, count=8)
+    for i in range(2):
+        assert re.search(rf"^  - model\.layers\.{i}\.self_attn\.q_proj \(attention input projection\): dim 2 of "
+                         rf"shape \(\w+, \w+, 4, 8\) \(size 4, e\.g\. the number of attention heads\) is not divisible "
+                         rf"by T=8 \(at \w+ in model\.layers\.{i}\.self_attn\)$", message, re.M)
+        assert f"  - model.layers.{i}.self_attn.o_proj (attention output projection): its input comes from" in message
+    assert "replicate=('model.layers.*.self_attn.q_proj', 'model.layers.*.self_attn.k_proj', " \
+           "'model.layers.*.self_attn.v_proj', 'model.layers.*.self_attn.o_proj')" in message
 
 
 class _Attention(nn.Module):
@@ -182,9 +222,12 @@ def test_hand_written_attention_six_heads_over_four() -> None:
     plan, _ = plan_tensor_parallel(gm, 2)  # 6 heads split over 2: fine
     assert weights(plan.column) == {f"blocks.0.{p}.weight" for p in "qkv"}
     assert weights(plan.row) == {"blocks.0.out.weight"}
-    with pytest.raises(ValueError, match=r"cannot split the attention of blocks\.0: its 6 query heads are not "
-                                         r"divisible by 4"):
-        plan_tensor_parallel(gm, 4)
+    message = left_whole(gm, 4, count=4)  # 6 heads over 4: q, k, v and out stay whole, loudly
+    for p in "qkv":
+        assert f"  - blocks.0.{p} (attention input projection): dim 2 of shape (2, 3, 6, 4) (size 6, e.g. the " \
+               f"number of attention heads) is not divisible by T=4 (at " in message
+    assert "  - blocks.0.out (attention output projection): its input comes from " in message
+    assert "replicate=('blocks.*.q', 'blocks.*.k', 'blocks.*.v', 'blocks.*.out')" in message
 
 
 # --- single rules on hand-written modules -------------------------------------------------------------
@@ -211,6 +254,18 @@ class _MergedDims(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = nn.functional.gelu(self.up(x))  # [B, 3, 16]
         return self.down(h.reshape(x.shape[0], 3 * 16))
+
+
+class _MergedAndSplitBack(nn.Module):
+    """The same flattening, undone before the down projection: the shard crosses both reshapes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.up, self.down = nn.Linear(8, 16), nn.Linear(16, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = nn.functional.gelu(self.up(x)).reshape(x.shape[0], 3 * 16) * 2.0  # [B, 48]
+        return self.down(h.reshape(x.shape[0], 3, 16))
 
 
 class _Mlp(nn.Module):
@@ -243,7 +298,29 @@ def test_a_norm_keeps_both_linears_replicated_with_notes() -> None:
 
 
 def test_reshape_merging_the_sharded_dim_into_an_outer_one_keeps_it_replicated() -> None:
+    """[B, 3, 16] -> [B, 48]: the shard passes the reshape as 3 `outer` blocks (8 of each position's 16 features
+    per rank), which a linear cannot read row-parallel, so `up` stays replicated, blamed on `down`."""
     gm = _capture(_MergedDims(), 2, 3, 8)
+    by_weight = linears(gm)
+    up, down = by_weight["up.weight"], by_weight["down.weight"]
+    with pytest.raises(Fail) as info:
+        propagate(gm, {up}, 2)
+    assert (info.value.node, info.value.seeds) == (down, frozenset({up}))
+    assert info.value.reason == "linear input sharded on a non-feature dim or in blocks"
     plan, notes = plan_tensor_parallel(gm, 2)
-    assert "up.weight" not in weights(plan.column)
-    assert any("splits the sharded dim 2" in note for note in notes), notes
+    assert plan.column == {} and plan.row == [] and all(p.kind == "R" for p in plan.place.values())
+    assert plan.reasons[up] == f"linear input sharded on a non-feature dim or in blocks (at {down.name} in down)"
+    assert notes[0] == f"kept replicated ['{up.name}']: linear input sharded on a non-feature dim or in blocks"
+
+
+def test_reshape_merging_the_sharded_dim_carries_it_in_outer_blocks_until_it_is_split_back() -> None:
+    gm = _capture(_MergedAndSplitBack(), 2, 3, 8)
+    plan, notes = plan_tensor_parallel(gm, 2)
+    assert weights(plan.column) == {"up.weight"} and weights(plan.row) == {"down.weight"} and notes == []
+    (up,) = plan.column
+    merged, back = calls(gm, aten.reshape.default)
+    (scaled,) = calls(gm, aten.mul.Tensor)
+    # [B, 3, 16] S(2) -> [B, 48] S(1) in 3 blocks (each rank: its 8 features of each position) -> [B, 3, 16] S(2).
+    assert plan.place[merged] == plan.place[scaled] == Placement("S", 1, frozenset({up}), outer=3)
+    assert plan.place[back] == Placement("S", 2, frozenset({up}))
+    assert plan.shape_edits[merged] == (1, 1) and plan.shape_edits[back] == (1, 2)  # 48 -> 24, 16 -> 8
