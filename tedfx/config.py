@@ -141,6 +141,10 @@ class ParallelConfig:
     """Seconds a collective may wait before the run fails instead of hanging."""
     bucket_mb: float = 25.0
     """Gradient all-reduce bucket size in MiB."""
+    token_group_inputs: Literal["broadcast", "verify"] = "broadcast"
+    """How the T tensor ranks of a token group get one micro-batch: "broadcast" sends the first tensor rank's
+    inputs to the others before each forward; "verify" compares checksums and raises, naming the ranks, when
+    they differ (docs/parallelism.md, "Token groups")."""
 
     def __post_init__(self) -> None:
         cls = "ParallelConfig"
@@ -158,6 +162,8 @@ class ParallelConfig:
             _fail(cls, "timeout", self.timeout, "a number of seconds > 0")
         if not self.bucket_mb > 0:
             _fail(cls, "bucket_mb", self.bucket_mb, "a number of MiB > 0")
+        if self.token_group_inputs not in ("broadcast", "verify"):
+            _fail(cls, "token_group_inputs", self.token_group_inputs, '"broadcast" or "verify"')
 
     def check_supported(self) -> None:
         """Raise for options this version of tedfx declares but does not run yet (never ignore them silently)."""
