@@ -52,6 +52,14 @@ class TedGraphModule(fx.GraphModule):
             self.recompile()
         return self
 
+    def __deepcopy__(self, memo: dict[int, Any]) -> "TedGraphModule":
+        copied = super().__deepcopy__(memo)
+        # GraphModule keeps only its state-dict hooks; a copy must bind and check its inputs as well.
+        for attr in ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_pre_hooks_always_called"):
+            if attr in self.__dict__:
+                setattr(copied, attr, copy.copy(self.__dict__[attr]))
+        return copied
+
 
 def capture(
     model: nn.Module,

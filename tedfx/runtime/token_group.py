@@ -115,8 +115,7 @@ class TokenGroupFeed:
 
     def _gather(self, row: torch.Tensor) -> list[list]:
         """Every rank's `row` (a small 1-d tensor), in token-group order."""
-        out = torch.empty(len(self.group.ranks) * row.numel(), dtype=row.dtype, device=self.device)
-        dist.all_gather_into_tensor(out, row.to(self.device), group=self.process_group)
+        out = _compat.wait_collective(_compat.funcol_all_gather(row.to(self.device), 0, self.process_group))
         return out.view(len(self.group.ranks), -1).tolist()
 
     def _compare(self, tensors: list[torch.Tensor], names: list[str], check_rng: bool) -> None:
@@ -141,7 +140,7 @@ class TokenGroupFeed:
             which = [n for n, a, b in zip(names, everyone[0], everyone[j]) if a != b] or ["their number or shapes"]
             raise ValueError(
                 f"ranks {ranks[0]} and {differ[0]} of {self.group} were called with different micro-batches "
-                f"({', '.join(which)} differ). The tensor ranks of a token group run one micro-batch together: "
+                f"(these differ: {', '.join(which)}). The tensor ranks of a token group run one micro-batch together: "
                 f"draw data by pm.data_parallel_rank (of pm.data_parallel_size), not by the global rank, or "
                 f"let ParallelConfig(token_group_inputs='broadcast') send the first rank's.")
 
