@@ -97,8 +97,9 @@ class TokenGroupFeed:
         for (dtype, device), idx in by_kind.items():
             flat = torch.cat([tensors[i].detach().reshape(-1) for i in idx])
             wire = flat.view(torch.uint8) if dtype == torch.bool else flat
-            got = _compat.wait_collective(_compat.funcol.broadcast(wire.to(self.device), self.group.ranks[0],
-                                                                   self.process_group)).to(device)
+            # The source is the group's first rank: rank 0 within the group (funcol takes the group rank).
+            got = _compat.wait_collective(_compat.funcol.broadcast(wire.to(self.device), 0, self.process_group))
+            got = got.to(device)
             got = got.view(torch.bool) if dtype == torch.bool else got
             if self.rank == self.group.ranks[0]:
                 continue  # the source keeps its own tensors
