@@ -113,10 +113,10 @@ class CallSignature:
         if missing:
             parts.append(f"leaves out {', '.join(f'{k}=' for k in missing)}")
         wanted = [k for k in self.keywords if k not in missing] + extra
-        capture = ", ".join(f"{k!r}: ..." for k in wanted)
+        capture = f"example_kwargs={{{', '.join(f'{k!r}: ...' for k in wanted)}}}" if wanted else "no example_kwargs"
         return (f"{self.model} was captured with {self._describe()}, but this call {' and '.join(parts)}. A captured "
                 f"graph takes exactly the inputs of the call that captured it: capture this call's inputs with "
-                f"{door}(model, example_inputs, ..., example_kwargs={{{capture}}})"
+                f"{door}(model, example_inputs, ..., {capture})"
                 + (f", or pass {', '.join(f'{k}=' for k in missing)} on every call." if missing else "."))
 
 

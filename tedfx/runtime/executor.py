@@ -1,9 +1,10 @@
 """ParallelModule: one rank's TED graph, run with its process groups (docs/architecture.md, "Runtime").
 
 The module is built by `tedfx.parallelize` (tedfx.api) from a rank graph the
-pipeline produced; this file only runs it: it binds the mesh axes to the
-rank's process groups around each forward, checks that every rank calls it
-alike, and owns the gradient sync.
+pipeline produced; this file only runs it: it binds the call to the inputs of
+the capture, checks that every rank calls it alike, gives each token group one
+micro-batch (tedfx.runtime.token_group), binds the mesh axes to the rank's
+process groups around each forward, and owns the gradient sync.
 """
 
 from __future__ import annotations
@@ -122,7 +123,11 @@ class ParallelModule(nn.Module):
         return out
 
     def comm_stats(self) -> collectives.CommStats:
-        """The collectives this rank issued since the last `comm_stats().reset()` (kind, axis, phase, calls, bytes)."""
+        """The collectives this rank issued since the last `comm_stats().reset()` (kind, axis, phase, calls, bytes).
+
+        Those of the graph and the gradient sync, as `tedfx.explain` predicts them; the token group's input
+        broadcast and the input checks are not counted.
+        """
         return self._stats
 
     def aux_loss(self) -> dict[str, float]:
