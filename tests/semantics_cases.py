@@ -9,6 +9,8 @@ torchrun started.
 from __future__ import annotations
 
 import json
+import sys
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -204,5 +206,6 @@ def run_torchrun() -> dict[str, Any]:
     return {"rank": dist.get_rank(), "losses": losses}
 
 
-if __name__ == "__main__":  # torchrun --nproc-per-node 2 tests/semantics_cases.py
-    print("RESULT " + json.dumps(tedfx.launch(run_torchrun, nprocs=2)[0]), flush=True)
+if __name__ == "__main__":  # torchrun --nproc-per-node 2 tests/semantics_cases.py OUT_DIR
+    result = tedfx.launch(run_torchrun, nprocs=2)[0]
+    (Path(sys.argv[1]) / f"rank{result['rank']}.json").write_text(json.dumps(result))
