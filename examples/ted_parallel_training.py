@@ -28,8 +28,7 @@ def main() -> dict:
     pm = tedfx.parallelize(model, (example,), moe=moe, parallel=parallel)
 
     coords = pm.mesh.coords
-    token_group = coords["edp"] * X + coords["ep"]  # tensor ranks of a group share its batches
-    data = torch.Generator().manual_seed(100 + token_group)
+    data = torch.Generator().manual_seed(100 + pm.data_parallel_rank)  # the T tensor ranks of a token group share it
     opt = torch.optim.AdamW(pm.parameters(), lr=3e-3)
     for step in range(30):
         x, y = get_batch("train", 4, 64, data)  # the public-domain corpus shipped with tedfx, byte-level

@@ -20,7 +20,9 @@ import torch.distributed as dist
 import torch.fx as fx
 from torch import nn
 
-from ._compat import dropout_targets, export_dim_auto, is_symbolic, pytree, sdpa_target
+from ._compat import export_dim_auto, is_symbolic, pytree
+from .rng import ATTENTION_OPS, DROPOUT_OPS
+from .signature import CALL_META, CallSignature, bind_call
 
 __all__ = ["CaptureError", "DROPOUT_P_META", "TedGraphModule", "capture", "notice_once", "own_tensors"]
 
@@ -37,9 +39,11 @@ class CaptureError(RuntimeError):
 class TedGraphModule(fx.GraphModule):
     """A captured (and possibly rewritten) model.
 
-    Behaves like the model it came from: same call signature, same outputs
-    (including HF `ModelOutput`s), `train()`/`eval()` switch dropout, and the
-    state dict keeps the model's keys (MoE blocks replace their FFN's keys).
+    Behaves like the model it came from: same outputs (including HF `ModelOutput`s),
+    `train()`/`eval()` switch dropout, and the state dict keeps the model's keys (MoE
+    blocks replace their FFN's keys). It takes the inputs of the call that captured it,
+    by position or by name; a call with other keyword inputs is a TypeError that says
+    how to capture them (tedfx.signature).
     """
 
     def train(self, mode: bool = True) -> "TedGraphModule":
@@ -47,6 +51,14 @@ class TedGraphModule(fx.GraphModule):
         if "_graph" in self.__dict__ and _set_dropout_mode(self.graph, mode):
             self.recompile()
         return self
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> "TedGraphModule":
+        copied = super().__deepcopy__(memo)
+        # GraphModule keeps only its state-dict hooks; a copy must bind and check its inputs as well.
+        for attr in ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_pre_hooks_always_called"):
+            if attr in self.__dict__:
+                setattr(copied, attr, copy.copy(self.__dict__[attr]))
+        return copied
 
 
 def capture(
@@ -129,6 +141,8 @@ def _export(model: nn.Module, example_inputs: tuple, example_kwargs: dict, dynam
     gm.meta["tedfx_model"] = type(model).__name__  # for messages: a deep copy renames the class GraphModule
     gm.meta["tedfx_input_dims"] = _input_dims(gm.graph)
     gm.meta["tedfx_dynamic"] = dynamic_used
+    gm.meta[CALL_META] = CallSignature.of(model, example_inputs, example_kwargs)
+    gm.register_forward_pre_hook(_bind_call, with_kwargs=True)
     gm.register_forward_pre_hook(_check_input_shapes, with_kwargs=True)
     return gm
 
@@ -212,10 +226,10 @@ def _set_dropout_mode(graph: fx.Graph, training: bool) -> bool:
     for node in graph.nodes:
         if node.op != "call_function":
             continue
-        if node.target in dropout_targets and len(node.args) >= 3 and node.args[2] != training:
+        if node.target in DROPOUT_OPS and len(node.args) >= 3 and node.args[2] != training:
             node.args = (*node.args[:2], training, *node.args[3:])
             changed = True
-        elif node.target is sdpa_target:
+        elif node.target in ATTENTION_OPS:
             p = node.meta.setdefault(DROPOUT_P_META, _sdpa_dropout_p(node))
             want = p if training else 0.0
             if _sdpa_dropout_p(node) != want:
@@ -254,6 +268,10 @@ def _input_dims(graph: fx.Graph) -> list[tuple[str, tuple[int | None, ...] | Non
         else:
             dims.append((node.name, None))
     return dims
+
+
+def _bind_call(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    return bind_call(module, args, kwargs, door="tedfx.to_moe")
 
 
 def _check_input_shapes(module: nn.Module, args: tuple, kwargs: dict) -> None:

@@ -46,6 +46,7 @@ __all__ = [
     "all_reduce",
     "all_to_all",
     "bind_axes",
+    "axis_rank",
     "bound_axes",
     "CommCall",
     "SimulatedAxis",
@@ -120,6 +121,12 @@ def bind_axes(groups: dict[str, dist.ProcessGroup | None], stats: CommStats | No
 def bound_axes() -> dict[str, int]:
     """{axis: group size} of the innermost binding; {} when none is active."""
     return {axis: g.size for axis, g in _bindings[-1].items()} if _bindings else {}
+
+
+def axis_rank(axis: str) -> tuple[int, int]:
+    """(this rank's index in its group of `axis`, the group's size) under the innermost binding."""
+    g = _lookup(axis, "axis_rank")
+    return g.rank, g.size
 
 
 @contextlib.contextmanager

@@ -152,6 +152,10 @@ class ParallelConfig:
     and every projection of a dense FFN must be split, or parallelize raises naming it; k/v projections whose
     KV heads do not divide by T are exempt (each rank narrows them to its query heads). List here what you
     accept replicated instead; a pattern that matches no linear raises."""
+    token_group_inputs: Literal["broadcast", "verify"] = "broadcast"
+    """How the T tensor ranks of a token group get one micro-batch: "broadcast" sends the first tensor rank's
+    inputs to the others before each forward; "verify" compares checksums and raises, naming the ranks, when
+    they differ (docs/parallelism.md, "Token groups")."""
 
     def __post_init__(self) -> None:
         cls = "ParallelConfig"
@@ -179,6 +183,8 @@ class ParallelConfig:
         if isinstance(self.replicate, str) or not all(isinstance(p, str) and p for p in self.replicate):
             _fail(cls, "replicate", self.replicate, 'a tuple of module paths or globs, e.g. ("layers.*.attn.*",)')
         object.__setattr__(self, "replicate", tuple(self.replicate))
+        if self.token_group_inputs not in ("broadcast", "verify"):
+            _fail(cls, "token_group_inputs", self.token_group_inputs, '"broadcast" or "verify"')
 
     def check_supported(self) -> None:
         """Raise for options this version of tedfx declares but does not run yet (never ignore them silently)."""

@@ -246,9 +246,7 @@ def _run_demo(cfg: DemoConfig, console: Console, json_path: str | Path | None) -
     token_group, token_groups = 0, 1
     if dist.is_initialized():
         model = tedfx.parallelize(dense, example_inputs, moe=cfg.moe(), parallel=cfg.parallel())
-        coords = model.mesh.coords
-        token_group = coords["edp"] * cfg.expert + coords["ep"]
-        token_groups = dist.get_world_size() // cfg.tensor
+        token_group, token_groups = model.data_parallel_rank, model.data_parallel_size
         console.print(f"MoE GPT on {model.mesh.layout}: {cfg.n_layer} layers, hidden {cfg.n_embd}, "
                       f"{cfg.num_experts} experts, top-{cfg.top_k}, layers={cfg.layers!r}; each rank holds "
                       f"{_count(model)} parameters (the dense model: {_count(dense)}); "

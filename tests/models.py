@@ -18,7 +18,7 @@ from tedfx.models.nanogpt import GPT, MLP, Block, GPTConfig
 __all__ = [
     "VOCAB", "HIDDEN", "tiny_gpt", "tiny_gpt_with_graph_breaks", "tiny_gpt2", "tiny_llama", "tiny_bert",
     "tiny_opt", "tiny_attention_only", "tiny_mlp_with_dropout", "BLOCK_STRUCTURES", "tiny_blocks",
-    "tiny_explicit_encoder", "tiny_fused_qkv_encoder", "tiny_gpt_neox", "tiny_gqa", "tiny_phi3",
+    "tiny_explicit_encoder", "tiny_fused_qkv_encoder", "tiny_gpt_neox", "tiny_gqa", "tiny_phi3", "tiny_dropout_lm",
 ]
 
 VOCAB = 100
@@ -350,6 +350,42 @@ def tiny_phi3(kv_heads: int = 2) -> tuple[nn.Module, tuple[torch.Tensor]]:
                                   original_max_position_embeddings=32, bos_token_id=0, eos_token_id=0,
                                   pad_token_id=0)
     return transformers.Phi3ForCausalLM(cfg), (_tokens(),)
+
+
+class _DropoutLM(nn.Module):
+    """A one-block LM with dropout on every kind of activation tensor parallelism meets.
+
+    embed -> dropout (replicated) -> attention whose v projection (column-parallel) is dropped out and whose
+    sdpa drops attention weights (local heads) -> out (row-parallel) -> dropout (replicated) -> MLP with
+    dropout between the activation and fc2 (an expert's F/T slice once it is an MoE block) -> LM head.
+    """
+
+    def __init__(self, p: float, hidden: int = HIDDEN, heads: int = HEADS, width: int = 64) -> None:
+        super().__init__()
+        self.p, self.heads = p, heads
+        self.embed = nn.Embedding(VOCAB, hidden)
+        self.q, self.k, self.v = (nn.Linear(hidden, hidden) for _ in range(3))
+        self.out = nn.Linear(hidden, hidden)
+        self.fc1, self.fc2 = nn.Linear(hidden, width), nn.Linear(width, hidden)
+        self.head = nn.Linear(hidden, VOCAB, bias=False)
+        self.drop = nn.Dropout(p)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        x = self.drop(self.embed(idx))
+        B, S, H = x.shape
+        q, k, v = (t.view(B, S, self.heads, H // self.heads).transpose(1, 2)
+                   for t in (self.q(x), self.k(x), self.drop(self.v(x))))
+        y = nn.functional.scaled_dot_product_attention(q, k, v, dropout_p=self.p if self.training else 0.0,
+                                                       is_causal=True)
+        x = x + self.drop(self.out(y.transpose(1, 2).reshape(B, S, H)))
+        x = x + self.fc2(self.drop(nn.functional.gelu(self.fc1(x))))
+        return self.head(x)
+
+
+def tiny_dropout_lm(p: float = 0.3) -> tuple[nn.Module, tuple[torch.Tensor]]:
+    """`_DropoutLM` with dropout p everywhere (train mode), on tokens [2, 8]."""
+    torch.manual_seed(0)
+    return _DropoutLM(p), (_tokens(),)
 
 
 _captures: dict[tuple, tuple[nn.Module, nn.Module]] = {}

@@ -37,6 +37,9 @@ def test_layout_groups_t2_x2_d2():
     assert layout.group_of(6, "ep") == [4, 6]
     assert layout.group_of(6, "dp") == [0, 2, 4, 6]
     assert [layout.size(a) for a in ("tp", "ep", "edp", "dp")] == [2, 2, 2, 4]
+    # Token groups: the tensor ranks of a group share one; its index is the rank's place in its "dp" group.
+    assert [layout.data_parallel_rank(r) for r in range(8)] == [0, 0, 1, 1, 2, 2, 3, 3]
+    assert all(layout.group_of(r, "dp").index(r) == layout.data_parallel_rank(r) for r in range(8))
 
 
 def test_layout_matches_deepspeed_docstring_example():

@@ -76,6 +76,10 @@ class PassRecords:
     """shard_tensor_parallel: weights split row-parallel (input features)."""
     tp_notes: list[str] = field(default_factory=list)
     """shard_tensor_parallel: what it kept replicated or narrowed, and why."""
+    tp_sharded_dropouts: list[str] = field(default_factory=list)
+    """shard_tensor_parallel: dropout and attention nodes, by name, whose activation it split over "tp"."""
+    sharded_dropouts: list[str] = field(default_factory=list)
+    """shard_dropout: the dropouts given a mask per shard, as "node name (axes)"."""
     regions: list[str] = field(default_factory=list)
     """outline_regions: the checkpointed regions, by submodule name."""
 
@@ -84,7 +88,8 @@ class PassRecords:
         return dataclasses.replace(self, ffns=list(self.ffns), ffn_matches=None, moe_blocks=list(self.moe_blocks),
                                    shards=dict(self.shards), tp_column=list(self.tp_column),
                                    tp_row=list(self.tp_row), tp_notes=list(self.tp_notes),
-                                   regions=list(self.regions))
+                                   tp_sharded_dropouts=list(self.tp_sharded_dropouts),
+                                   sharded_dropouts=list(self.sharded_dropouts), regions=list(self.regions))
 
 
 @dataclass(frozen=True)

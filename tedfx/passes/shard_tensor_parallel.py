@@ -14,6 +14,8 @@ plan, for the rank at ctx.coords["tp"]:
 3. Divide the shape constants of view/reshape/expand/split on sharded dims by T,
    and the bounds of slices that cut a fused projection into chunks.
 4. Narrow replicated k/v (GQA whose KV heads do not divide by T) to this rank's heads.
+5. Record the dropouts and attentions whose activation is now split (shard_dropout
+   gives them a mask per shard).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .. import collectives
+from .. import _compat, collectives
 from ..sharding import ParamShard, shard_tensor
 from .context import PassContext
 from .graph import FFN_EXIT_META, Axis, as_linear, get_by_target, insert, set_by_target
@@ -46,6 +48,10 @@ def shard_tensor_parallel_pass(gm: fx.GraphModule, *, ctx: PassContext) -> fx.Gr
     kept_whole = kept_whole_by_config(gm, ctx.parallel.replicate)
     plan, records.tp_notes = plan_tensor_parallel(gm, T, keep_whole=kept_whole)
     records.tp_notes += check_nothing_left_whole(gm, plan, T, allowed=kept_whole)
+    # 5. Named before the rewrite; the rewrite keeps these nodes and their names.
+    random_ops = (*_compat.dropout_targets, _compat.sdpa_target)
+    records.tp_sharded_dropouts = [n.name for n, p in plan.place.items()
+                                   if p.kind == "S" and n.op == "call_function" and n.target in random_ops]
 
     def slice_param(target: str, dim: int, chunks: tuple[int, ...] | None) -> None:
         full = get_by_target(gm, target)

@@ -1,9 +1,10 @@
 """ParallelModule: one rank's TED graph, run with its process groups (docs/architecture.md, "Runtime").
 
 The module is built by `tedfx.parallelize` (tedfx.api) from a rank graph the
-pipeline produced; this file only runs it: it binds the mesh axes to the
-rank's process groups around each forward, checks that every rank calls it
-alike, and owns the gradient sync.
+pipeline produced; this file only runs it: it binds the call to the inputs of
+the capture, checks that every rank calls it alike, gives each token group one
+micro-batch (tedfx.runtime.token_group), binds the mesh axes to the rank's
+process groups around each forward, and owns the gradient sync.
 """
 
 from __future__ import annotations
@@ -15,14 +16,16 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .. import _compat, collectives
+from .. import collectives, rng
 from .._compat import pytree
 from ..capture import DROPOUT_P_META
 from ..config import ParallelConfig
 from ..moe.routing import moe_losses
 from ..sharding import ParamShard, unshard_tensor
+from ..signature import bind_call
 from .grad_sync import GradSync
 from .mesh import TedMesh
+from .token_group import TokenGroup, TokenGroupFeed
 
 __all__ = ["ParallelModule", "check_same_weights"]
 
@@ -30,14 +33,20 @@ __all__ = ["ParallelModule", "check_same_weights"]
 class ParallelModule(nn.Module):
     """One rank's part of a TED-parallel MoE model.
 
-    `pm(*inputs)` works like the model on this rank's micro-batch. After
+    `pm(*inputs, **kwargs)` works like the model on this rank's token group's
+    micro-batch (the inputs of the capture, by position or by name). After
     `loss.backward()` every local `.grad` holds the data-parallel average, so
     any torch optimizer on `pm.parameters()` works.
+
+    The T tensor ranks of a token group run one micro-batch: by default each forward
+    takes the inputs of the token group's first rank (ParallelConfig.token_group_inputs,
+    tedfx.runtime.token_group). Draw data by `pm.data_parallel_rank`.
 
     Attributes:
         module: this rank's GraphModule (also `pm.graph`).
         mesh: the TedMesh (layout, coordinates, process groups).
         shards: {state-dict key: ParamShard}, how each tensor is split over the mesh.
+        token_group: this rank's TokenGroup (index = data-parallel rank, count, its ranks).
     """
 
     def __init__(self, gm: torch.fx.GraphModule, mesh: TedMesh, shards: dict[str, ParamShard],
@@ -50,7 +59,9 @@ class ParallelModule(nn.Module):
             shards: {state-dict key: ParamShard} of gm.
             parallel: the ParallelConfig gm was built for.
             sync_params: (name, parameter, data-parallel axis) of every parameter, for the gradient sync.
-            check_inputs: check on every call that all ranks pass the same input shapes.
+            check_inputs: check on every call that all ranks pass the same input shapes, and within the
+                token group the RNG states (while dropout is on), the inputs ("verify" mode) and the
+                gradient at the outputs.
         """
         super().__init__()
         self.module = gm
@@ -59,6 +70,10 @@ class ParallelModule(nn.Module):
         self.parallel = parallel
         self.check_inputs = check_inputs
         self._dropout = _has_dropout(gm)
+        self.token_group = TokenGroup(index=mesh.layout.data_parallel_rank(mesh.rank), count=mesh.size("dp"),
+                                      ranks=tuple(mesh.group_ranks("tp")))
+        self._feed = TokenGroupFeed(self.token_group, mesh.group("tp"), mesh.rank, parallel.token_group_inputs) \
+            if parallel.tensor > 1 else None
         self._stats = collectives.CommStats()
         world = mesh.layout.world_size
         self._grad_sync = GradSync(sync_params, mesh.groups(), world // parallel.tensor,
@@ -69,11 +84,44 @@ class ParallelModule(nn.Module):
         """This rank's rewritten GraphModule."""
         return self.module
 
+    @property
+    def data_parallel_rank(self) -> int:
+        """This rank's token group, d*X + x: the index to draw data by (the T tensor ranks share it)."""
+        return self.token_group.index
+
+    @property
+    def data_parallel_size(self) -> int:
+        """The number of token groups, X*D: how many micro-batches one step trains on."""
+        return self.token_group.count
+
+    def broadcast_batch(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The token group's first rank's `tensors` on every rank of the token group (e.g. the targets).
+
+        Every tensor rank must pass tensors of the same shapes and dtypes. The module's own inputs need
+        no call: they are broadcast already (ParallelConfig.token_group_inputs="broadcast").
+
+        Example:
+            >>> x, y = pm.broadcast_batch(x, y)
+            >>> F.cross_entropy(pm(x).flatten(0, 1), y.flatten()).backward()
+        """
+        return tuple(self._feed.broadcast(list(tensors))) if self._feed is not None else tensors
+
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        if self.check_inputs and not torch.compiler.is_compiling():
-            self._check_same_shapes(args, kwargs)  # a compiled graph guards its own input shapes
+        # 1. The inputs of the capture (a clear TypeError otherwise), before any collective.
+        args, kwargs = bind_call(self.module, args, kwargs, door="tedfx.parallelize")
+        checking = self.check_inputs and not torch.compiler.is_compiling()  # compiled graphs guard their shapes
+        if checking:
+            self._check_same_shapes(args, kwargs)
+        # 2. One micro-batch per token group (and the same RNG state while dropout is on).
+        if self._feed is not None:
+            args, kwargs = self._feed.feed(args, kwargs, check=checking,
+                                           check_rng=checking and self.training and self._dropout)
         with self.bind_groups():
-            return self.module(*args, **kwargs)
+            out = self.module(*args, **kwargs)
+        # 3. One loss per token group: the backward checks the gradient at the outputs.
+        if self._feed is not None and checking and torch.is_grad_enabled():
+            out = self._feed.watch_outputs(out)
+        return out
 
     def bind_groups(self) -> contextlib.AbstractContextManager[None]:
         """Bind this rank's process groups and stats around a call of another graph that shares this module's
@@ -82,7 +130,11 @@ class ParallelModule(nn.Module):
         return collectives.bind_axes(self.mesh.groups(), self._stats)
 
     def comm_stats(self) -> collectives.CommStats:
-        """The collectives this rank issued since the last `comm_stats().reset()` (kind, axis, phase, calls, bytes)."""
+        """The collectives this rank issued since the last `comm_stats().reset()` (kind, axis, phase, calls, bytes).
+
+        Those of the graph and the gradient sync, as `tedfx.explain` predicts them; the token group's input
+        broadcast and the input checks are not counted.
+        """
         return self._stats
 
     def aux_loss(self) -> dict[str, float]:
@@ -113,34 +165,18 @@ class ParallelModule(nn.Module):
         return out
 
     def _check_same_shapes(self, args: tuple, kwargs: dict) -> None:
-        """Every rank must call with the same input shapes: the all-to-alls exchange equal buffers.
-
-        While dropout is active, the tensor ranks of a group must also hold the same RNG state, or
-        their masks on the replicated activations differ and the replicas drift apart silently.
-        """
+        """Every rank must call with the same input shapes: the all-to-alls exchange equal buffers."""
         shapes = [tuple(x.shape) if isinstance(x, torch.Tensor) else None for x in pytree.tree_leaves((args, kwargs))]
-        rng = _rng_fingerprint() if self.training and self._dropout else None
         everyone: list[Any] = [None] * self.mesh.layout.world_size
-        dist.all_gather_object(everyone, (shapes, rng))
-        bad = [r for r, (s, _) in enumerate(everyone) if s != shapes]
+        dist.all_gather_object(everyone, shapes)
+        bad = [r for r, s in enumerate(everyone) if s != shapes]
         if bad:
-            detail = "; ".join(f"rank {r}: {everyone[r][0]}" for r in [self.mesh.rank, *bad])
+            detail = "; ".join(f"rank {r}: {everyone[r]}" for r in [self.mesh.rank, *bad])
             raise ValueError(
                 f"ranks called the ParallelModule with different input shapes ({detail}). Every rank must "
                 f"pass a micro-batch of the same shape (the expert all-to-alls exchange equal-size buffers); "
                 f"pad or drop the last batch."
             )
-        tp_group = self.mesh.group_ranks("tp")
-        if rng is not None and any(everyone[r][1] != rng for r in tp_group):
-            raise ValueError(
-                f"the tensor-parallel ranks {tp_group} hold different torch RNG states while dropout is on, so "
-                f"their dropout masks on replicated activations would differ. Seed torch identically on the "
-                f"ranks of a tensor group (e.g. torch.manual_seed(seed + data_parallel_rank))."
-            )
-
-
-def _rng_fingerprint() -> int:
-    return hash(torch.get_rng_state().numpy().tobytes())
 
 
 def _has_dropout(module: nn.Module) -> bool:
@@ -151,9 +187,9 @@ def _has_dropout(module: nn.Module) -> bool:
         for node in graph.nodes:
             if node.op != "call_function":
                 continue
-            if node.target in _compat.dropout_targets and node.args[1] > 0:
+            if node.target in rng.DROPOUT_OPS and node.args[1] > 0:
                 return True
-            if node.target is _compat.sdpa_target and node.meta.get(DROPOUT_P_META, 0.0) > 0:
+            if node.target in rng.ATTENTION_OPS and node.meta.get(DROPOUT_P_META, 0.0) > 0:
                 return True
     return False
 

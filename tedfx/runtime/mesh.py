@@ -122,6 +122,14 @@ class Layout:
         x, t = divmod(rest, self.tensor)
         return {"edp": d, "ep": x, "tp": t}
 
+    def data_parallel_rank(self, rank: int) -> int:
+        """The token group of `rank`, d*X + x: its data-parallel rank, shared by its T tensor ranks.
+
+        Draw each rank's data by this number (of `size("dp")`), never by the global rank.
+        """
+        c = self.coords(rank)
+        return c["edp"] * self.expert + c["ep"]
+
     def group_ranks(self, axis: str) -> list[list[int]]:
         """Every group of `axis`, each as its ranks in ascending order, groups sorted by first rank.
 

@@ -1,0 +1,144 @@
+"""Parallel semantics a user can trust: dropout per shard, one micro-batch per token group, keyword inputs.
+
+Tier (b): one launch of 2 ranks at T = 2, started by spawn (every rank draws its own Python hash
+seed, as under torchrun), runs every case (tests/semantics_cases.py); the tests below assert on the
+returned numbers. One more test starts the same ranks with torchrun itself.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tedfx.runtime import launch
+
+from semantics_cases import SEEDS, run_semantics
+
+LAUNCH_TIMEOUT_S = 120
+K_SIGMA = 4.0
+"""Bound of the dropout statistics: the parallel and single-process means of the training loss over SEEDS
+seeds each differ by less than K_SIGMA standard errors of their difference (a false alarm is a 6e-5
+event for normal means), and their standard deviations by less than K_SIGMA standard errors of the log
+ratio, sqrt(1/(N-1)) for two samples of N."""
+
+
+@pytest.fixture(scope="module")
+def ranks() -> list[dict]:
+    return launch(run_semantics, 2, backend="gloo", timeout=LAUNCH_TIMEOUT_S, start_method="spawn")
+
+
+# --- dropout -----------------------------------------------------------------------------------------------
+
+
+def test_shards_draw_their_own_masks_and_replicated_activations_share_one(ranks):
+    a, b = (r["dropout"] for r in ranks)
+    assert a["sharded"] == ["dropout_1", "dropout_default", "scaled_dot_product_attention"]
+    assert a["masks"].keys() == b["masks"].keys()
+    for name, mask in a["masks"].items():
+        same = torch.equal(mask, b["masks"][name])
+        if name in a["sharded"]:
+            assert not same, f"{name}: both tensor ranks dropped the same elements of their shards"
+        else:
+            assert same, f"{name}: the tensor ranks dropped a replicated activation differently"
+        assert 0.2 < mask.float().mean() < 0.4, f"{name}: dropped {mask.float().mean():.2f} with p = 0.3"
+
+
+def test_training_loss_with_dropout_matches_one_process_over_many_seeds(ranks):
+    stats = ranks[0]["dropout"]["stats"]
+    par, single = torch.tensor(stats["parallel"], dtype=torch.float64), torch.tensor(stats["single"],
+                                                                                      dtype=torch.float64)
+    assert len(par) == len(single) == SEEDS
+    se = math.sqrt(par.var() / SEEDS + single.var() / SEEDS)
+    gap = float(par.mean() - single.mean())
+    print(f"mean training loss: T=2 {par.mean():.4f} +- {par.std() / SEEDS ** 0.5:.4f}, "
+          f"one process {single.mean():.4f} +- {single.std() / SEEDS ** 0.5:.4f}: {gap / se:+.2f} SE")
+    assert abs(gap) < K_SIGMA * se, f"means differ by {gap / se:.1f} standard errors"
+    log_ratio = math.log(par.std() / single.std())
+    assert abs(log_ratio) < K_SIGMA * math.sqrt(1 / (SEEDS - 1)), f"std ratio {math.exp(log_ratio):.3f}"
+    assert ranks[1]["dropout"]["stats"]["parallel"] == stats["parallel"], "the tensor ranks' losses differ"
+
+
+# --- token groups ------------------------------------------------------------------------------------------
+
+
+def test_the_module_names_its_token_group(ranks):
+    assert [r["token_groups"]["token_group"] for r in ranks] == [(0, 1, (0, 1)), (0, 1, (0, 1))]
+
+
+def test_data_seeded_by_global_rank_is_verified_on_the_first_step(ranks):
+    for r in ranks:
+        error = r["token_groups"]["verify_error"]
+        assert error and re.search(r"ranks 0 and 1 of token group 0 of 1 \(ranks \[0, 1\]\) were called with "
+                                   r"different micro-batches \(these differ: input 0\)", error), error
+        assert "pm.data_parallel_rank" in error
+        assert r["token_groups"]["verify_right"] is None, "verify mode refused a token group fed alike"
+
+
+def test_targets_seeded_by_global_rank_fail_in_the_first_backward(ranks):
+    for r in ranks:
+        error = r["token_groups"]["targets_error"]
+        assert error and re.search(r"ranks 0 and 1 of token group 0 .* received different gradients at the "
+                                   r"ParallelModule's output", error), error
+        assert "pm.broadcast_batch" in error
+
+
+def test_broadcast_batch_trains_like_a_correctly_fed_run(ranks):
+    for r in ranks:
+        losses, state = r["token_groups"]["shared"]
+        ref_losses, ref_state = r["token_groups"]["shared_reference"]
+        assert losses == ref_losses
+        assert all(torch.equal(state[k], ref_state[k]) for k in ref_state)
+    assert ranks[0]["token_groups"]["right"] == ranks[1]["token_groups"]["right"]
+
+
+# --- keyword inputs (HF Llama) -----------------------------------------------------------------------------
+
+
+def test_hf_labels_give_the_hf_loss_of_to_moe(ranks):
+    for r in ranks:
+        hf = r["hf"]
+        assert math.isclose(hf["loss"], hf["ref_loss"], rel_tol=1e-5), (hf["loss"], hf["ref_loss"])
+        assert hf["by_name"] == hf["loss"], "input_ids by name gave another loss than by position"
+
+
+def test_a_keyword_the_capture_did_not_see_is_a_clear_error(ranks):
+    for r in ranks:
+        hf = r["hf"]
+        for key, door in (("extra_error", "tedfx.parallelize"), ("ref_extra_error", "tedfx.to_moe")):
+            assert hf[key] and re.search(
+                r"LlamaForCausalLM was captured with inputs \(input_ids\) and keyword inputs attention_mask=, "
+                r"labels=, but this call passes position_ids=, which the capture did not see", hf[key]), hf[key]
+            assert f"{door}(model, example_inputs, ..., example_kwargs={{'attention_mask': ..., 'labels': ..., " \
+                   f"'position_ids': ...}})" in hf[key]
+        assert re.search(r"this call leaves out labels=.*or pass labels= on every call", hf["missing_error"])
+
+
+def test_hf_data_seeded_by_global_rank_trains_like_the_first_ranks_data(ranks):
+    for r in ranks:
+        losses, state = r["hf"]["by_rank"]
+        ref_losses, ref_state = r["hf"]["first_rank"]
+        assert losses == ref_losses
+        assert all(torch.equal(state[k], ref_state[k]) for k in ref_state)
+
+
+# --- torchrun ------------------------------------------------------------------------------------------------
+
+
+def test_identical_seeds_pass_the_rng_check_under_torchrun(tmp_path):
+    tests = Path(__file__).resolve().parent
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tests.parent), str(tests)]), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           str(tests / "semantics_cases.py"), str(tmp_path)]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)
+               if (tmp_path / f"rank{r}.json").exists()]
+    assert len(results) == 2 and done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert results[0]["losses"] == results[1]["losses"] and len(results[0]["losses"]) == 3
