@@ -6,6 +6,7 @@
     print(tedfx.explain(model, (tokens,), moe=moe))
 
     pm = tedfx.parallelize(model, (tokens,), moe=moe, parallel=tedfx.ParallelConfig(tensor=2, expert=2))
+    opt = tedfx.optimizer(pm, torch.optim.AdamW, lr=3e-4)   # master weights, ZeRO-1, tiled step, clipping
     compiled = torch.compile(model, backend="tedfx", options={"moe": moe, "parallel": parallel})
 
 The doors are in tedfx.api; docs/architecture.md says which module does what.
@@ -15,21 +16,26 @@ from . import collectives
 from .api import check_collective_order, compiled_module, explain, moe_losses, parallelize, to_moe
 from .capture import CaptureError, TedGraphModule, capture
 from .check import CollectiveOrderError
-from .config import MoEConfig, ParallelConfig
+from .config import LossScaleConfig, MoEConfig, ParallelConfig
 from .report import Report
 from .runtime.executor import ParallelModule
 from .runtime.launch import LaunchError, RankError, init_distributed, launch
+from .runtime.optimizer import TedOptimizer, optimizer
+from .runtime.replicas import ReplicaDivergenceError
 
 __all__ = [
     "CaptureError",
     "CollectiveOrderError",
     "LaunchError",
+    "LossScaleConfig",
     "MoEConfig",
     "ParallelConfig",
     "ParallelModule",
     "RankError",
+    "ReplicaDivergenceError",
     "Report",
     "TedGraphModule",
+    "TedOptimizer",
     "capture",
     "check_collective_order",
     "collectives",
@@ -38,6 +44,7 @@ __all__ = [
     "init_distributed",
     "launch",
     "moe_losses",
+    "optimizer",
     "parallelize",
     "to_moe",
 ]
