@@ -186,7 +186,7 @@ DEFAULT_REPORT_TILE = 2**20
 
 def training_memory(gm: nn.Module, *, parallel: ParallelConfig, layout: Layout, rank: int,
                     tile_numel: int | None) -> dict[str, Any]:
-    """Bytes `rank` holds to train with tedfx.optimizer(pm, torch.optim.AdamW, max_norm=...), for zero 0 and 1,
+    """Bytes `rank` holds to train with tedfx.optimizer(pm, torch.optim.AdamW), for zero 0 and 1,
     untiled and tiled (tedfx.runtime.memory.predict_training_memory on the rank's graph)."""
     params = grad_sync_params(gm)
     sizes = {axis: layout.size(axis) for axis in ("dp", "edp")}

@@ -198,8 +198,8 @@ class Report:
             mine = " (this layout)" if row["zero"] == m["zero"] else ""
             table.rows.append([f"{row['zero']}{mine}", step] + [_fmt_count(row[k]) + "B" for k in (
                 "weights", "grads", "master", "optimizer_states", "step_transient", "peak")])
-        table.notes = ["step transient: what the optimizer step allocates at once on top of the rest (a tile's fp32 "
-                       "gradients and AdamW's temporaries), with max_norm set"]
+        table.notes = ["step transient: what the optimizer step allocates at once on top of the rest (fp32 copies "
+                       "of a tile's 16-bit gradients and AdamW's temporaries)"]
         return table
 
     def __str__(self) -> str:

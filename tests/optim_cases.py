@@ -31,6 +31,7 @@ from torch import nn
 
 import tedfx
 from tedfx.api import parallelize
+from tedfx.runtime.grad_sync import plan_buckets
 from tedfx.runtime.memory import AllocationTracker
 
 from models import VOCAB, patch_capture
@@ -365,7 +366,9 @@ def _no_sync(case: NoSyncCase) -> dict[str, Any]:
         _loss(ref, tokens1[i], targets1[i]).backward()
     expected = {n: p.grad / n_groups for n, p in ref.named_parameters()}
     _, mismatch = _compare(_full_grads(pm), expected, GRAD_TOL)
-    return {"all_reduces_inside": inside, "all_reduces_after": after, "buckets": len(buffers),
+    sizes = {axis: pm.mesh.size(axis) for axis in ("dp", "edp")}
+    planned = len(plan_buckets(pm.sync_params, sizes, pm.parallel.bucket_mb))
+    return {"all_reduces_inside": inside, "all_reduces_after": after, "planned_all_reduces": planned,
             "grads_in_buckets": in_buckets, "grad_mismatch": mismatch}
 
 

@@ -78,8 +78,7 @@ ADAM_STATES = 2
 
 
 def predict_training_memory(params: list[tuple[str, torch.nn.Parameter, str]], *, zero: int, sizes: dict[str, int],
-                            ranks: dict[str, int], tile_numel: int | None, foreach: bool = False,
-                            clipping: bool = True) -> dict[str, int]:
+                            ranks: dict[str, int], tile_numel: int | None, foreach: bool = False) -> dict[str, int]:
     """Bytes one rank holds to train with `tedfx.optimizer(pm, torch.optim.AdamW, ...)`, activations excluded.
 
     The same grouping, ownership and tiling code as the optimizer (tedfx.runtime.zero), applied to
@@ -91,13 +90,12 @@ def predict_training_memory(params: list[tuple[str, torch.nn.Parameter, str]], *
         sizes: {"dp": X*D, "edp": D}; ranks: {"dp": ..., "edp": ...}, this rank's index in each group.
         tile_numel: the optimizer's tile_numel (None: untiled).
         foreach: torch's multi-tensor AdamW (the default on GPUs; single-tensor on CPUs).
-        clipping: max_norm is set (fp32 gradients are then scaled into a copy, one tile at a time).
 
     Returns:
         {"weights", "grads", "master", "optimizer_states", "step_transient", "peak"}: the first four are
         held across steps; step_transient is the most the step allocates at once on top of them
-        (a tile's fp32 gradients and AdamW's temporaries: one tile-sized tensor with foreach, two
-        of the tile's largest piece without); peak is their sum.
+        (fp32 copies of a tile's 16-bit gradients and AdamW's temporaries: one tile-sized tensor with
+        foreach; without, two per piece plus the previous piece's quotient); peak is their sum.
     """
     trained = [(n, p, a) for n, p, a in params if p.requires_grad]
     groups = plan_groups(trained, zero=zero, sizes=sizes, ranks=ranks)
@@ -112,20 +110,23 @@ def predict_training_memory(params: list[tuple[str, torch.nn.Parameter, str]], *
             out["master"] += (stop - start) * 4
         tiles = cut_tiles(g.pieces(), tile_numel)
         out["optimizer_states"] += ADAM_STATES * 4 * (stop - start) + 4 * sum(len(t) for t in tiles)
-    out["step_transient"] = _step_transient(groups, tile_numel, foreach, clipping)
+    out["step_transient"] = _step_transient(groups, tile_numel, foreach)
     out["peak"] = sum(out.values())
     return out
 
 
-def _step_transient(groups: list, tile_numel: int | None, foreach: bool, clipping: bool) -> int:
-    """The most one tile allocates: its fp32 gradient copies plus AdamW's temporaries."""
+def _step_transient(groups: list, tile_numel: int | None, foreach: bool) -> int:
+    """The most one tile allocates: fp32 copies of its 16-bit gradients plus AdamW's temporaries."""
     tiles = [[(g.dtype, p) for p in t] for g in groups for t in cut_tiles(g.pieces(), tile_numel)]
     if tile_numel is None:  # one torch optimizer over every group's pieces, as the untiled optimizer steps
         tiles = [[entry for t in tiles for entry in t]]
     worst = 0
     for tile in tiles:
-        copies = sum(4 * p.numel for dtype, p in tile if dtype != torch.float32 or clipping)
-        largest = max((p.numel for _, p in tile), default=0)
-        temps = 4 * sum(p.numel for _, p in tile) if foreach else 2 * 4 * largest
+        copies = sum(4 * p.numel for dtype, p in tile if dtype != torch.float32)
+        if foreach:  # one sqrt(exp_avg_sq) per piece, all at once
+            temps = 4 * sum(p.numel for _, p in tile)
+        else:  # per piece sqrt and its quotient, while the previous piece's quotient (the loop's `denom`) lives on
+            sizes = [0] + [p.numel for _, p in tile]
+            temps = 4 * max((2 * n + prev for prev, n in zip(sizes, sizes[1:])), default=0)
         worst = max(worst, copies + temps)
     return worst

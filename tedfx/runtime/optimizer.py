@@ -6,7 +6,8 @@ One optimizer step, in order:
    scalar over the world (tedfx.runtime.grad_norm). fp16: a non-finite norm means an overflow
    somewhere; every rank skips the step alike and the scale shrinks.
 2. Tile by tile over the entries this rank owns (all of them, or its ZeRO-1 chunk of each group,
-   tedfx.runtime.zero): upcast the tile's gradients to fp32, unscale and clip them (one multiply),
+   tedfx.runtime.zero): upcast the tile's gradients to fp32, unscale and clip them (one multiply;
+   fp32 gradients are scaled in place first, as torch.nn.utils.clip_grad_norm_ does),
    let the wrapped torch optimizer update the tile's fp32 master weights and states, copy the
    masters back into the 16-bit weights, free the fp32 gradients. The step's transient memory is
    one tile's fp32 gradients and the optimizer's temporaries for one tile, not the whole model's.
@@ -158,8 +159,13 @@ class TedOptimizer(torch.optim.Optimizer):
                 return loss
         coef = clip_coefficient(self.last_grad_norm, self.max_norm) if self.max_norm is not None else 1.0
         self._copy_hyperparameters()
+        multiplier = coef / scale
+        if multiplier != 1.0:  # fp32 gradients are scaled in place, as torch.nn.utils.clip_grad_norm_ does
+            for p in (p for g in self.flat_groups if g.dtype == torch.float32 for p in g.params):
+                if p.grad is not None:
+                    p.grad.mul_(multiplier)
         for tile in self.tiles:
-            _step_tile(tile, coef / scale)
+            _step_tile(tile, multiplier)
         for group in self.flat_groups:
             group.all_gather(self.pm.comm_stats())
         if scaler is not None:
@@ -236,7 +242,7 @@ class TedOptimizer(torch.optim.Optimizer):
 
 
 def _step_tile(tile: _Tile, multiplier: float) -> None:
-    """Upcast, unscale and clip, update, copy back, free: one tile."""
+    """Upcast, unscale and clip (16-bit gradients; fp32 ones are scaled already), update, copy back, free: one tile."""
     with torch.no_grad():
         for piece, master in zip(tile.pieces, tile.masters):
             g = piece.grad()
@@ -246,8 +252,6 @@ def _step_tile(tile: _Tile, multiplier: float) -> None:
                 g = g.float()
                 if multiplier != 1.0:
                     g.mul_(multiplier)
-            elif multiplier != 1.0:
-                g = g * multiplier  # the user's .grad stays as backward left it
             master.grad = g
         tile.optimizer.step()
         for piece, master, separate in zip(tile.pieces, tile.masters, tile.separate):
