@@ -114,7 +114,8 @@ def rank_main(args: argparse.Namespace) -> list[dict[str, Any]]:
             opt.zero_grad(set_to_none=True)
         held = opt.memory()
         experts = sum(p.numel() for _, p, axis in pm.sync_params if axis == "edp")
-        out.append({**v, **held, "expert_fraction": experts / sum(p.numel() for _, p, _ in pm.sync_params), "step_transient": mem.peak, "step_ms": 1e3 * statistics.median(times[1:] or times),
+        out.append({**v, **held, "expert_fraction": experts / sum(p.numel() for _, p, _ in pm.sync_params),
+                    "step_transient": mem.peak, "step_ms": 1e3 * statistics.median(times[1:] or times),
                     "peak": sum(held.values()) + mem.peak})
         del opt
     return out
