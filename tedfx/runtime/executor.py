@@ -192,8 +192,10 @@ class ParallelModule(nn.Module):
 
 def _check_replicas_once_per_step(pm: ParallelModule, args: tuple) -> None:
     """Forward pre-hook: the first forward after a synced backward checks the replicas (same step on every rank)."""
+    if torch.compiler.is_compiling():  # first: a compiled forward must not guard on the step counters
+        return
     finished = pm._grad_sync.finished
-    if not pm.check_replicas or finished == pm._replicas_checked_at or torch.compiler.is_compiling():
+    if not pm.check_replicas or finished == pm._replicas_checked_at:
         return
     pm._replicas_checked_at = finished
     pm._replicas.check()
