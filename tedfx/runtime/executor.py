@@ -36,7 +36,9 @@ class ParallelModule(nn.Module):
 
     `pm(*inputs)` works like the model on this rank's micro-batch. After
     `loss.backward()` every local `.grad` holds the data-parallel average, so
-    any torch optimizer on `pm.parameters()` works.
+    any torch optimizer on `pm.parameters()` works; clip with `pm.clip_grad_norm_`
+    and accumulate with `pm.no_sync()`. With precision "bf16"/"fp16" the weights
+    are 16-bit and `tedfx.optimizer` keeps their fp32 masters.
 
     Attributes:
         module: this rank's GraphModule (also `pm.graph`).

@@ -56,15 +56,13 @@ def low_precision_copy(model: nn.Module, dtype: torch.dtype) -> nn.Module:
 
 def cast_inputs_and_outputs(module: nn.Module, dtype: torch.dtype) -> list[Any]:
     """Cast `module`'s floating inputs to `dtype` and its `dtype` outputs to fp32; returns the hook handles."""
+    others = tuple(d for d in (torch.float32, torch.float64, torch.float16, torch.bfloat16) if d != dtype)
 
     def cast(tree: Any, src: tuple[torch.dtype, ...], dst: torch.dtype) -> Any:
-        return pytree.tree_map(
-            lambda x: x.to(dst) if isinstance(x, torch.Tensor) and x.dtype in src else x, tree)
-
-    floating = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+        return pytree.tree_map(lambda x: x.to(dst) if isinstance(x, torch.Tensor) and x.dtype in src else x, tree)
 
     def before(mod: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        return cast(args, tuple(d for d in floating if d != dtype), dtype), cast(kwargs, floating, dtype)
+        return cast(args, others, dtype), cast(kwargs, others, dtype)
 
     def after(mod: nn.Module, args: tuple, output: Any) -> Any:
         return cast(output, (dtype,), torch.float32)
