@@ -15,14 +15,16 @@ Cases:
     LoudCase        what must raise: torch's per-rank clipping (replicas diverge), fp16 without
                     scale_loss, a non-elementwise optimizer asked to step slices.
     MemoryCase      per-rank training memory measured (AllocationTracker) for tedfx.explain to predict.
+    ResumeCase      the optimizer's state dict resumes bit for bit; an LR scheduler sets every tile's lr.
     GlooDtypesCase  the collectives tedfx uses accept bf16 and fp16 on gloo.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any, Callable
 
 import torch
@@ -49,7 +51,7 @@ from parallel_cases import (
     _model,
 )
 
-__all__ = ["Fp16Case", "GlooDtypesCase", "LoudCase", "MemoryCase", "NoSyncCase", "NormCase", "TrainCase",
+__all__ = ["Fp16Case", "GlooDtypesCase", "LoudCase", "MemoryCase", "NoSyncCase", "NormCase", "ResumeCase", "TrainCase",
            "memory_parallel", "run_cases"]
 
 STEPS = 5
@@ -61,70 +63,58 @@ MOE = tedfx.MoEConfig(num_experts=4, top_k=2, capacity_factor=1.0, min_capacity=
 
 
 @dataclass(frozen=True)
-class NormCase:
+class _Case:
+    @property
+    def name(self) -> str:
+        """The class name without "Case", then the field values: "norm-gpt-2-1", "fp16-2", "gloodtypes"."""
+        return "-".join([type(self).__name__.removesuffix("Case").lower(),
+                         *(str(getattr(self, f.name)) for f in fields(self))])
+
+
+@dataclass(frozen=True)
+class NormCase(_Case):
     model: str
     tensor: int
     expert: int
 
-    @property
-    def name(self) -> str:
-        return f"norm-{self.model}-T{self.tensor}X{self.expert}"
-
 
 @dataclass(frozen=True)
-class TrainCase:
+class TrainCase(_Case):
     tensor: int
     expert: int
 
-    @property
-    def name(self) -> str:
-        return f"train-T{self.tensor}X{self.expert}"
-
 
 @dataclass(frozen=True)
-class Fp16Case:
+class Fp16Case(_Case):
     expert: int = 2
 
-    @property
-    def name(self) -> str:
-        return "fp16-overflow"
-
 
 @dataclass(frozen=True)
-class NoSyncCase:
+class NoSyncCase(_Case):
     expert: int = 2
 
-    @property
-    def name(self) -> str:
-        return "no-sync"
-
 
 @dataclass(frozen=True)
-class LoudCase:
+class LoudCase(_Case):
     kind: str
     """"torch_clip", "fp16_unscaled" or "not_elementwise"."""
 
-    @property
-    def name(self) -> str:
-        return f"loud-{self.kind}"
-
 
 @dataclass(frozen=True)
-class MemoryCase:
+class MemoryCase(_Case):
     precision: str
     zero: int
     tile_numel: int | None
 
-    @property
-    def name(self) -> str:
-        return f"memory-{self.precision}-zero{self.zero}-tile{self.tile_numel}"
+
+@dataclass(frozen=True)
+class ResumeCase(_Case):
+    """bf16, zero=1, tiled: a state dict saved after 2 steps resumes bit for bit; an LR scheduler drives the tiles."""
 
 
 @dataclass(frozen=True)
-class GlooDtypesCase:
-    @property
-    def name(self) -> str:
-        return "gloo-dtypes"
+class GlooDtypesCase(_Case):
+    pass
 
 
 def memory_parallel(case: MemoryCase) -> tedfx.ParallelConfig:
@@ -416,6 +406,47 @@ def _memory(case: MemoryCase) -> dict[str, Any]:
     return {**opt.memory(), "step_transient": mem.peak}
 
 
+def _resume(case: ResumeCase) -> dict[str, Any]:
+    pm = _parallelize("gpt", 1, 2, precision="bf16", zero=1)
+    batches = _step_batches(dist.get_world_size())
+    group = _group(pm)
+
+    def make(m):
+        opt = tedfx.optimizer(m, torch.optim.AdamW, lr=LR, tile_numel=TILE, max_norm=MAX_NORM)
+        return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.0 if step >= 4 else 1.0)
+
+    def run(opt, sched, steps):
+        for tokens, targets in steps:
+            opt.scale_loss(_loss(pm, tokens[group], targets[group])).backward()
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+
+    opt, sched = make(pm)
+    run(opt, sched, batches[:2])
+    weights = {n: p.detach().clone() for n, p in pm.graph.named_parameters()}
+    saved = copy.deepcopy((opt.state_dict(), sched.state_dict()))
+    run(opt, sched, batches[2:4])
+    after_4 = _fingerprint(pm)
+    run(opt, sched, batches[4:])  # lr 0 from the scheduler: nothing moves
+    first = pm.full_state_dict()
+    with torch.no_grad():
+        for n, p in pm.graph.named_parameters():
+            p.copy_(weights[n])
+    opt, sched = make(pm)
+    opt.load_state_dict(saved[0])
+    sched.load_state_dict(saved[1])
+    run(opt, sched, batches[2:])
+    second = pm.full_state_dict()
+    try:
+        tedfx.optimizer(pm, torch.optim.AdamW, lr=LR).load_state_dict(saved[0])  # untiled: another layout
+        wrong_layout = None
+    except ValueError as e:
+        wrong_layout = str(e)
+    return {"resumed_identical": all(torch.equal(first[k], second[k]) for k in first),
+            "frozen_by_scheduler": after_4 == _fingerprint(pm), "wrong_layout": wrong_layout}
+
+
 def _gloo_dtypes(case: GlooDtypesCase) -> dict[str, Any]:
     """Every collective tedfx issues, on bf16 and fp16 tensors: ok, or the error."""
     out = {}
@@ -443,7 +474,8 @@ def _gloo_dtypes(case: GlooDtypesCase) -> dict[str, Any]:
 # --- entry point -------------------------------------------------------------------------------------
 
 _RUNNERS = {NormCase: _norm, TrainCase: lambda c: _summarise_train(_train_case(c)), Fp16Case: _fp16,
-            NoSyncCase: _no_sync, LoudCase: _loud, MemoryCase: _memory, GlooDtypesCase: _gloo_dtypes}
+            NoSyncCase: _no_sync, LoudCase: _loud, MemoryCase: _memory, GlooDtypesCase: _gloo_dtypes,
+            ResumeCase: _resume}
 
 
 def run_cases(cases: list) -> list[dict[str, Any]]:

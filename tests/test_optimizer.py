@@ -37,6 +37,7 @@ from optim_cases import (
     MemoryCase,
     NormCase,
     NoSyncCase,
+    ResumeCase,
     TrainCase,
     memory_parallel,
     run_cases,
@@ -49,7 +50,7 @@ MEMORY_CASES = [MemoryCase(precision, zero, tile) for precision in ("fp32", "bf1
                 for tile in (None, TILE)]
 WORLD_CASES = {
     2: [GlooDtypesCase(), NormCase("gpt", 2, 1), NormCase("gpt", 1, 2), Fp16Case(), NoSyncCase(),
-        LoudCase("torch_clip"), LoudCase("fp16_unscaled"), LoudCase("not_elementwise")],
+        LoudCase("torch_clip"), LoudCase("fp16_unscaled"), LoudCase("not_elementwise"), ResumeCase()],
     4: [NormCase("gpt", 2, 2), NormCase("gpt", 1, 4), NormCase("gpt2", 2, 2), NormCase("llama_kv1", 2, 2),
         TrainCase(1, 2), *MEMORY_CASES],
     8: [NormCase("gpt", 2, 2), NormCase("gpt", 2, 4), NormCase("gpt", 1, 2), NormCase("llama", 2, 2), TrainCase(2, 2)],
@@ -310,6 +311,13 @@ LOUD = {
 def test_what_would_go_wrong_silently_raises_on_every_rank(request, kind):
     for r in _results(request, 2, LoudCase(kind)):
         assert r["error"] is not None and re.search(LOUD[kind], r["error"]), r["error"]
+
+
+def test_state_dict_resumes_bit_for_bit_and_schedulers_drive_every_tile(request):
+    for r in _results(request, 2, ResumeCase()):
+        assert r["resumed_identical"], "steps 3-5 after load_state_dict differ from the uninterrupted run"
+        assert r["frozen_by_scheduler"], "LambdaLR's lr = 0 did not reach the tiles"
+        assert r["wrong_layout"] and "load it with the same ParallelConfig and tile_numel" in r["wrong_layout"]
 
 
 def test_gloo_reduces_gathers_and_exchanges_16_bit_tensors(request):
