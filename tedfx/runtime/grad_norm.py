@@ -58,8 +58,10 @@ def global_grad_norm(params: Iterable[tuple[str, nn.Parameter]], shards: dict[st
     norm_type = float(norm_type)
     if not norm_type > 0:
         raise ValueError(f"norm_type={norm_type} is invalid: expected a p > 0 or math.inf.")
+    params = list(params)
+    device = next((p.device for _, p in params), torch.device("cpu"))  # where the backend reduces (nccl: the GPU)
     # [sum of |g|^p (or max |g|) over the parameters counted here, copies with inf/nan that do not count]
-    local = torch.zeros(2, dtype=torch.float64)
+    local = torch.zeros(2, dtype=torch.float64, device=device)
     for name, p in params:
         if p.grad is None:
             continue

@@ -51,24 +51,25 @@ class ReplicaCheck:
         self.params = params
         self.layout = layout
         self.split_axes = [tuple(sorted(axis for axis, _ in shards[name].splits)) for name, _ in params]
-        self._index = [torch.linspace(0, max(p.numel() - 1, 0), min(p.numel(), SAMPLES)).round().long()
+        self._index = [torch.linspace(0, max(p.numel() - 1, 0), min(p.numel(), SAMPLES)).round().long().to(p.device)
                        for _, p in params]
-        self._weights = [torch.arange(1, len(i) + 1, dtype=torch.float64) for i in self._index]
+        self._weights = [torch.arange(1, len(i) + 1, dtype=torch.float64, device=i.device) for i in self._index]
+        self.device = params[0][1].device if params else torch.device("cpu")
 
     def fingerprints(self) -> torch.Tensor:
         """[number of parameters] float64: this rank's fingerprint of each parameter."""
         with torch.no_grad():
             values = [(p.detach().reshape(-1)[i].double() * w).sum() for (_, p), i, w in
                       zip(self.params, self._index, self._weights)]
-        return torch.stack(values) if values else torch.zeros(0, dtype=torch.float64)
+        return torch.stack(values) if values else torch.zeros(0, dtype=torch.float64, device=self.device)
 
     def check(self) -> None:
         """Raise ReplicaDivergenceError on every rank when any two copies of a parameter differ."""
         mine = self.fingerprints()
         world = self.layout.world_size
-        everyone = torch.empty(world, mine.numel(), dtype=torch.float64)
+        everyone = torch.empty(world, mine.numel(), dtype=torch.float64, device=mine.device)
         dist.all_gather(list(everyone.unbind(0)), mine)
-        bad = self.divergent(everyone)
+        bad = self.divergent(everyone.cpu())
         if bad:
             shown = "; ".join(f"{name} differs between ranks {ranks}" for name, ranks in bad[:5])
             raise ReplicaDivergenceError(
