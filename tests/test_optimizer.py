@@ -99,6 +99,11 @@ def test_loss_scaler_halves_on_overflow_and_grows_after_good_steps():
     assert LossScaler.overflowed(math.inf) and LossScaler.overflowed(math.nan) and not LossScaler.overflowed(1e30)
 
 
+def test_optimizer_wants_the_parallel_module():
+    with pytest.raises(TypeError, match=r"expects the ParallelModule that tedfx\.parallelize returned, got Linear"):
+        tedfx.optimizer(nn.Linear(2, 2), torch.optim.AdamW)
+
+
 def _params(*numels: int) -> list[nn.Parameter]:
     return [nn.Parameter(torch.zeros(n)) for n in numels]
 

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from ..config import LossScaleConfig
+from .executor import ParallelModule
 from .grad_norm import clip_coefficient, global_grad_norm
 from .memory import tensor_bytes
 from .precision import LossScaler
@@ -81,7 +82,7 @@ class TedOptimizer(torch.optim.Optimizer):
         loss_scaler: the fp16 LossScaler (None otherwise).
     """
 
-    def __init__(self, pm: nn.Module, optimizer_cls: type[torch.optim.Optimizer], *, tile_numel: int | None = None,
+    def __init__(self, pm: ParallelModule, optimizer_cls: type[torch.optim.Optimizer], *, tile_numel: int | None = None,
                  max_norm: float | None = None, loss_scale: LossScaleConfig | None = None, **kwargs: Any) -> None:
         _check_arguments(pm, optimizer_cls, tile_numel, max_norm, loss_scale)
         self.pm = pm
@@ -278,9 +279,9 @@ def _make_contiguous(group: FlatGroup) -> None:
             p.data = p.detach().contiguous()
 
 
-def _check_arguments(pm: nn.Module, optimizer_cls: Any, tile_numel: int | None, max_norm: float | None,
+def _check_arguments(pm: Any, optimizer_cls: Any, tile_numel: int | None, max_norm: float | None,
                      loss_scale: LossScaleConfig | None) -> None:
-    if not hasattr(pm, "sync_params") or not hasattr(pm, "mesh"):
+    if not isinstance(pm, ParallelModule):
         raise TypeError(f"tedfx.optimizer expects the ParallelModule that tedfx.parallelize returned, got "
                         f"{type(pm).__name__}. For a tedfx.to_moe model use any torch optimizer directly.")
     if not (isinstance(optimizer_cls, type) and issubclass(optimizer_cls, torch.optim.Optimizer)):
@@ -302,7 +303,7 @@ def _check_arguments(pm: nn.Module, optimizer_cls: Any, tile_numel: int | None, 
             f"{sorted(c.__name__ for c in ELEMENTWISE_OPTIMIZERS)}, or tile_numel=None and zero=0.")
 
 
-def optimizer(pm: nn.Module, optimizer_cls: type[torch.optim.Optimizer] = torch.optim.AdamW, *,
+def optimizer(pm: ParallelModule, optimizer_cls: type[torch.optim.Optimizer] = torch.optim.AdamW, *,
               tile_numel: int | None = None, max_norm: float | None = None,
               loss_scale: LossScaleConfig | None = None, **kwargs: Any) -> TedOptimizer:
     """Wrap a torch optimizer class with what the ParallelModule's ParallelConfig asks for.

@@ -10,8 +10,8 @@
   so the user's loss is computed in fp32.
 - `tedfx.optimizer` keeps fp32 master weights and, for fp16, scales the loss (`LossScaler`).
 
-gloo reduces, gathers and exchanges bf16 and fp16 tensors on torch 2.11+ (tests/test_optimizer.py
-checks it), so gradients are reduced in their own dtype.
+gloo reduces, gathers and exchanges bf16 and fp16 tensors (tests/test_optimizer.py checks every
+collective tedfx issues on the installed torch), so gradients are reduced in their own dtype.
 """
 
 from __future__ import annotations
