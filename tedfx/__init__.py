@@ -6,6 +6,7 @@
     print(tedfx.explain(model, (tokens,), moe=moe))
 
     pm = tedfx.parallelize(model, (tokens,), moe=moe, parallel=tedfx.ParallelConfig(tensor=2, expert=2))
+    opt = tedfx.optimizer(pm, torch.optim.AdamW, lr=3e-4)   # master weights, ZeRO-1, tiled step, clipping
     compiled = torch.compile(model, backend="tedfx", options={"moe": moe, "parallel": parallel})
 
 The doors are in tedfx.api; docs/architecture.md says which module does what.
@@ -24,24 +25,29 @@ from .api import (
 )
 from .capture import CaptureError, TedGraphModule, capture
 from .check import CollectiveOrderError
-from .config import MoEConfig, ParallelConfig
+from .config import LossScaleConfig, MoEConfig, ParallelConfig
 from .released import ReleasedParameterError
 from .report import Report
 from .runtime.executor import ParallelModule
 from .runtime.launch import LaunchError, RankError, init_distributed, launch
+from .runtime.optimizer import TedOptimizer, optimizer
+from .runtime.replicas import ReplicaDivergenceError
 
 __all__ = [
     "CaptureError",
     "CollectiveOrderError",
     "LaunchError",
+    "LossScaleConfig",
     "MoEConfig",
     "MoELossScaleWarning",
     "ParallelConfig",
     "ParallelModule",
     "RankError",
     "ReleasedParameterError",
+    "ReplicaDivergenceError",
     "Report",
     "TedGraphModule",
+    "TedOptimizer",
     "capture",
     "check_collective_order",
     "collectives",
@@ -50,6 +56,7 @@ __all__ = [
     "init_distributed",
     "launch",
     "moe_losses",
+    "optimizer",
     "parallelize",
     "set_moe_loss_scale",
     "to_moe",

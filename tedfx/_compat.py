@@ -192,3 +192,34 @@ def no_torch_function_subclass():
 
 
 __all__ += ["no_torch_function_subclass"]
+
+
+# --- allocation tracking (tedfx.runtime.memory) ------------------------------------------------------
+
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+
+
+def storage_key(t: torch.Tensor) -> int:
+    """An id of the storage behind `t`, unique while the storage lives (views share it)."""
+    return t.untyped_storage()._cdata
+
+
+__all__ += ["TorchDispatchMode", "storage_key"]
+
+
+# --- c10d names that torch 2.13 renamed --------------------------------------------------------------
+
+import torch.distributed as _dist  # noqa: E402
+
+_all_gather_single = getattr(_dist, "all_gather_single", None) or _dist.all_gather_into_tensor
+
+
+def all_gather_into(output: torch.Tensor, input: torch.Tensor, group=None) -> None:
+    """Gather every rank's `input` into `output` (concatenated along dim 0); `input` may be this rank's chunk of it.
+
+    torch 2.13 renamed `all_gather_into_tensor` to `all_gather_single` (the old name warns).
+    """
+    _all_gather_single(output, input, group=group)
+
+
+__all__ += ["all_gather_into"]

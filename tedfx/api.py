@@ -32,6 +32,7 @@ from .predict import build_report
 from .report import Report
 from .runtime.executor import ParallelModule, check_same_weights
 from .runtime.mesh import Layout, TedMesh
+from .runtime.precision import compute_dtype, low_precision_copy
 
 __all__ = ["MoELossScaleWarning", "check_collective_order", "compiled_module", "explain", "moe_losses", "parallelize",
            "set_moe_loss_scale", "to_moe"]
@@ -157,6 +158,7 @@ def build_parallel_module(
     fetch = _dense_reader(model, dense_state)
     if fetch is None:
         check_same_weights(model, mesh)
+    model, example_inputs, example_kwargs = _at_precision(model, example_inputs, example_kwargs, parallel)
     moe_gm, moe_ctx = pipeline.build_moe_graph(model, example_inputs, moe=moe, example_kwargs=example_kwargs,
                                                lazy=True, fetch_dense=fetch)
     gm, ctx = pipeline.shard_for_rank(moe_gm, moe_ctx, parallel=parallel, coords=mesh.coords)
@@ -196,6 +198,7 @@ def explain(
     parallel: ParallelConfig | None = None,
     world_size: int = 1,
     example_kwargs: dict[str, Any] | None = None,
+    tile_numel: int | None = None,
 ) -> Report:
     """What tedfx does to `model`, computed in this process without starting any others.
 
@@ -206,13 +209,17 @@ def explain(
         parallel: the layout; None for the single-process MoE model.
         world_size: ranks to predict for (T * X * D).
         example_kwargs: one micro-batch's keyword inputs.
+        tile_numel: the tile size of `tedfx.optimizer` to predict the tiled step's memory for
+            (None: 2**20 entries).
 
     Returns:
         A Report: converted FFNs with paths and dims; parameter counts before and
         after (total and active per token); with `parallel`, the sharding of every
         parameter, per-rank parameter bytes, and every collective of one training
         step on rank 0 (kind, axis, phase, shape, bytes), predicted by running the
-        rank's graph against simulated process groups; `graphs` holds the dense
+        rank's graph against simulated process groups; rank 0's training memory
+        (weights, gradients, master weights, AdamW states, the step's transient peak)
+        for ZeRO 0 and 1, untiled and tiled; `graphs` holds the dense
         graph and rank 0's rewritten graph for `Report.to_svg` / `to_html`.
 
     Example:
@@ -222,13 +229,34 @@ def explain(
     if parallel is not None:
         parallel.check_supported()
         Layout.build(world_size, parallel)  # a layout that does not fit the world fails before any work
+    if parallel is not None:
+        model, example_inputs, example_kwargs = _at_precision(model, example_inputs, example_kwargs, parallel)
     # One capture: the dense graph is summarised before the MoE passes rewrite it in place.
     dense_gm = pipeline.capture_dense(model, example_inputs, example_kwargs)
     dense_graph = summarize_graph(dense_gm, example_inputs, example_kwargs)
     # With a layout, each predicted rank materialises only its own shards, one rank at a time.
     moe_gm, ctx = pipeline.convert_to_moe(dense_gm, model, moe=moe, lazy=parallel is not None)
     return build_report(model, moe_gm, ctx, moe=moe, parallel=parallel, world_size=world_size,
-                        example_inputs=example_inputs, example_kwargs=example_kwargs, dense_graph=dense_graph)
+                        example_inputs=example_inputs, example_kwargs=example_kwargs, dense_graph=dense_graph,
+                        tile_numel=tile_numel)
+
+
+def _at_precision(model: nn.Module, example_inputs: tuple[Any, ...], example_kwargs: dict[str, Any] | None,
+                  parallel: ParallelConfig) -> tuple[nn.Module, tuple[Any, ...], dict[str, Any] | None]:
+    """What to capture: the model itself in fp32, else a 16-bit copy and 16-bit floating example inputs,
+    so the graph computes as the model's own code does in 16 bits.
+
+    Routers are created in fp32 by the MoE rewrite whatever the precision (docs/parallelism.md, "Mixed precision").
+    """
+    dtype = compute_dtype(parallel.precision)
+    if dtype == torch.float32:
+        return model, example_inputs, example_kwargs
+
+    def cast(x: Any) -> Any:
+        return x.to(dtype) if isinstance(x, torch.Tensor) and torch.is_floating_point(x) else x
+
+    return (low_precision_copy(model, dtype), _compat.pytree.tree_map(cast, example_inputs),
+            _compat.pytree.tree_map(cast, example_kwargs))
 
 
 def check_collective_order(

@@ -9,7 +9,7 @@ import torch
 
 __all__ = ["PHASES", "CommCall", "CommKey", "CommStats"]
 
-PHASES: tuple[str, str, str] = ("forward", "backward", "recompute")
+PHASES: tuple[str, ...] = ("forward", "backward", "recompute", "optimizer")
 
 
 class CommKey(NamedTuple):
@@ -36,7 +36,9 @@ class CommStats:
 
     kind is "all_reduce", "all_to_all", "all_gather" or "reduce_scatter"; phase is
     "forward", "backward" or "recompute" (a forward run again during the backward pass,
-    as activation checkpointing does). Ops on a size-1 axis issue nothing and count nothing.
+    as activation checkpointing does), or "optimizer" (`tedfx.optimizer`'s step: the global
+    gradient norm, over axis "world", and ZeRO's all-gathers). Ops on a size-1 axis issue
+    nothing and count nothing.
 
     Byte convention: `bytes` is what *one rank* sends into the collective, i.e. the
     numel * element size of that rank's input tensor. For an all-gather that is the

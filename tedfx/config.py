@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from fractions import Fraction
 from typing import Callable, Literal, Sequence, Union
 
-__all__ = ["MoEConfig", "ParallelConfig"]
+__all__ = ["LossScaleConfig", "MoEConfig", "ParallelConfig"]
 
 LayerSelection = Union[Literal["all", "every_other"], Sequence[int], Callable[[str], bool]]
 
@@ -138,9 +138,12 @@ class ParallelConfig:
     """With activation_checkpointing="block": the module paths of the blocks, one region each, as patterns where
     "*" matches one path component (e.g. ("h.*",) or ("model.layers.*",)). Empty: found from the graph."""
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    """Compute precision of the ranks' graphs (only "fp32" runs today; others raise in parallelize)."""
-    zero: bool = False
-    """Shard optimizer state over each parameter's data-parallel group (not yet: True raises in parallelize)."""
+    """Weights, activations and gradients on each rank: "bf16" and "fp16" hold them in 16 bits (routers stay
+    fp32) and `tedfx.optimizer` keeps fp32 master weights; "fp16" also scales the loss (docs/parallelism.md,
+    "Mixed precision")."""
+    zero: int = 0
+    """Optimizer-state sharding (ZeRO stage): 0 = none, 1 = `tedfx.optimizer` shards master weights and optimizer
+    states over each parameter's data-parallel group ("dp" or "edp"). False/True are read as 0/1."""
     timeout: float = 300.0
     """Seconds a collective may wait before the run fails instead of hanging."""
     bucket_mb: float = 25.0
@@ -176,6 +179,10 @@ class ParallelConfig:
                                                     f'{self.activation_checkpointing!r}, which would ignore them)')
         if self.precision not in ("fp32", "bf16", "fp16"):
             _fail(cls, "precision", self.precision, '"fp32", "bf16" or "fp16"')
+        if self.zero not in (0, 1) or not isinstance(self.zero, (int, bool)):
+            _fail(cls, "zero", self.zero, "0 (no sharding) or 1 (optimizer states and master weights sharded); "
+                  "False/True mean 0/1")
+        object.__setattr__(self, "zero", int(self.zero))
         if not self.timeout > 0:
             _fail(cls, "timeout", self.timeout, "a number of seconds > 0")
         if not self.bucket_mb > 0:
@@ -187,13 +194,10 @@ class ParallelConfig:
             _fail(cls, "token_group_inputs", self.token_group_inputs, '"broadcast" or "verify"')
 
     def check_supported(self) -> None:
-        """Raise for options this version of tedfx declares but does not run yet (never ignore them silently)."""
-        if self.precision != "fp32":
-            raise ValueError(f"ParallelConfig.precision={self.precision!r} is not implemented yet: tedfx runs "
-                             f"fp32 today; use precision='fp32'.")
-        if self.zero:
-            raise ValueError("ParallelConfig.zero=True (optimizer-state sharding) is not implemented yet; "
-                             "use zero=False and any torch optimizer on pm.parameters().")
+        """Raise for options this version of tedfx declares but does not run yet (never ignore them silently).
+
+        Every declared option runs today; the check stays as the one place a new option would be refused.
+        """
 
     def data_degree(self, world_size: int) -> int:
         """D for `world_size` ranks; raises when T * X * D != world_size."""
@@ -210,3 +214,36 @@ class ParallelConfig:
                 f"expert {self.expert}) = {d}; leave data=None to infer it."
             )
         return d
+
+
+@dataclass(frozen=True, kw_only=True)
+class LossScaleConfig:
+    """Dynamic loss scaling of `precision="fp16"` (docs/parallelism.md, "Mixed precision").
+
+    The loss is multiplied by the scale before backward; a step whose gradients overflow anywhere in the
+    world is skipped on every rank and the scale shrinks; after `growth_interval` good steps in a row it grows.
+    """
+
+    init_scale: float = 2.0**16
+    """Scale of the first step."""
+    growth_factor: float = 2.0
+    """The scale is multiplied by this after `growth_interval` steps without overflow."""
+    backoff_factor: float = 0.5
+    """The scale is multiplied by this after a step that overflowed (and was skipped)."""
+    growth_interval: int = 1000
+    """Good steps in a row before the scale grows."""
+    min_scale: float = 1.0
+    """The scale never shrinks below this."""
+
+    def __post_init__(self) -> None:
+        cls = "LossScaleConfig"
+        if not self.init_scale > 0:
+            _fail(cls, "init_scale", self.init_scale, "a number > 0")
+        if not self.growth_factor > 1:
+            _fail(cls, "growth_factor", self.growth_factor, "a number > 1")
+        if not 0 < self.backoff_factor < 1:
+            _fail(cls, "backoff_factor", self.backoff_factor, "a number in (0, 1)")
+        if not isinstance(self.growth_interval, int) or self.growth_interval < 1:
+            _fail(cls, "growth_interval", self.growth_interval, "an int >= 1")
+        if not 0 < self.min_scale <= self.init_scale:
+            _fail(cls, "min_scale", self.min_scale, f"a number in (0, init_scale={self.init_scale}]")

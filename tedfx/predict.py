@@ -32,6 +32,7 @@ from .passes.context import PassContext
 from .pipeline import grad_sync_params, param_shards, shard_for_rank
 from .report import Report
 from .runtime.grad_sync import plan_buckets
+from .runtime.memory import predict_training_memory
 from .runtime.mesh import Layout
 from .sharding import ParamShard
 
@@ -114,7 +115,8 @@ def simulate_step(
         state.restore()
     sizes = {axis: layout.size(axis) for axis in ("dp", "edp")}
     for plan in plan_buckets(grad_sync_params(gm), sizes, bucket_mb):
-        stats.record("all_reduce", plan.axis, "backward", plan.nbytes, (plan.nbytes // 4,), torch.float32)
+        item = torch.empty((), dtype=plan.dtype).element_size()
+        stats.record("all_reduce", plan.axis, "backward", plan.nbytes, (plan.nbytes // item,), plan.dtype)
     return stats
 
 
@@ -149,6 +151,7 @@ def build_report(
     example_inputs: tuple[Any, ...],
     example_kwargs: dict[str, Any] | None,
     dense_graph: list[dict[str, Any]],
+    tile_numel: int | None = None,
 ) -> Report:
     """The Report of `tedfx.explain` for a converted model (`moe_gm`, `ctx`) and, with `parallel`, its layout."""
     blocks = ctx.records.moe_blocks
@@ -192,6 +195,8 @@ def build_report(
     ]
     report.param_bytes_per_rank = {rank: bytes_by_rank[layout.rank(0, c["ep"], c["tp"])]
                                    for rank in range(layout.world_size) for c in [layout.coords(rank)]}
+    report.training_memory = training_memory(rank0.graph, parallel=parallel, layout=layout, rank=0,
+                                             tile_numel=tile_numel)
     report.collectives = [call._asdict() for call in rank0.comm.trace]
     report.comm_table = [list(row) for row in rank0.comm.table()]
     report.graphs["rank0"] = summarize_graph(rank0.graph, example_inputs, example_kwargs,
@@ -199,6 +204,26 @@ def build_report(
     report.comm_variants = _optimization_variants(moe_gm, ctx, parallel, layout, example_inputs, example_kwargs,
                                                   current=rank0.comm)
     return report
+
+
+DEFAULT_REPORT_TILE = 2**20
+"""Entries per tile the report predicts the tiled step with when explain is given no tile_numel."""
+
+
+def training_memory(gm: nn.Module, *, parallel: ParallelConfig, layout: Layout, rank: int,
+                    tile_numel: int | None) -> dict[str, Any]:
+    """Bytes `rank` holds to train with tedfx.optimizer(pm, torch.optim.AdamW), for zero 0 and 1,
+    untiled and tiled (tedfx.runtime.memory.predict_training_memory on the rank's graph)."""
+    params = grad_sync_params(gm)
+    sizes = {axis: layout.size(axis) for axis in ("dp", "edp")}
+    ranks = {axis: layout.group_of(rank, axis).index(rank) for axis in ("dp", "edp")}
+    foreach = any(p.device.type == "cuda" for _, p, _ in params)  # torch's AdamW default: foreach on GPUs
+    tile = tile_numel or DEFAULT_REPORT_TILE
+    rows = [{"zero": zero, "tile_numel": t,
+             **predict_training_memory(params, zero=zero, sizes=sizes, ranks=ranks, tile_numel=t, foreach=foreach)}
+            for zero in (0, 1) for t in (None, tile)]
+    return {"rank": rank, "precision": parallel.precision, "zero": parallel.zero, "optimizer": "AdamW",
+            "foreach": foreach, "rows": rows}
 
 
 def _optimization_variants(moe_gm, ctx, parallel, layout, example_inputs, example_kwargs, current):

@@ -55,6 +55,9 @@ class Report:
     """Every collective rank 0 issues in one training step, in order: kind, axis, phase, shape, dtype, bytes."""
     comm_table: list[list[Any]] = field(default_factory=list)
     """Rank 0's step totals: [kind, axis, phase, calls, bytes] (what pm.comm_stats().table() measures)."""
+    training_memory: dict[str, Any] = field(default_factory=dict)
+    """Rank 0's bytes to train with tedfx.optimizer(AdamW): {"precision", "zero", "rows": [{"zero", "tile_numel",
+    "weights", "grads", "master", "optimizer_states", "step_transient", "peak"}]} for ZeRO 0/1, untiled/tiled."""
     comm_variants: dict[str, dict[str, list[int]]] = field(default_factory=dict)
     """Rank 0's step totals with and without each optimization: {"baseline"|"dtd"|"cac"|"dtd+cac":
     {"kind/axis/phase": [calls, bytes]}}."""
@@ -166,9 +169,7 @@ class Report:
                                   str(tuple(p["local_shape"]))])
         sharding.notes = [
             f"layout: {self.layout}",
-            "parameter bytes per rank: " + ", ".join(_fmt_count(b) + "B" for b in sizes),
-            "predicted training state per rank (params + grads + AdamW moments, no activations): "
-            + ", ".join(_fmt_count(4 * b) + "B" for b in sizes)]
+            "parameter bytes per rank: " + ", ".join(_fmt_count(b) + "B" for b in sizes)]
         comm = Table("Collectives per training step (rank 0)", ["kind", "axis", "phase", "calls", "bytes"],
                      numeric=(3, 4), anchor="collectives")
         for kind, axis, phase, calls, nbytes in self.comm_table:
@@ -183,7 +184,23 @@ class Report:
             variants.rows.append([name + (" (this layout)" if mine else ""), sum(c for c, _ in a2a),
                                   _fmt_count(sum(b for _, b in a2a)) + "B",
                                   _fmt_count(sum(b for _, b in totals.values())) + "B"])
-        return [sharding, comm] + ([variants] if self.comm_variants else [])
+        memory = [self._memory_table()] if self.training_memory else []
+        return [sharding, *memory, comm] + ([variants] if self.comm_variants else [])
+
+    def _memory_table(self) -> Table:
+        """Rank 0's training memory by ZeRO stage and tiling (tedfx.optimizer with AdamW)."""
+        m = self.training_memory
+        table = Table(f"Training memory (rank 0, {m['precision']}, tedfx.optimizer with {m['optimizer']}, "
+                      f"no activations)", ["zero", "step", "weights", "grads", "fp32 master", "optimizer states",
+                                           "step transient", "peak"], numeric=tuple(range(2, 8)), anchor="memory")
+        for row in m["rows"]:
+            step = "untiled" if row["tile_numel"] is None else f"tiles of {_fmt_count(row['tile_numel'])}"
+            mine = " (this layout)" if row["zero"] == m["zero"] else ""
+            table.rows.append([f"{row['zero']}{mine}", step] + [_fmt_count(row[k]) + "B" for k in (
+                "weights", "grads", "master", "optimizer_states", "step_transient", "peak")])
+        table.notes = ["step transient: what the optimizer step allocates at once on top of the rest (fp32 copies "
+                       "of a tile's 16-bit gradients and AdamW's temporaries)"]
+        return table
 
     def __str__(self) -> str:
         from rich.console import Console

@@ -226,9 +226,10 @@ def test_html_is_self_contained_with_tables_pictures_and_before_after(report):
     page.feed(text)
     page.close()
     tags = [t for t, _ in page.tags]
-    assert tags.count("table") == 5  # FFNs, parameters, sharding, collectives, DTD/CAC
+    assert tags.count("table") == 6  # FFNs, parameters, sharding, training memory, collectives, DTD/CAC
     assert tags.count("svg") == 3  # rank 0's graph, and the block before and after
-    assert {"ffns", "parameters", "sharding", "collectives", "variants", "graph", "before-after"} <= set(page.headings)
+    assert {"ffns", "parameters", "sharding", "memory", "collectives", "variants", "graph",
+            "before-after"} <= set(page.headings)
     assert "h.0" in page.headings["before-after"]
     assert "script" not in tags and "link" not in tags and "img" not in tags
     assert not any(k in ("src", "href") and v.startswith(("http:", "https:", "//")) for _, a in page.tags
@@ -257,3 +258,21 @@ def test_single_process_report_draws_the_moe_graph():
     page = _Page()
     page.feed(report.to_html())
     assert "sharding" not in page.headings and "h.1" in page.headings["before-after"]
+
+
+def test_training_memory_by_zero_stage_and_tiling(report):
+    """fp32 on T=2, X=2, D=1: "dp" has 2 ranks (ZeRO-1 halves the non-expert states), "edp" one."""
+    memory = report.training_memory
+    assert memory["precision"] == "fp32" and memory["zero"] == 0 and memory["optimizer"] == "AdamW"
+    rows = {(r["zero"], r["tile_numel"] is not None): r for r in memory["rows"]}
+    assert set(rows) == {(0, False), (0, True), (1, False), (1, True)}
+    param_bytes = report.param_bytes_per_rank[0]
+    for row in rows.values():
+        assert row["master"] == 0  # fp32: the weights are the masters
+        assert row["grads"] == param_bytes
+        assert row["peak"] == sum(row[k] for k in ("weights", "grads", "master", "optimizer_states", "step_transient"))
+    assert rows[(0, False)]["weights"] == param_bytes
+    assert rows[(0, False)]["optimizer_states"] >= 2 * param_bytes  # AdamW: two fp32 moments per entry
+    assert rows[(1, False)]["optimizer_states"] < rows[(0, False)]["optimizer_states"]
+    assert rows[(0, True)]["step_transient"] <= rows[(0, False)]["step_transient"]
+    assert "Training memory (rank 0, fp32" in str(report)

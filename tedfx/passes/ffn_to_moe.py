@@ -87,7 +87,7 @@ def _expert_init(gm: fx.GraphModule, match: FFNMatch, moe: MoEConfig,
 
     def read(key: str) -> torch.Tensor:
         t = tensors[key]
-        return fetch(key) if t.is_meta and fetch is not None else t
+        return fetch(key).to(t.dtype) if t.is_meta and fetch is not None else t  # in the graph's precision
 
     return ExpertInit(sources=sources, fetch=read, num_experts=moe.num_experts, upcycle=moe.upcycle,
                       noise=moe.expert_noise, seed=moe.seed * 7919 + match.index, out_slices=out_slices)

@@ -1,4 +1,5 @@
-"""The distributed runtime: device mesh and process groups, the per-rank executor, gradient sync, launcher.
+"""The distributed runtime: device mesh and process groups, the per-rank executor, gradient sync, mixed
+precision, the optimizer (master weights, ZeRO-1, tiled step, global clipping), launcher.
 
 Nothing here imports the passes, the predictions or the doors (docs/architecture.md,
 "Dependencies point one way"): passes name mesh axes, and the runtime binds those

@@ -10,7 +10,8 @@ process groups around each forward, and owns the gradient sync.
 from __future__ import annotations
 
 import contextlib
-from typing import Any
+import math
+from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
@@ -23,8 +24,11 @@ from ..config import ParallelConfig
 from ..moe.routing import moe_losses
 from ..sharding import ParamShard, unshard_tensor
 from ..signature import bind_call
+from .grad_norm import clip_coefficient, global_grad_norm
 from .grad_sync import GradSync
 from .mesh import TedMesh
+from .precision import cast_inputs_and_outputs, compute_dtype
+from .replicas import ReplicaCheck
 from .token_group import TokenGroup, TokenGroupFeed
 
 __all__ = ["ParallelModule", "check_same_weights"]
@@ -36,7 +40,9 @@ class ParallelModule(nn.Module):
     `pm(*inputs, **kwargs)` works like the model on this rank's token group's
     micro-batch (the inputs of the capture, by position or by name). After
     `loss.backward()` every local `.grad` holds the data-parallel average, so
-    any torch optimizer on `pm.parameters()` works.
+    any torch optimizer on `pm.parameters()` works; clip with `pm.clip_grad_norm_`
+    and accumulate with `pm.no_sync()`. With precision "bf16"/"fp16" the weights
+    are 16-bit and `tedfx.optimizer` keeps their fp32 masters.
 
     The T tensor ranks of a token group run one micro-batch: by default each forward
     takes the inputs of the token group's first rank (ParallelConfig.token_group_inputs,
@@ -78,6 +84,16 @@ class ParallelModule(nn.Module):
         world = mesh.layout.world_size
         self._grad_sync = GradSync(sync_params, mesh.groups(), world // parallel.tensor,
                                    parallel.bucket_mb, self._stats)
+        self.sync_params = [(name, p, axis) for name, p, axis in sync_params if p.requires_grad]
+        """(name, parameter, data-parallel axis) of every trained parameter: what tedfx.optimizer steps."""
+        self.compute_dtype = compute_dtype(parallel.precision)
+        if self.compute_dtype != torch.float32:
+            cast_inputs_and_outputs(gm, self.compute_dtype)
+        self.check_replicas = True
+        """Check once per step that replicated parameters still agree on every rank (tedfx.runtime.replicas)."""
+        self._replicas = ReplicaCheck(list(gm.named_parameters()), shards, mesh.layout)
+        self._replicas_checked_at = 0
+        self.register_forward_pre_hook(_check_replicas_once_per_step)
 
     @property
     def graph(self) -> torch.fx.GraphModule:
@@ -129,6 +145,53 @@ class ParallelModule(nn.Module):
         around `self.module`."""
         return collectives.bind_axes(self.mesh.groups(), self._stats)
 
+    @contextlib.contextmanager
+    def no_sync(self) -> Iterator[None]:
+        """Gradient accumulation without communication: backwards inside add up local gradients.
+
+        The first backward after the block reduces and averages the accumulated sum over each
+        parameter's data-parallel group, as DDP's `no_sync` does.
+
+        Example:
+            >>> with pm.no_sync():
+            ...     loss_fn(pm(x0)).backward()   # no all-reduce
+            >>> loss_fn(pm(x1)).backward()       # all-reduces the sum of both micro-batches
+            >>> opt.step()
+        """
+        with self._grad_sync.no_sync():
+            yield
+
+    def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0,
+                        error_if_nonfinite: bool = False) -> torch.Tensor:
+        """Clip the gradients by the norm of the whole model's gradient, the same on every rank.
+
+        Use this, not `torch.nn.utils.clip_grad_norm_(pm.parameters())`: that one sees only this
+        rank's shards, computes a different norm on every rank and makes replicas diverge
+        (docs/parallelism.md, "Gradient clipping"). One all-reduce of a scalar over the world.
+
+        Args:
+            max_norm: the largest norm allowed.
+            norm_type: p of the p-norm (math.inf for the largest entry).
+            error_if_nonfinite: raise when the norm is inf or nan (on every rank alike).
+
+        Returns:
+            The total norm before clipping (a 0-dim fp32 tensor, equal on every rank).
+        """
+        params = list(self.module.named_parameters())
+        total = global_grad_norm(params, self.shards, self.mesh.coords, norm_type=norm_type, stats=self._stats)
+        if error_if_nonfinite and not math.isfinite(total):
+            raise RuntimeError(f"the total norm of order {norm_type} of the gradients is {total}: some gradient "
+                               f"overflowed. Set error_if_nonfinite=False to clip anyway.")
+        coef = clip_coefficient(total, max_norm)
+        for _, p in params:
+            if p.grad is not None:
+                p.grad.mul_(coef)
+        return torch.tensor(total, dtype=torch.float32)
+
+    def grad_buffers(self) -> list[torch.Tensor]:
+        """The flat gradient buckets, allocated once: every synchronised `.grad` is a view into one of them."""
+        return [b.flat for b in self._grad_sync.buckets]
+
     def comm_stats(self) -> collectives.CommStats:
         """The collectives this rank issued since the last `comm_stats().reset()` (kind, axis, phase, calls, bytes).
 
@@ -177,6 +240,17 @@ class ParallelModule(nn.Module):
                 f"pass a micro-batch of the same shape (the expert all-to-alls exchange equal-size buffers); "
                 f"pad or drop the last batch."
             )
+
+
+def _check_replicas_once_per_step(pm: ParallelModule, args: tuple) -> None:
+    """Forward pre-hook: the first forward after a synced backward checks the replicas (same step on every rank)."""
+    if torch.compiler.is_compiling():  # first: a compiled forward must not guard on the step counters
+        return
+    finished = pm._grad_sync.finished
+    if not pm.check_replicas or finished == pm._replicas_checked_at:
+        return
+    pm._replicas_checked_at = finished
+    pm._replicas.check()
 
 
 def _has_dropout(module: nn.Module) -> bool:

@@ -7,20 +7,30 @@ parallel group (the all-to-all brought their tokens to it), so experts are
 summed over "edp" and divided by X*D, like the rest. After `loss.backward()`
 returns, every `.grad` is final and any torch optimizer can step.
 
-Gradients are packed into buckets of about `bucket_mb` MiB in reverse
-registration order (roughly the order backward produces them). A bucket's
-all-reduce starts as soon as all of its gradients are accumulated, in bucket
-order on every rank (so all ranks issue the same collectives in the same
-order), and overlaps with the rest of the backward; the end of backward waits
-for all of them and copies the averages back. On a group of one rank nothing
-is sent: the gradients are only divided. With gradient accumulation (several
-backwards before a step), only each backward's new gradient is reduced and
-averaged, and added to the average already in `.grad`.
+In order (docs/parallelism.md, "Gradient sync"):
+1. Gradients live in flat buckets of about `bucket_mb` MiB, one dtype each, filled
+   in reverse registration order (roughly the order backward produces them). Each
+   bucket is allocated once; every `.grad` is a view into its bucket, set just
+   before autograd first accumulates into it, so autograd adds in place.
+2. A bucket's all-reduce starts, in place on the bucket, as soon as all of its
+   gradients are accumulated, in bucket order on every rank (so all ranks issue the
+   same collectives in the same order), and overlaps with the rest of the backward.
+3. The end of backward waits for every bucket and divides it in place. Nothing is
+   copied: the averages are already in `.grad`. On a group of one rank nothing is
+   sent; the bucket is only divided.
+
+Gradient accumulation: inside `no_sync()` nothing is communicated and gradients add
+up locally; the next synced backward reduces the sum. A backward outside `no_sync()`
+onto gradients that were already averaged works too (each micro-batch is averaged
+once): such a bucket is first multiplied by divisor / group size, which undoes the
+re-reduction of its already averaged part (1 for non-expert buckets, X for experts).
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
+from typing import Iterator
 
 import torch
 import torch.distributed as dist
@@ -34,11 +44,29 @@ __all__ = ["BucketPlan", "GradSync", "plan_buckets"]
 
 @dataclass(frozen=True)
 class BucketPlan:
-    """One all-reduce of the gradient sync: which parameters, over which axis, how many bytes."""
+    """One all-reduce of the gradient sync: which parameters, over which axis, how many bytes, in which dtype."""
 
     axis: str
     names: tuple[str, ...]
     nbytes: int
+    dtype: torch.dtype = torch.float32
+
+
+def _fill(params: list[tuple[str, nn.Parameter, str]], axis: str, limit: int | None) -> list[BucketPlan]:
+    """Buckets of one axis: parameters in reverse order, one open bucket per dtype, closed at `limit` bytes."""
+    plans = []
+    open_buckets: dict[torch.dtype, tuple[list[str], list[int]]] = {}
+    for name, p, a in reversed(params):
+        if a != axis or not p.requires_grad:
+            continue
+        names, size = open_buckets.setdefault(p.dtype, ([], [0]))
+        names.append(name)
+        size[0] += p.numel() * p.element_size()
+        if limit is not None and size[0] >= limit:
+            plans.append(BucketPlan(axis, tuple(names), size[0], p.dtype))
+            del open_buckets[p.dtype]
+    plans += [BucketPlan(axis, tuple(names), size[0], dtype) for dtype, (names, size) in open_buckets.items()]
+    return plans
 
 
 def plan_buckets(params: list[tuple[str, nn.Parameter, str]], sizes: dict[str, int],
@@ -51,36 +79,31 @@ def plan_buckets(params: list[tuple[str, nn.Parameter, str]], sizes: dict[str, i
         bucket_mb: bucket size in MiB.
     """
     limit = int(bucket_mb * 2**20)
-    plans = []
-    for axis in ("dp", "edp"):
-        if sizes[axis] == 1:
-            continue
-        names, size = [], 0
-        for name, p, a in reversed(params):
-            if a != axis or not p.requires_grad:
-                continue
-            names.append(name)
-            size += p.numel() * p.element_size()
-            if size >= limit:
-                plans.append(BucketPlan(axis, tuple(names), size))
-                names, size = [], 0
-        if names:
-            plans.append(BucketPlan(axis, tuple(names), size))
-    return plans
+    return [plan for axis in ("dp", "edp") if sizes[axis] > 1 for plan in _fill(params, axis, limit)]
 
 
 @dataclass
 class _Bucket:
     plan: BucketPlan
-    group: dist.ProcessGroup
+    group: dist.ProcessGroup | None
+    """None: a group of one rank, nothing to send."""
+    group_size: int
     params: list[nn.Parameter]
+    flat: torch.Tensor
+    views: list[torch.Tensor]
     ready: set[int] = field(default_factory=set)
-    flat: torch.Tensor | None = None
     work: object = None
+    synced: bool = False
+    """The bucket holds averaged gradients (set when a synced backward finishes)."""
+
+
+def _is_view(grad: torch.Tensor | None, view: torch.Tensor) -> bool:
+    return grad is not None and grad.data_ptr() == view.data_ptr() and grad.shape == view.shape \
+        and grad.dtype == view.dtype
 
 
 class GradSync:
-    """Bucketed, overlapped gradient all-reduce for a rank's parameters.
+    """Bucketed, overlapped, in-place gradient all-reduce for a rank's parameters.
 
     Args:
         params: (name, parameter, axis) triples, axis "dp" or "edp".
@@ -94,43 +117,84 @@ class GradSync:
                  divisor: int, bucket_mb: float, stats: CommStats | None) -> None:
         self.divisor = divisor
         self.stats = stats
+        self.enabled = True
         by_name = {name: p for name, p, _ in params}
         sizes = {axis: dist.get_world_size(groups[axis]) for axis in ("dp", "edp")}
-        self.buckets = [_Bucket(plan, groups[plan.axis], [by_name[n] for n in plan.names])
-                        for plan in plan_buckets(params, sizes, bucket_mb)]
-        synced = {id(p) for b in self.buckets for p in b.params}
-        # Parameters on a one-rank group: nothing to send, only the average to take.
-        self.local = [p for _, p, _ in params if p.requires_grad and id(p) not in synced]
-        self._where = {id(p): i for i, b in enumerate(self.buckets) for p in b.params}
+        plans = [(plan, groups[plan.axis]) for plan in plan_buckets(params, sizes, bucket_mb)]
+        if divisor > 1:
+            # Parameters on a one-rank group: nothing to send, only the average to take (experts with D = 1).
+            plans += [(plan, None) for axis in ("dp", "edp") if sizes[axis] == 1
+                      for plan in _fill(params, axis, None)]
+        self.buckets = [self._allocate(plan, group, [by_name[n] for n in plan.names]) for plan, group in plans]
+        self._where = {id(p): (b, i) for b in self.buckets for i, p in enumerate(b.params)}
         self._next = 0
         self._callback_queued = False
-        self._previous: dict[int, torch.Tensor] = {}
-        """This backward's starting .grad of each parameter that had one (gradient accumulation)."""
-        trained = [p for _, p, _ in params if p.requires_grad]
-        self._handles = [p.register_hook(self._remember_previous(p)) for p in trained]
-        self._handles += [p.register_post_accumulate_grad_hook(self._on_grad) for p in trained]
+        self.finished = 0
+        """Synced backwards finished so far (the same count on every rank)."""
+        bucketed = [p for p in by_name.values() if id(p) in self._where]
+        self._handles = [p.register_hook(self._before_accumulate(p)) for p in bucketed]
+        self._handles += [p.register_post_accumulate_grad_hook(self._on_grad)
+                          for p in by_name.values() if p.requires_grad]
 
-    def _remember_previous(self, p: nn.Parameter):
+    @staticmethod
+    def _allocate(plan: BucketPlan, group: dist.ProcessGroup | None, params: list[nn.Parameter]) -> _Bucket:
+        flat = torch.zeros(sum(p.numel() for p in params), dtype=plan.dtype, device=params[0].device)
+        views, offset = [], 0
+        for p in params:
+            views.append(flat[offset:offset + p.numel()].view_as(p))
+            offset += p.numel()
+        size = 1 if group is None else dist.get_world_size(group)
+        return _Bucket(plan, group, size, params, flat, views)
+
+    @contextlib.contextmanager
+    def no_sync(self) -> Iterator[None]:
+        """Backwards inside add their gradients up locally; the next synced backward reduces the sum."""
+        previous, self.enabled = self.enabled, False
+        try:
+            yield
+        finally:
+            self.enabled = previous
+
+    # --- hooks --------------------------------------------------------------------------------
+
+    def _before_accumulate(self, p: nn.Parameter):
         def hook(grad: torch.Tensor) -> None:
-            if p.grad is not None and id(p) not in self._previous:
-                self._previous[id(p)] = p.grad.detach().clone()
+            bucket, i = self._where[id(p)]
+            if bucket.synced:
+                self._unsync(bucket)
+            self._adopt(bucket, i)
 
         return hook
 
-    def _new_grad(self, p: nn.Parameter) -> torch.Tensor:
-        """What this backward added to p.grad (all of it, without accumulation)."""
+    def _adopt(self, bucket: _Bucket, i: int) -> None:
+        """Make the parameter's .grad its bucket view, so autograd accumulates into the bucket in place."""
+        p, view = bucket.params[i], bucket.views[i]
+        if _is_view(p.grad, view):
+            return
         if p.grad is None:
-            return torch.zeros_like(p)
-        previous = self._previous.get(id(p))
-        return p.grad if previous is None else p.grad - previous
+            view.zero_()
+        else:  # a gradient the user set, or one autograd made before the sync existed
+            view.copy_(p.grad)
+        p.grad = view
+
+    def _unsync(self, bucket: _Bucket) -> None:
+        """An averaged bucket gets a new backward: scale it so that the next reduction leaves it averaged."""
+        factor = self.divisor // bucket.group_size
+        if factor != 1:
+            for p, view in zip(bucket.params, bucket.views):
+                if _is_view(p.grad, view):
+                    view.mul_(factor)
+        bucket.synced = False
 
     def _on_grad(self, p: nn.Parameter) -> None:
+        if not self.enabled:
+            return
         if not self._callback_queued:
             _compat.queue_backward_callback(self._finish)
             self._callback_queued = True
-        i = self._where.get(id(p))
-        if i is not None:
-            self.buckets[i].ready.add(id(p))
+        where = self._where.get(id(p))
+        if where is not None:
+            where[0].ready.add(id(p))
             self._launch_ready()
 
     def _launch_ready(self) -> None:
@@ -142,39 +206,30 @@ class GradSync:
             self._next += 1
 
     def _launch(self, b: _Bucket) -> None:
-        b.flat = torch.cat([self._new_grad(p).reshape(-1) for p in b.params])
+        # Parameters that got no gradient this backward still take part (as zeros, or as what they hold).
+        for i in range(len(b.params)):
+            self._adopt(b, i)
+        if b.group is None:
+            return
         if self.stats is not None:
-            self.stats.record("all_reduce", b.plan.axis, "backward", b.flat.numel() * b.flat.element_size())
+            self.stats.record("all_reduce", b.plan.axis, "backward", b.flat.numel() * b.flat.element_size(),
+                              tuple(b.flat.shape), b.flat.dtype)
         b.work = dist.all_reduce(b.flat, group=b.group, async_op=True)
 
     def _finish(self) -> None:
-        # Parameters that got no gradient this step still take part (as zeros): same collectives on every rank.
         while self._next < len(self.buckets):
             self._launch(self.buckets[self._next])
             self._next += 1
         for b in self.buckets:
-            b.work.wait()
+            if b.work is not None:
+                b.work.wait()
             b.flat.div_(self.divisor)
-            offset = 0
-            for p in b.params:
-                chunk = b.flat[offset:offset + p.numel()].view_as(p)
-                previous = self._previous.get(id(p))
-                if p.grad is None:
-                    p.grad = chunk.clone()
-                else:
-                    p.grad.copy_(chunk if previous is None else previous + chunk)
-                offset += p.numel()
             b.ready.clear()
-            b.flat = b.work = None
-        if self.divisor > 1:
-            for p in self.local:
-                if p.grad is not None:
-                    previous = self._previous.get(id(p))
-                    new = self._new_grad(p).div(self.divisor)
-                    p.grad.copy_(new if previous is None else previous + new)
-        self._previous.clear()
+            b.work = None
+            b.synced = True
         self._next = 0
         self._callback_queued = False
+        self.finished += 1
 
     def remove(self) -> None:
         for h in self._handles:
