@@ -47,9 +47,10 @@ def _measure() -> dict:
     pm = tedfx.parallelize(model, (tokens,), moe=moe, parallel=parallel)
     peak = _status("VmHWM") - before
     gc.collect()
-    kept = {id(t) for t in [*model.parameters(), *model.buffers(), *pm.parameters(), *pm.buffers()]}
-    kept_storages = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers(),
-                                                              *pm.parameters(), *pm.buffers()]}
+    # The rank's own: its parameters and buffers, and the flat gradient buckets its .grads will be views of.
+    own = [*model.parameters(), *model.buffers(), *pm.parameters(), *pm.buffers(), *pm.grad_buffers()]
+    kept = {id(t) for t in own}
+    kept_storages = {t.untyped_storage().data_ptr() for t in own}
     other = {}
     for obj in gc.get_objects():
         # Plain tensors only: the capture's node metadata keeps FakeTensors, which hold no memory.

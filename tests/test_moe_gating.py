@@ -464,9 +464,12 @@ def test_layers_out_of_range_names_indices_and_ffn_count():
     assert not MoEConfig(layers=[1, 3]).selects(2, "h.2.mlp", 4)
 
 
-def test_parallel_options_not_implemented_yet_raise_instead_of_being_ignored():
-    ParallelConfig().check_supported()
-    with pytest.raises(ValueError, match=r"precision='bf16' is not implemented yet"):
-        ParallelConfig(precision="bf16").check_supported()
-    with pytest.raises(ValueError, match=r"zero=True .* is not implemented yet"):
-        ParallelConfig(zero=True).check_supported()
+def test_precision_and_zero_accept_what_runs_and_name_anything_else():
+    """Both options run now (tests/test_optimizer.py); a value they cannot run is a ValueError naming the field."""
+    assert ParallelConfig(zero=True).zero == 1 and ParallelConfig(zero=False).zero == 0
+    for precision in ("fp32", "bf16", "fp16"):
+        ParallelConfig(precision=precision).check_supported()
+    with pytest.raises(ValueError, match=r"ParallelConfig.precision='fp8' is invalid"):
+        ParallelConfig(precision="fp8")
+    with pytest.raises(ValueError, match=r"ParallelConfig.zero=2 is invalid"):
+        ParallelConfig(zero=2)
