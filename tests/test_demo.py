@@ -140,6 +140,18 @@ def test_inspect_requires_a_model_and_example_inputs(tmp_path, monkeypatch, caps
     assert "cannot import" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--tensor", "2", "--expert", "2", "--world-size", "6"], "world size 6 is not divisible by tensor * expert"),
+    (["--tensor", "2"], "--tensor 2 --expert 1 describe a layout of several ranks: give --world-size N too"),
+    (["--layers", "7"], "MoEConfig.layers=[7] names FFN indices [7], but the model has 4 FFNs"),
+])
+def test_inspect_usage_errors_are_one_line_messages(capsys, args, message) -> None:
+    assert cli.main(["inspect", "tedfx.models.nanogpt:demo_model", *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("tedfx inspect: error: ") and message in err, err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+
+
 def test_cli_without_a_command_prints_help(capsys) -> None:
     assert cli.main([]) == 2
     assert "demo" in capsys.readouterr().out

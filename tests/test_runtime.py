@@ -359,6 +359,22 @@ def test_launch_reraises_with_rank_and_traceback():
     assert time.monotonic() - start < 30, "the waiting ranks must be stopped, not left to time out"
 
 
+def _rank0_raises_a_multi_line_error() -> None:
+    if dist.get_rank() == 0:
+        error = ValueError("the reason, in one line\nthen the details\nand more details")
+        error.add_note("(found by the tedfx pass shard_experts)")
+        raise error
+    dist.barrier()
+
+
+def test_the_headline_of_a_rank_error_is_the_reason_not_its_last_line():
+    with pytest.raises(RankError) as info:
+        launch(_rank0_raises_a_multi_line_error, 2, backend="gloo", timeout=60)
+    headline = str(info.value).splitlines()[0]
+    assert headline == "rank 0 of 2 failed: ValueError: the reason, in one line"
+    assert "found by the tedfx pass shard_experts" in info.value.remote_traceback
+
+
 def test_launch_reports_a_dead_rank():
     with pytest.raises(LaunchError, match=r"rank 1 of 2 died with exit code 3"):
         launch(_rank1_dies, 2, backend="gloo", timeout=60)

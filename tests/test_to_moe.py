@@ -368,3 +368,18 @@ def test_the_dense_model_is_left_untouched(monkeypatch):
     torch.optim.SGD(moe_gm.parameters(), lr=1.0).step()
     for key, value in model.state_dict().items():
         assert torch.equal(value, before[key]), key
+
+
+def test_the_use_cache_notice_is_printed_once_per_run(caplog, monkeypatch):
+    """Every capture of an HF model turns its KV cache off; the notice says so once, not once per capture."""
+    import sys
+
+    monkeypatch.undo()  # the real capture, not the test cache's copies
+    capture_module = sys.modules["tedfx.capture"]
+    monkeypatch.setattr(capture_module, "_noticed", set())
+    model, inputs = tiny_gpt2()
+    with caplog.at_level("WARNING", logger="tedfx.capture"):
+        for _ in range(3):
+            capture_module.capture(model, inputs)
+    notices = [r for r in caplog.records if "use_cache=False" in r.getMessage()]
+    assert len(notices) == 1 and model.config.use_cache is True
