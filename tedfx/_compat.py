@@ -223,3 +223,11 @@ def all_gather_into(output: torch.Tensor, input: torch.Tensor, group=None) -> No
 
 
 __all__ += ["all_gather_into"]
+
+
+def initialized_cuda_devices() -> list[int]:
+    """The CUDA devices whose generators torch.random.fork_rng must save and restore ([] on a CPU machine)."""
+    return list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+
+
+__all__ += ["initialized_cuda_devices"]

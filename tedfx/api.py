@@ -93,7 +93,9 @@ def parallelize(
 
     No rank ever holds the unsharded MoE model: in order,
     1. Build the mesh (D, X, T) and its process groups.
-    2. Check that every rank was handed the same dense weights (one small all-gather).
+    2. Check that every rank was handed the same dense weights (one small all-gather); with
+       `dense_state` the weights are read later, shard by shard, and the replica check of the
+       first steps compares what the ranks hold instead.
     3. Capture and convert to MoE (identical on every rank: seeded by MoEConfig.seed), with the
        experts left unmaterialised and the model's tensors shared, not copied.
     4. Shard for this rank's coordinates: materialise only its own shards (its E/X experts, each

@@ -131,7 +131,8 @@ def axis_rank(axis: str) -> tuple[int, int]:
 
 @contextlib.contextmanager
 def comm_phase(phase: str) -> Iterator[None]:
-    """Count every collective issued inside the block under `phase` ("forward", "backward", "recompute").
+    """Count every collective issued inside the block under `phase` ("forward", "backward", "recompute",
+    "optimizer": the optimizer step's norm and ZeRO collectives).
 
     Without an override, ops count "forward" in the forward pass, "backward" in the
     backward pass, and "recompute" when a forward runs inside a backward pass.

@@ -54,7 +54,8 @@ class MoEConfig:
     expert_noise: float = 0.0
     """Relative std of seeded Gaussian noise added to each upcycled expert (breaks expert symmetry)."""
     seed: int = 0
-    """Seed of every random choice tedfx makes (router init, expert noise, routing noise)."""
+    """Seed of the random choices of the MoE rewrite: router init, expert noise, routing noise. Dropout draws
+    from torch's generator, as the model's own dropout does (seed torch per token group)."""
 
     def __post_init__(self) -> None:
         cls = "MoEConfig"

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from . import collectives
+from . import _compat, collectives
 from ._compat import pytree
 from .passes.checkpoint import CheckpointRegion
 from .passes.graph import MOE_META, get_by_target
@@ -248,5 +248,6 @@ def _record_values(gm, example_inputs, example_kwargs, axes, values) -> None:
         keys = in_spec.children_specs[1].context  # export's (args, kwargs) spec: kwargs in its key order
         example_kwargs = {k: example_kwargs[k] for k in keys}
     flat = pytree.tree_leaves((tuple(example_inputs), dict(example_kwargs)))
-    with torch.random.fork_rng(devices=[]), torch.no_grad(), collectives.bind_axes(axes):
+    rng = torch.random.fork_rng(devices=_compat.initialized_cuda_devices())
+    with rng, torch.no_grad(), collectives.bind_axes(axes):
         _ValueRecorder(gm, values).run(*flat, enable_io_processing=False)

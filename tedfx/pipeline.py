@@ -28,7 +28,7 @@ from .moe.experts import ExpertWeights
 from .passes.checkpoint import activation_checkpoint_pass, cache_all_to_all_pass, outline_regions_pass
 from .passes.context import PassContext
 from .passes.drop_duplicate_tokens import drop_duplicate_tokens_pass
-from .passes.ffn_to_moe import ffn_to_moe_pass
+from .passes.ffn_to_moe import ffn_to_moe_pass, mark_ffns
 from .passes.find_ffns import NoFFNFoundError, find_ffns_pass
 from .passes.graph import get_by_target
 from .passes.runner import Pass, run_passes
@@ -237,13 +237,22 @@ def convert_piece(
     except NoFFNFoundError:
         converts = False
     if converts:
-        gm = run_passes(gm, [ffn_to_moe_pass], ctx=ctx)
+        # With a layout, the experts stay unbuilt: shard_for_rank materialises this rank's slices only.
+        gm = run_passes(gm, [functools.partial(ffn_to_moe_pass, materialize=parallel is None)], ctx=ctx)
     else:
         # Nothing here is an FFN the whole model's conversion converted: the MoE passes have nothing to
-        # do on this piece, and the sharding passes that require them may follow.
+        # do on this piece, and the sharding passes that require them may follow. Its dense FFNs still
+        # end blocks and must still be split.
+        mark_ffns(ctx.records.ffn_matches or [], [])
         ctx.records.ffn_matches = None
         ctx.done += [name for name in ("find_ffns", "ffn_to_moe") if name not in ctx.done]
     if parallel is not None:
+        mode = parallel.activation_checkpointing
+        if (mode == "block" and not ctx.records.ffns) or (mode == "moe" and not converts):
+            # A piece without any FFN (the embedding, the head), or without an MoE block for mode "moe",
+            # holds nothing to recompute; the pieces that do are checkpointed (docs/architecture.md,
+            # "The torch.compile door").
+            parallel = dataclasses.replace(parallel, activation_checkpointing="none", checkpoint_blocks=())
         gm, _ = shard_for_rank(gm, ctx, parallel=parallel, coords=coords or {})
     return gm
 

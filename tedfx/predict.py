@@ -22,7 +22,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from . import collectives
+from . import _compat, collectives
 from ._compat import pytree
 from .axes import GROUP_AXES
 from .config import MoEConfig, ParallelConfig
@@ -103,7 +103,7 @@ def simulate_step(
     """
     stats = collectives.CommStats(trace=True)
     state = _ModuleState(gm) if restore else None
-    with torch.random.fork_rng(devices=[], enabled=restore):
+    with torch.random.fork_rng(devices=_compat.initialized_cuda_devices(), enabled=restore):
         gm.train()
         with collectives.bind_axes(simulated_axes(layout, rank), stats):
             out = gm(*example_inputs, **(example_kwargs or {}))

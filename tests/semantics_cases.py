@@ -125,9 +125,9 @@ def _token_group_cases() -> dict[str, Any]:
     rank, model = dist.get_rank(), tiny_gpt()[0]
     example = _batch(0)["x"]
 
-    def build(mode: str = "broadcast"):
+    def build(mode: str = "broadcast", check_inputs: bool = True):
         parallel = tedfx.ParallelConfig(tensor=2, timeout=60.0, token_group_inputs=mode)
-        return tedfx.parallelize(model, (example,), moe=MOE, parallel=parallel)
+        return tedfx.parallelize(model, (example,), moe=MOE, parallel=parallel, check_inputs=check_inputs)
 
     pm = build()
     right = [_batch(100 * pm.data_parallel_rank + i) for i in range(3)]
@@ -139,6 +139,8 @@ def _token_group_cases() -> dict[str, Any]:
     out["right"] = _train_gpt(pm, right)[0]
     out["verify_error"] = _expect(ValueError, lambda: build("verify")(by_rank[0]["x"]))
     out["verify_right"] = _expect(ValueError, lambda: _train_gpt(build("verify"), right))
+    # "verify" is chosen instead of the broadcast: switching the shape checks off does not switch it off.
+    out["verify_unchecked_error"] = _expect(ValueError, lambda: build("verify", check_inputs=False)(by_rank[0]["x"]))
     out["targets_error"] = _expect(ValueError, lambda: _train_gpt(build(), by_rank))
     return out
 

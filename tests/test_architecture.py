@@ -115,3 +115,14 @@ def test_ruff_is_clean():
     result = subprocess.run([sys.executable, "-m", "ruff", "check", "--output-format", "concise", "."],
                             cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_readme_and_the_architecture_doc_name_every_module():
+    """docs/architecture.md's Modules table names every module by path; the README's table by name."""
+    doc = (ROOT / "docs" / "architecture.md").read_text()
+    readme = (ROOT / "README.md").read_text()
+    readme_table = readme[readme.index("## Architecture"):readme.index("## State dict")]
+    modules = [p for p in PACKAGE.rglob("*.py") if p.name != "__init__.py"]
+    assert len(modules) > 40
+    assert [str(p.relative_to(ROOT)) for p in modules if f"`{p.relative_to(ROOT)}`" not in doc] == []
+    assert [p.stem for p in modules if p.stem not in readme_table] == []

@@ -19,8 +19,8 @@ import tedfx
 from tedfx.models.nanogpt import GPT, GPTConfig
 
 MIB = 2**20
-HIDDEN, LAYERS, EXPERTS = 256, 2, 64
-"""Whole experts: 2 layers x 3 matrices x 64 experts x 256 x 1024 x 4 bytes = 384 MiB per rank if built;
+HIDDEN, LAYERS, EXPERTS = 256, 2, 128
+"""Whole experts: 2 layers x 3 matrices x 128 experts x 256 x 1024 x 4 bytes = 768 MiB per rank if built;
 each rank's own share (E/X experts, F/T each) is 1/4 of that."""
 
 
@@ -112,8 +112,9 @@ def ranks():
 
 def test_peak_memory_of_parallelize_is_twice_the_own_shards_plus_a_constant(ranks):
     for r in ranks:
-        assert r["own"] < r["full_experts"] / 3  # the test is meaningful: whole experts would not fit the bound
-        assert r["peak"] <= 2 * r["own"] + 384 * MIB, r
+        bound = 2 * r["own"] + 384 * MIB
+        assert r["full_experts"] + r["own"] > bound  # meaningful: building the experts whole once would not fit
+        assert r["peak"] <= bound, r
 
 
 def test_training_the_rank_graph_leaves_the_dense_model_alone(ranks):

@@ -80,6 +80,7 @@ def test_data_seeded_by_global_rank_is_verified_on_the_first_step(ranks):
                                    r"different micro-batches \(these differ: input 0\)", error), error
         assert "pm.data_parallel_rank" in error
         assert r["token_groups"]["verify_right"] is None, "verify mode refused a token group fed alike"
+        assert r["token_groups"]["verify_unchecked_error"] is not None, "verify mode verified nothing"
 
 
 def test_targets_seeded_by_global_rank_fail_in_the_first_backward(ranks):

@@ -32,7 +32,7 @@ from .find_ffns import FFNMatch
 from .graph import DENSE_FFN_META, FFN_EXIT_META, MOE_META, MoETag, Role, get_by_target, has_target
 from .runner import requires
 
-__all__ = ["ffn_to_moe_pass"]
+__all__ = ["ffn_to_moe_pass", "mark_ffns"]
 
 
 @requires("find_ffns")
@@ -53,13 +53,7 @@ def ffn_to_moe_pass(gm: fx.GraphModule, *, ctx: PassContext, materialize: bool =
             f"MoEConfig.layers={moe.layers!r} selects none of the model's {len(matches)} FFNs "
             f"({', '.join(m.path for m in matches)}); pick at least one."
         )
-    chosen = {id(m) for m in selected}
-    for match in matches:  # every FFN's exit, converted or not: the blocks of activation checkpointing
-        match.exit.meta[FFN_EXIT_META] = match.path
-        if id(match) not in chosen:  # tensor parallelism must still split these (docs/parallelism.md)
-            for ref in (match.fc1, match.up, match.fc2):
-                if ref is not None:
-                    ref.node.meta[DENSE_FFN_META] = match.path
+    mark_ffns(matches, selected)
     records = []
     for match in selected:
         records.append(_convert(gm, match, moe, materialize=materialize, fetch=ctx.fetch_dense))
@@ -68,6 +62,18 @@ def ffn_to_moe_pass(gm: fx.GraphModule, *, ctx: PassContext, materialize: bool =
     ctx.records.moe_blocks = records
     ctx.records.ffn_matches = None  # nodes of the dense region, now erased
     return gm
+
+
+def mark_ffns(matches: list[FFNMatch], selected: list[FFNMatch]) -> None:
+    """Mark every FFN's exit (the blocks of activation checkpointing), and the projections of those left dense
+    (tensor parallelism must still split them; docs/parallelism.md, "Nothing left whole")."""
+    chosen = {id(m) for m in selected}
+    for match in matches:
+        match.exit.meta[FFN_EXIT_META] = match.path
+        if id(match) not in chosen:
+            for ref in (match.fc1, match.up, match.fc2):
+                if ref is not None:
+                    ref.node.meta[DENSE_FFN_META] = match.path
 
 
 def _expert_init(gm: fx.GraphModule, match: FFNMatch, moe: MoEConfig,

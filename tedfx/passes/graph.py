@@ -41,9 +41,9 @@ aten = torch.ops.aten
 MOE_META = "tedfx_moe"
 """node.meta key on every node of an MoE block: a `MoETag`."""
 FFN_EXIT_META = "tedfx_ffn_exit"
-"""node.meta key on the node whose value leaves an FFN (an MoE block's unflatten_tokens, or a dense FFN's last
-projection): the FFN's module path. Written by ffn_to_moe for every FFN of the model; activation checkpointing
-finds the transformer blocks from these exits."""
+"""node.meta key on the node whose value leaves an FFN (an MoE block's unflatten_tokens, or a dense FFN's exit:
+its last projection, or the view after it for HF Conv1D): the FFN's module path. Written by ffn_to_moe for
+every FFN of the model; activation checkpointing finds the transformer blocks from these exits."""
 DENSE_FFN_META = "tedfx_dense_ffn"
 """node.meta key on the projections of an FFN that find_ffns found and MoEConfig.layers left dense: its path."""
 REGION_META = "tedfx_region"

@@ -130,7 +130,9 @@ class ParallelModule(nn.Module):
             self._check_same_shapes(args, kwargs)
         # 2. One micro-batch per token group (and the same RNG state while dropout is on).
         if self._feed is not None:
-            args, kwargs = self._feed.feed(args, kwargs, check=checking,
+            # "verify" is what the user chose instead of the broadcast: it runs whatever check_inputs says.
+            verify = self.parallel.token_group_inputs == "verify" and not torch.compiler.is_compiling()
+            args, kwargs = self._feed.feed(args, kwargs, check=checking or verify,
                                            check_rng=checking and self.training and self._dropout)
         with self.bind_groups():
             out = self.module(*args, **kwargs)

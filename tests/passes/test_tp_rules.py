@@ -1,4 +1,4 @@
-"""tp_rules.plan_tensor_parallel: which linears split how, from the rule table alone (no rewrite, no process).
+"""tp_plan.plan_tensor_parallel: which linears split how, from the rule table alone (no rewrite, no process).
 
 On the captured test GPT (fused c_attn split into q, k, v) and HF Llama
 (separate q/k/v, grouped-query attention, rotary embeddings, RMSNorm), dense
