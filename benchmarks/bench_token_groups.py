@@ -22,6 +22,8 @@ assignments dropped over training.
 Usage:
     python benchmarks/bench_token_groups.py                      # 3 seeds, 300 steps
     python benchmarks/bench_token_groups.py --seeds 0 --steps 50 # quicker
+    python benchmarks/bench_token_groups.py --variants one_rank x2_emulated --capacity-factor 2.0
+                                                                 # no drops: the gap closes
 
 Writes benchmarks/results/bench_token_groups.json (or --out).
 """
@@ -99,19 +101,25 @@ def _train(model: torch.nn.Module, cfg: DemoConfig, variant: str, token_group: i
             "dropped_fraction": drops.dropped / max(drops.total, 1)}
 
 
-def _single(cfg: DemoConfig, variant: str) -> dict[str, Any]:
+def _moe(cfg: DemoConfig, capacity_factor: float | None) -> tedfx.MoEConfig:
+    moe = cfg.moe()
+    return moe if capacity_factor is None else replace(moe, capacity_factor=capacity_factor)
+
+
+def _single(cfg: DemoConfig, variant: str, capacity_factor: float | None) -> dict[str, Any]:
     torch.set_num_threads(1)
     dense, example = build_model(cfg)
     if variant == "x2_emulated":  # micro-batches of 16 windows: capture them at that size
         example = (example[0][: cfg.batch_size // 2],)
-    model = tedfx.to_moe(dense, example, moe=cfg.moe())
+    model = tedfx.to_moe(dense, example, moe=_moe(cfg, capacity_factor))
     return _train(model, cfg, variant)
 
 
-def _rank(cfg: DemoConfig) -> dict[str, Any]:
+def _rank(cfg: DemoConfig, capacity_factor: float | None) -> dict[str, Any]:
     dense, example = build_model(cfg)
     example = (example[0][: cfg.batch_size // 2],)
-    pm = tedfx.parallelize(dense, example, moe=cfg.moe(), parallel=tedfx.ParallelConfig(tensor=1, expert=2))
+    pm = tedfx.parallelize(dense, example, moe=_moe(cfg, capacity_factor),
+                           parallel=tedfx.ParallelConfig(tensor=1, expert=2))
     out = _train(pm, cfg, "x2", token_group=pm.mesh.coords["ep"])
     drops = torch.tensor([out["dropped_fraction"]])
     dist.all_reduce(drops)
@@ -123,22 +131,26 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    parser.add_argument("--capacity-factor", type=float, default=None,
+                        help="MoEConfig.capacity_factor of every variant (default: the demo's, 1.25)")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "bench_token_groups.json"))
     args = parser.parse_args()
-    runs: dict[str, list[dict[str, Any]]] = {v: [] for v in VARIANTS}
+    runs: dict[str, list[dict[str, Any]]] = {v: [] for v in args.variants}
     for seed in args.seeds:
         cfg = replace(DemoConfig(), seed=seed, steps=args.steps, warmup=min(20, args.steps))
-        for variant in VARIANTS:
+        for variant in args.variants:
             t0 = time.perf_counter()
-            result = tedfx.launch(_rank, 2, cfg)[0] if variant == "x2" else _single(cfg, variant)
+            cf = args.capacity_factor
+            result = tedfx.launch(_rank, 2, cfg, cf)[0] if variant == "x2" else _single(cfg, variant, cf)
             result.update(seed=seed, seconds=time.perf_counter() - t0)
             runs[variant].append(result)
             print(f"seed {seed} {variant:<14} train {result['final_train_loss']:.4f} "
                   f"val {result['final_val_loss']:.4f} dropped {result['dropped_fraction']:.3%} "
                   f"({result['seconds']:.0f} s)", flush=True)
     print(f"\n{len(args.seeds)} seeds, {args.steps} steps; mean (min..max) over seeds")
-    print(f"{'variant':<15} {'final train':>22} {'final val':>22} {'dropped':>9} {'val - one_rank':>15}")
-    base = [r["final_val_loss"] for r in runs["one_rank"]]
+    print(f"{'variant':<15} {'final train':>22} {'final val':>22} {'dropped':>9} {'val - ' + args.variants[0]:>15}")
+    base = [r["final_val_loss"] for r in runs[args.variants[0]]]
     for variant, rows in runs.items():
         def fmt(key: str) -> str:
             values = [r[key] for r in rows]

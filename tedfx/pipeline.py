@@ -24,6 +24,7 @@ from torch import nn
 
 from .capture import TedGraphModule, capture, own_tensors
 from .config import MoEConfig, ParallelConfig
+from .module_tree import module_tree
 from .moe.experts import ExpertWeights
 from .passes.checkpoint import activation_checkpoint_pass, cache_all_to_all_pass, outline_regions_pass
 from .passes.context import PassContext
@@ -123,6 +124,7 @@ def shard_for_rank(
     parallel: ParallelConfig,
     coords: dict[str, int],
     skip: tuple[str, ...] = (),
+    materialize: bool = True,
 ) -> tuple[fx.GraphModule, PassContext]:
     """One rank's graph, sharded for `coords`, and its pass context.
 
@@ -132,13 +134,16 @@ def shard_for_rank(
        materialised from their recipe, never whole).
     3. Give the rank its own copy of every tensor still shared with the MoE graph (replicated ones),
        and fill tensors the model held on the meta device from `moe_ctx.fetch_dense`.
+
+    With materialize=False every tensor of the result is on the meta device with the rank's shapes
+    and dtypes, and nothing is computed, copied or fetched: what `tedfx.fake` simulates a rank from.
     """
     shared = {id(t): t for t in [*moe_gm.parameters(), *moe_gm.buffers()]}
     with warnings.catch_warnings():
         # torch's own TreeSpec pickling warns about its deprecated LeafSpec while copying _in_spec.
         warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
         gm = copy.deepcopy(moe_gm, memo=dict(shared))
-    ctx = moe_ctx.for_rank(parallel, coords)
+    ctx = moe_ctx.for_rank(parallel, coords, materialize=materialize)
     gm = run_passes(gm, parallel_passes(parallel), ctx=ctx, skip=skip)
     _own_rank_tensors(gm, shared, ctx, parallel)
     return gm, ctx
@@ -146,7 +151,8 @@ def shard_for_rank(
 
 def _own_rank_tensors(gm: nn.Module, shared: dict[int, torch.Tensor], ctx: PassContext,
                       parallel: ParallelConfig) -> None:
-    """Copy every tensor `gm` still shares with the MoE graph; fill meta ones from `ctx.fetch_dense`."""
+    """Copy every tensor `gm` still shares with the MoE graph; fill meta ones from `ctx.fetch_dense`
+    (without ctx.materialize: a meta tensor of the same shape for each, nothing copied or fetched)."""
     sizes = {"tp": parallel.tensor, "ep": parallel.expert, "edp": 1}
     copies: dict[int, torch.Tensor] = {}
     missing = []
@@ -160,7 +166,9 @@ def _own_rank_tensors(gm: nn.Module, shared: dict[int, torch.Tensor], ctx: PassC
                     continue
                 if id(t) not in copies:
                     key = f"{module_name}.{name}" if module_name else name
-                    if t.is_meta:
+                    if not ctx.materialize:
+                        local = t.detach().to("meta")
+                    elif t.is_meta:
                         local = _fetch_shard(key, t, ctx, sizes)
                         if local is None:
                             missing.append(key)
@@ -278,25 +286,11 @@ def adopt_model_tensors(gm: nn.Module, model: nn.Module) -> None:
 def replace_in_tree(root: nn.Module, new: dict[int, Any]) -> None:
     """Replace every parameter, buffer and submodule `x` with `new[id(x)]` throughout `root`, including the
     graphs held outside the module tree (checkpointed regions share their parent graph's tensors)."""
-    for module in _module_tree(root):
+    for module in module_tree(root):
         for store in (module._parameters, module._buffers, module._modules):
             for key, value in list(store.items()):
                 if value is not None and id(value) in new:
                     store[key] = new[id(value)]
-
-
-def _module_tree(root: nn.Module) -> list[nn.Module]:
-    seen: set[int] = set()
-    found, todo = [], [root]
-    while todo:
-        module = todo.pop()
-        if id(module) in seen:
-            continue
-        seen.add(id(module))
-        found.append(module)
-        todo += [m for m in module._modules.values() if m is not None]
-        todo += [m for m in vars(module).values() if isinstance(m, nn.Module)]
-    return found
 
 
 def named_tensors(module: nn.Module) -> dict[str, torch.Tensor]:

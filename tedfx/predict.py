@@ -15,6 +15,7 @@ routing of the example inputs).
 from __future__ import annotations
 
 import dataclasses
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +27,7 @@ from . import _compat, collectives
 from ._compat import pytree
 from .axes import GROUP_AXES
 from .config import MoEConfig, ParallelConfig
+from .fake import FakeRun, FakeUnsupported, device_of
 from .graph_summary import summarize_graph
 from .moe.routing import Router
 from .passes.context import PassContext
@@ -37,6 +39,8 @@ from .runtime.mesh import Layout
 from .sharding import ParamShard
 
 __all__ = ["RankPrediction", "build_report", "predict_rank", "simulate_step", "simulated_axes"]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -52,6 +56,8 @@ class RankPrediction:
     comm: collectives.CommStats
     """Counts and the call trace (forward, backward, gradient sync) of one step."""
     graph: fx.GraphModule
+    fake: FakeRun | None = None
+    """Set when `graph` holds fake tensors: run it inside `fake.active()` on `fake.inputs(...)`."""
 
 
 def simulated_axes(layout: Layout, rank: int) -> dict[str, collectives.SimulatedAxis]:
@@ -69,18 +75,38 @@ def predict_rank(
     rank: int,
     example_inputs: tuple[Any, ...],
     example_kwargs: dict[str, Any] | None = None,
+    fake: bool = True,
 ) -> RankPrediction:
-    """Build `rank`'s graph and count what one training step on the example inputs communicates."""
+    """Build `rank`'s graph and count what one training step on the example inputs communicates.
+
+    fake=True runs the step on fake tensors (tedfx.fake): no parameter is materialised or computed
+    with. A graph whose shapes follow its values (dropless routing) is simulated on real tensors,
+    the rank's own shards only.
+    """
     coords = layout.coords(rank)
-    gm, ctx = shard_for_rank(moe_gm, moe_ctx, parallel=parallel, coords=coords)
-    stats = simulate_step(gm, layout=layout, rank=rank, bucket_mb=parallel.bucket_mb,
-                          example_inputs=example_inputs, example_kwargs=example_kwargs)
+    run = None
+    if fake and moe_ctx.moe.drop_tokens:
+        gm, ctx = shard_for_rank(moe_gm, moe_ctx, parallel=parallel, coords=coords, materialize=False)
+        run = FakeRun(gm, device_of((example_inputs, example_kwargs), moe_gm))
+        try:
+            with run.active():
+                stats = simulate_step(gm, layout=layout, rank=rank, bucket_mb=parallel.bucket_mb,
+                                      example_inputs=run.inputs(example_inputs),
+                                      example_kwargs=run.inputs(example_kwargs))
+        except FakeUnsupported as e:
+            log.info("tedfx: rank %d's graph cannot run on fake tensors (%s); simulating it on its own shards",
+                     rank, e)
+            run = None
+    if run is None:
+        gm, ctx = shard_for_rank(moe_gm, moe_ctx, parallel=parallel, coords=coords)
+        stats = simulate_step(gm, layout=layout, rank=rank, bucket_mb=parallel.bucket_mb,
+                              example_inputs=example_inputs, example_kwargs=example_kwargs)
     params = dict(gm.named_parameters())
     return RankPrediction(
         rank=rank, coords=coords, shards=param_shards(gm, ctx),
         local_shapes={n: tuple(t.shape) for n, t in gm.state_dict().items()},
         param_bytes=sum(p.numel() * p.element_size() for p in params.values()),
-        comm=stats, graph=gm,
+        comm=stats, graph=gm, fake=run,
     )
 
 
@@ -199,8 +225,14 @@ def build_report(
                                              tile_numel=tile_numel)
     report.collectives = [call._asdict() for call in rank0.comm.trace]
     report.comm_table = [list(row) for row in rank0.comm.table()]
-    report.graphs["rank0"] = summarize_graph(rank0.graph, example_inputs, example_kwargs,
-                                             axes=simulated_axes(layout, 0), shards=rank0.shards)
+    if rank0.fake is not None:
+        with rank0.fake.active():
+            report.graphs["rank0"] = summarize_graph(
+                rank0.graph, rank0.fake.inputs(example_inputs), rank0.fake.inputs(example_kwargs),
+                axes=simulated_axes(layout, 0), shards=rank0.shards)
+    else:
+        report.graphs["rank0"] = summarize_graph(rank0.graph, example_inputs, example_kwargs,
+                                                 axes=simulated_axes(layout, 0), shards=rank0.shards)
     report.comm_variants = _optimization_variants(moe_gm, ctx, parallel, layout, example_inputs, example_kwargs,
                                                   current=rank0.comm)
     return report

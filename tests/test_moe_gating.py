@@ -358,7 +358,7 @@ def test_dispatch_and_combine_are_index_based():
         x_ECH = ops.dispatch(x_SH, plan.expert_SK, plan.slot_SK, C, num_experts=E)
         y_SH = ops.combine(x_ECH, plan.expert_SK, plan.slot_SK, plan.gate_SK)
         y_SH.sum().backward()
-    assert probe.largest <= max(E * C * H, S * k * H)
+    assert probe.largest <= max((E * C + 1) * H, S * k * H)  # the E * C slots and dispatch's trash row
     assert probe.largest < S * E * C // 16
 
 

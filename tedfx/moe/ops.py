@@ -94,13 +94,15 @@ def dispatch(
         x_ECH: [E, C_padded, H], zeros in unused slots.
     """
     S, H = x_SH.shape
+    K = slot_SK.shape[1]
     C = padded_capacity(capacity, pad_multiple)
-    kept = slot_SK >= 0
-    token_S = torch.arange(S, device=x_SH.device).unsqueeze(1).expand_as(slot_SK)
-    flat = _flat_slots(expert_SK, slot_SK, C)[kept]
-    buffer = x_SH.new_zeros(num_experts * C, H)
-    buffer = buffer.index_copy(0, flat, x_SH.index_select(0, token_S[kept]))
-    return buffer.view(num_experts, C, H)
+    # Dropped assignments are written to one extra trash row past the E * C slots, which is cut off:
+    # no boolean-mask indexing, so every shape is static (no host sync, no graph break).
+    trash = num_experts * C
+    flat_SK = torch.where(slot_SK >= 0, _flat_slots(expert_SK, slot_SK, C), trash)
+    rows = x_SH.unsqueeze(1).expand(S, K, H).reshape(S * K, H)
+    buffer = x_SH.new_zeros(trash + 1, H).index_copy_(0, flat_SK.reshape(-1), rows)
+    return buffer[:trash].view(num_experts, C, H)
 
 
 def combine(

@@ -56,6 +56,17 @@ class RoutePlan:
     """fp32 router probabilities (for the losses)."""
 
 
+def expert_counts(expert_N: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """How many entries of expert_N name each expert: [E] int64.
+
+    A scatter-add into E counters, not `torch.bincount`, whose output length depends on the values:
+    this shape is static, so routing needs no host sync, traces under fake tensors and compiles
+    without a graph break.
+    """
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=expert_N.device)
+    return counts.scatter_add_(0, expert_N, torch.ones_like(expert_N, dtype=torch.int64))
+
+
 def assign_slots(
     expert_SK: torch.Tensor,
     prob_SK: torch.Tensor,
@@ -84,7 +95,7 @@ def assign_slots(
         order = by_prob[torch.argsort(expert_N[by_prob], stable=True)]
     else:
         order = torch.argsort(expert_N, stable=True)
-    load_E = torch.bincount(expert_N, minlength=num_experts)
+    load_E = expert_counts(expert_N, num_experts)
     start_E = torch.cumsum(load_E, 0) - load_E
     rank_sorted = torch.arange(expert_N.numel(), device=expert_N.device) - start_E[expert_N[order]]
     slot_N = torch.empty_like(expert_N)
@@ -99,7 +110,7 @@ def router_losses(logits_SE: torch.Tensor, probs_SE: torch.Tensor,
                   expert_SK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(GShard load-balancing loss, z-loss) of one token group."""
     S, E = probs_SE.shape
-    first_choice_E = torch.bincount(expert_SK[:, 0], minlength=E).to(probs_SE.dtype) / S
+    first_choice_E = expert_counts(expert_SK[:, 0], E).to(probs_SE.dtype) / S
     aux = E * torch.sum(first_choice_E * probs_SE.mean(0))
     z = torch.logsumexp(logits_SE, dim=-1).square().mean()
     return aux, z

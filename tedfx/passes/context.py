@@ -115,6 +115,9 @@ class PassContext:
         timings: seconds and node counts per pass.
         fetch_dense: dense state-dict key -> tensor, for a model whose tensors are on the meta device
             (parallelize's `dense_state`); None reads the model's own tensors.
+        materialize: False: the sharding passes give each split tensor this rank's shard shape on the
+            meta device instead of its values (`explain` and the order check simulate such graphs on
+            fake tensors, tedfx.fake).
     """
 
     moe: MoEConfig
@@ -126,9 +129,11 @@ class PassContext:
     dumps: list[tuple[str, str, str]] = field(default_factory=list)
     timings: list[PassTiming] = field(default_factory=list)
     fetch_dense: Callable[[str], torch.Tensor] | None = None
+    materialize: bool = True
 
-    def for_rank(self, parallel: ParallelConfig, coords: dict[str, int]) -> PassContext:
+    def for_rank(self, parallel: ParallelConfig, coords: dict[str, int], *,
+                 materialize: bool = True) -> PassContext:
         """The context a rank's passes start from: this one's node-free records, and `coords`."""
         return PassContext(moe=self.moe, parallel=parallel, coords=dict(coords),
                            records=self.records.without_nodes(), done=list(self.done), debug=self.debug,
-                           fetch_dense=self.fetch_dense)
+                           fetch_dense=self.fetch_dense, materialize=materialize)

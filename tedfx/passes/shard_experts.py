@@ -18,6 +18,7 @@ drop_duplicate_tokens and cache_all_to_all can find them.
 
 from __future__ import annotations
 
+import torch
 import torch.fx as fx
 from torch import nn
 
@@ -60,21 +61,24 @@ def shard_experts_pass(gm: fx.GraphModule, *, ctx: PassContext) -> fx.GraphModul
             if name in roles:
                 target = roles[name].target
                 owner = gm.get_submodule(target.rpartition(".")[0])
-                ctx.records.shards[target] = _slice_expert_param(gm, owner, target, name, sizes, coords)
+                ctx.records.shards[target] = _slice_expert_param(gm, owner, target, name, sizes, coords,
+                                                                 materialize=ctx.materialize)
         if owner is not None:
             owner.init = None  # every tensor is this rank's own now: drop the recipe (it reads the dense model)
         _rewrite_block(gm, roles, T, X, ctx.moe.drop_tokens)
     return gm
 
 
-def _slice_expert_param(gm, owner: ExpertWeights, target, name, sizes, coords) -> ParamShard:
+def _slice_expert_param(gm, owner: ExpertWeights, target, name, sizes, coords, *, materialize: bool) -> ParamShard:
     full = get_by_target(gm, target)
     F_dim = dict(_SPLITS[name]).get("tp")
     if F_dim is not None and full.shape[F_dim] % sizes["tp"]:
         raise ValueError(f"{target}: FFN width {full.shape[F_dim]} is not divisible by ParallelConfig.tensor="
                          f"{sizes['tp']}; choose T dividing the FFN width.")
     spec = ParamShard(target, expert_splits(name, sizes), None, tuple(full.shape))
-    if full.is_meta:
+    if not materialize:
+        local = torch.empty(spec.local_shape(sizes), dtype=full.dtype, device="meta")  # the shard's shape only
+    elif full.is_meta:
         # Materialise only this rank's experts, each only its 1/T of F, from the block's recipe.
         local_shape = spec.local_shape(sizes)
         E_local = local_shape[0]

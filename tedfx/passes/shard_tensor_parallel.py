@@ -60,7 +60,8 @@ def shard_tensor_parallel_pass(gm: fx.GraphModule, *, ctx: PassContext) -> fx.Gr
                              f"{tuple(full.shape)} along dim {dim}{f' in chunks {chunks}' if chunks else ''}: not "
                              f"divisible by {T}. Choose a tensor degree that divides the FFN width and the heads.")
         spec = ParamShard(target, ((Axis.TP.value, dim),), chunks, tuple(full.shape))
-        local = shard_tensor(full.detach(), spec, {"tp": t}, {"tp": T})
+        source = full.detach() if ctx.materialize else full.detach().to("meta")  # meta: the shard's shape only
+        local = shard_tensor(source, spec, {"tp": t}, {"tp": T})
         set_by_target(gm, target, nn.Parameter(local, requires_grad=full.requires_grad))
         records.shards[target] = spec
 
