@@ -255,6 +255,19 @@ def test_compiled_parallel_module_gives_the_eager_numbers(ranks):
         assert max(results["compiled_pm"]["errs"]) < 1e-5, f"rank {rank}: {results['compiled_pm']['errs']}"
 
 
+def test_a_capacity_bound_moe_model_compiles_to_one_graph():
+    # Routing, dispatch and combine have static shapes and no host sync: dynamo traces two MoE blocks whole.
+    torch._dynamo.reset()
+    model, (x,) = tiny_gpt(n_layer=2)
+    moe_model = tedfx.to_moe(model, (x,), moe=tedfx.MoEConfig(num_experts=4, top_k=2))
+    assert sum(".router." in name for name, _ in moe_model.named_parameters()) == 2
+    explained = torch._dynamo.explain(moe_model)(x)
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+    torch._dynamo.reset()
+    compiled = torch.compile(moe_model, fullgraph=True, backend="eager")
+    torch.testing.assert_close(compiled(x), moe_model(x), rtol=1e-5, atol=1e-5)
+
+
 def test_backend_can_run_the_rewritten_graph_through_inductor():
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
