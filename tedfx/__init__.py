@@ -26,6 +26,7 @@ from .api import (
 from .capture import CaptureError, TedGraphModule, capture
 from .check import CollectiveOrderError
 from .config import LossScaleConfig, MoEConfig, ParallelConfig
+from .export import ExportError, export_hf
 from .released import ReleasedParameterError
 from .report import Report
 from .runtime.executor import ParallelModule
@@ -36,6 +37,7 @@ from .runtime.replicas import ReplicaDivergenceError
 __all__ = [
     "CaptureError",
     "CollectiveOrderError",
+    "ExportError",
     "LaunchError",
     "LossScaleConfig",
     "MoEConfig",
@@ -53,6 +55,7 @@ __all__ = [
     "collectives",
     "compiled_module",
     "explain",
+    "export_hf",
     "init_distributed",
     "launch",
     "moe_losses",
