@@ -1,0 +1,251 @@
+"""What ParallelModule's default input checks (`check_inputs=True`) cost in a training step.
+
+One launch of 4 CPU ranks (gloo), layout T=2 X=2 (D=1), on the demo's MoE GPT (`tedfx demo`
+defaults: 4 layers, hidden 128, 4 heads, E=4, top-2, every other FFN, 16 windows of 64 bytes per
+token group), trained with AdamW. Two models, one after the other in the same launch:
+
+    demo          dropout 0, the demo's model: the world shape check and the output-gradient check run
+    demo+dropout  dropout 0.1: the token group's RNG check runs as well
+
+Per model, one ParallelModule whose `check_inputs` is switched on and off step by step (the order
+alternates each round), each step (zero_grad, forward, loss, backward with the gradient sync,
+AdamW step) between two barriers. Reported per model:
+
+    step on / off   median step ms with the checks on and off
+    ratio           median over rounds of (on / off), the two steps of a round paired
+    in place        ms per checked step inside the check functions, timed where they run (the world
+                    shape check, the token group's comparison of RNG digests, the output-gradient check);
+                    it includes any wait for a slower rank at that collective, so it is an upper bound
+    alone           the same check functions called back to back, --calls times, between barriers: ms per
+                    step's worth of calls when no rank lags
+    share           alone / median step off: the checks' share of a step (the target is <= 1 %)
+    pickles         torch.distributed.all_gather_object calls per checked step (the target is 0)
+
+Step times on a shared machine are noisy: a ratio within a few percent of 1.0 is noise; the
+"alone" column is the precise measure of the checks' own cost.
+
+Usage:
+    python benchmarks/bench_input_check.py              # 40 rounds per model
+    python benchmarks/bench_input_check.py --quick      # 4 rounds, a smoke run
+    python benchmarks/bench_input_check.py --rounds 80 --out r.json
+
+Writes benchmarks/results/bench_input_check.json (or --out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+import warnings
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+import tedfx
+from tedfx.demo import DemoConfig
+from tedfx.models.nanogpt import GPT
+
+DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "bench_input_check.json"
+MODELS = {"demo": 0.0, "demo+dropout": 0.1}
+"""Model name -> dropout probability."""
+CHECKS = ("shapes", "token_group", "output_grad")
+"""The per-step checks, as timed: ParallelModule._check_same_shapes, TokenGroupFeed._compare (RNG digests
+while dropout is on) and TokenGroupFeed._check_grad."""
+WARMUP_ROUNDS = 3
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="smoke run: 4 rounds, 20 calls")
+    p.add_argument("--rounds", type=int, help="timed rounds per model (one checked and one unchecked step each)")
+    p.add_argument("--calls", type=int, help="calls of each check in the 'alone' timing")
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    args = p.parse_args()
+    args.rounds = args.rounds or (4 if args.quick else 40)
+    args.calls = args.calls or (20 if args.quick else 200)
+    return args
+
+
+# --- On every rank --------------------------------------------------------------------------------
+
+
+class _Timers:
+    """Wraps the check functions of one ParallelModule with timers; counts all_gather_object calls."""
+
+    pickles = 0
+    """torch.distributed.all_gather_object calls in this process (counted once `count_pickles()` ran)."""
+
+    def __init__(self, pm: tedfx.ParallelModule) -> None:
+        self.ms = dict.fromkeys(CHECKS, 0.0)
+        self._pickles_seen = _Timers.pickles
+        self._wrap(pm, "_check_same_shapes", "shapes")
+        self._wrap(pm._feed, "_compare", "token_group")
+        self._wrap(pm._feed, "_check_grad", "output_grad")
+
+    @staticmethod
+    def count_pickles() -> None:
+        original = dist.all_gather_object
+
+        def counted(*args, **kwargs):
+            _Timers.pickles += 1
+            return original(*args, **kwargs)
+
+        dist.all_gather_object = counted  # the module looks it up on torch.distributed at each call
+
+    def _wrap(self, owner: Any, name: str, key: str) -> None:
+        fn = getattr(owner, name)
+
+        def timed(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.ms[key] += (time.perf_counter() - t0) * 1e3
+
+        setattr(owner, name, timed)  # an instance attribute: the module calls it through self
+
+    def take(self) -> tuple[dict[str, float], int]:
+        """The time per check and the pickles since the last take; resets them."""
+        out = (dict(self.ms), _Timers.pickles - self._pickles_seen)
+        self.ms, self._pickles_seen = dict.fromkeys(CHECKS, 0.0), _Timers.pickles
+        return out
+
+
+def _build(dropout: float) -> tuple[tedfx.ParallelModule, Callable[[], float], tuple[int, ...]]:
+    cfg = DemoConfig()
+    torch.manual_seed(cfg.seed)
+    dense = GPT(replace(cfg.gpt(), dropout=dropout))
+    groups = cfg.batch_size // (cfg.ranks // cfg.tensor)  # windows per token group
+    example = torch.zeros(groups, cfg.block_size, dtype=torch.long)
+    pm = tedfx.parallelize(dense, (example,), moe=cfg.moe(), parallel=cfg.parallel())
+    g = torch.Generator().manual_seed(1000 + pm.data_parallel_rank)
+    xy = torch.randint(0, 256, (groups, cfg.block_size + 1), generator=g)
+    x, y = xy[:, :-1].contiguous(), xy[:, 1:].contiguous()
+    opt = torch.optim.AdamW(pm.parameters(), lr=1e-4)
+    torch.manual_seed(cfg.seed + pm.data_parallel_rank)  # the token group's ranks draw the same masks
+    pm.train()
+
+    def step() -> float:
+        opt.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(pm(x).flatten(0, 1), y.flatten())
+        loss.backward()
+        opt.step()
+        return float(loss)
+
+    logits_shape = (groups, cfg.block_size, 256)
+    return pm, step, logits_shape
+
+
+def _time_rounds(pm: tedfx.ParallelModule, step: Callable[[], float], timers: _Timers,
+                 rounds: int) -> dict[str, list]:
+    rec: dict[str, list] = {"on_ms": [], "off_ms": [], "in_place_ms": [], "pickles": []}
+    for r in range(WARMUP_ROUNDS + rounds):
+        for checking in ((True, False) if r % 2 == 0 else (False, True)):
+            pm.check_inputs = checking
+            timers.take()
+            dist.barrier()
+            t0 = time.perf_counter()
+            step()
+            dist.barrier()
+            ms = (time.perf_counter() - t0) * 1e3
+            checks, pickles = timers.take()
+            if r < WARMUP_ROUNDS:
+                continue
+            rec["on_ms" if checking else "off_ms"].append(ms)
+            if checking:
+                rec["in_place_ms"].append(checks)
+                rec["pickles"].append(pickles)
+    pm.check_inputs = True
+    return rec
+
+
+def _time_alone(pm: tedfx.ParallelModule, logits_shape: tuple[int, ...], dropout: float,
+                calls: int) -> dict[str, float]:
+    """ms per call of each check that a checked training step makes, called back to back on every rank."""
+    x = torch.zeros(logits_shape[:2], dtype=torch.long)
+    grad = torch.linspace(-1, 1, logits_shape[0] * logits_shape[1] * logits_shape[2]).view(logits_shape)
+    runs = {"shapes": lambda: pm._check_same_shapes((x,), {}),
+            "output_grad": lambda: pm._feed._check_grad(grad)}
+    if dropout > 0:
+        runs["token_group"] = lambda: pm._feed._compare([], [], True)
+    out = dict.fromkeys(CHECKS, 0.0)
+    for name, fn in runs.items():
+        fn()
+        dist.barrier()
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        dist.barrier()
+        out[name] = (time.perf_counter() - t0) * 1e3 / calls
+    return out
+
+
+def run_rank(rounds: int, calls: int) -> dict[str, Any] | None:
+    warnings.filterwarnings("ignore", category=FutureWarning)  # deep copies of exported graphs warn on 2.13
+    _Timers.count_pickles()
+    results = {}
+    for name, dropout in MODELS.items():
+        pm, step, logits_shape = _build(dropout)
+        timers = _Timers(pm)
+        rec = _time_rounds(pm, step, timers, rounds)
+        rec["alone_ms"] = _time_alone(pm, logits_shape, dropout, calls)
+        results[name] = rec
+    return results if dist.get_rank() == 0 else None
+
+
+# --- Summary --------------------------------------------------------------------------------------
+
+
+def summarize(rec: dict[str, list]) -> dict[str, Any]:
+    on, off = statistics.median(rec["on_ms"]), statistics.median(rec["off_ms"])
+    in_place = {k: statistics.median(c[k] for c in rec["in_place_ms"]) for k in CHECKS}
+    alone = sum(rec["alone_ms"].values())
+    return {"on_ms": on, "off_ms": off,
+            "ratio": statistics.median(a / b for a, b in zip(rec["on_ms"], rec["off_ms"])),
+            "in_place_ms": in_place, "in_place_total_ms": sum(in_place.values()),
+            "alone_ms": rec["alone_ms"], "alone_total_ms": alone, "share": alone / off,
+            "in_place_share": sum(in_place.values()) / off,
+            "pickles_per_step": max(rec["pickles"]) if rec["pickles"] else 0}
+
+
+def print_table(summaries: dict[str, dict[str, Any]]) -> None:
+    print(f"{'model':<14} {'step on':>9} {'step off':>9} {'ratio':>7} {'in place':>9} {'alone':>8} "
+          f"{'share':>7} {'pickles':>8}")
+    for name, s in summaries.items():
+        print(f"{name:<14} {s['on_ms']:>7.1f}ms {s['off_ms']:>7.1f}ms {s['ratio']:>7.3f} "
+              f"{s['in_place_total_ms']:>7.2f}ms {s['alone_total_ms']:>6.3f}ms {s['share']:>7.2%} "
+              f"{s['pickles_per_step']:>8}")
+    for name, s in summaries.items():
+        parts = ", ".join(f"{k} {s['in_place_ms'][k]:.3f} / {s['alone_ms'][k]:.3f}" for k in CHECKS)
+        print(f"  {name}: ms per step in place / alone: {parts}")
+
+
+def main() -> None:
+    args = parse_args()
+    load_before = os.getloadavg()
+    t0 = time.perf_counter()
+    raw = tedfx.launch(run_rank, 4, args.rounds, args.calls, backend="gloo", timeout=600)[0]
+    seconds = time.perf_counter() - t0
+    summaries = {name: summarize(rec) for name, rec in raw.items()}
+    print(f"4 ranks (gloo), T=2 X=2, demo MoE GPT; {args.rounds} rounds, {args.calls} calls alone; "
+          f"{seconds:.0f} s")
+    print_table(summaries)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({
+        "machine": platform.platform(), "torch": torch.__version__, "cpus": os.cpu_count(),
+        "load_average_before_after": [load_before, os.getloadavg()],
+        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "summary": summaries, "raw": raw}, indent=2))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
