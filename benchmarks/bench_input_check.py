@@ -138,7 +138,7 @@ def _build(dropout: float) -> tuple[tedfx.ParallelModule, Callable[[], float], t
         loss = F.cross_entropy(pm(x).flatten(0, 1), y.flatten())
         loss.backward()
         opt.step()
-        return float(loss)
+        return float(loss.detach())
 
     logits_shape = (groups, cfg.block_size, 256)
     return pm, step, logits_shape
