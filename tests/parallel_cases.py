@@ -16,6 +16,9 @@ Loss-scale cases train with gradient accumulation, `loss / M` over M micro-batch
 `tedfx.set_moe_loss_scale(pm, 1 / M)`, against the objective written out in
 tests/moe_reference.py over all X * D * M token groups of the step.
 
+Check-cost cases count, with spies on every collective function tedfx calls, what `check_inputs=True`
+adds to a training step and to a no-grad forward (docs/parallelism.md, "Cost of the checks").
+
 Error cases expect a ValueError raised on every rank before any rank can hang;
 they return its message. A parity case whose `parallelize` refuses the layout (its
 checks raise on every rank alike) returns the message too, so the other cases still
@@ -145,6 +148,7 @@ class ErrorCase:
     kind: "tensor_does_not_divide_world" (ParallelConfig(tensor=3) on a world not divisible by 3),
         "experts_do_not_divide" (num_experts=3 with expert=2), "different_weights" (rank 1
         perturbs one weight), "different_input_shapes" (rank 1 passes a longer sequence),
+        "different_input_dtypes" (rank 1 passes int32 tokens, the others int64),
         "different_rng" (dropout on, tensor ranks seeded differently).
     """
 
@@ -565,6 +569,8 @@ def _error(case: ErrorCase) -> dict[str, Any]:
         if case.kind == "different_input_shapes":
             long = torch.randint(0, VOCAB, (BATCH, 2 * SEQ), generator=torch.Generator().manual_seed(7))
             pm(long if rank == 1 else x)
+        if case.kind == "different_input_dtypes":
+            pm(x.int() if rank == 1 else x)
     except ValueError as e:
         return {"name": case.name, "rank": rank, "error": str(e)}
     return {"name": case.name, "rank": rank, "error": None}
@@ -573,7 +579,7 @@ def _error(case: ErrorCase) -> dict[str, Any]:
 # --- entry point -------------------------------------------------------------------------------------
 
 
-def run_cases(cases: list[Case | ErrorCase]) -> list[dict[str, Any]]:
+def run_cases(cases: list[Case | ErrorCase | LossScaleCase | CheckCostCase]) -> list[dict[str, Any]]:
     """Run every case on this rank, in order (all ranks run the same list).
 
     Returns:

@@ -139,7 +139,9 @@ class ParallelModule(nn.Module):
                                            check_rng=checking and self.training and self._dropout)
         with self.bind_groups():
             out = self.module(*args, **kwargs)
-        # 3. One loss per token group: the backward checks the gradient at the outputs.
+        if self._feed is not None:
+            self._feed.finish_checks()  # the token group's comparison ran alongside the forward
+        # 3. One loss per token group: the backward checks the gradient at the outputs (at its end).
         if self._feed is not None and checking and torch.is_grad_enabled():
             out = self._feed.watch_outputs(out)
         return out
