@@ -11,17 +11,18 @@ Per model, one ParallelModule whose `check_inputs` is switched on and off step b
 alternates each round), each step (zero_grad, forward, loss, backward with the gradient sync,
 AdamW step) between two barriers. Reported per model:
 
-    step on / off   median step ms with the checks on and off
+    step on / off   median step ms with the checks on and off (rank 0, between barriers)
     ratio           median over rounds of (on / off), the two steps of a round paired
-    checks          ms per checked step that rank 0's thread spends inside the check code, by check:
-                    the world shape check (ParallelModule._check_same_shapes), the token group's comparison
-                    of RNG digests (TokenGroupFeed._compare issues it, _judge_inputs waits and judges) and the
-                    output-gradient check (_check_grad issues it, _judge_grad waits and judges); medians
-                    over the timed steps. It includes any wait for a slower rank at the shape check's
-                    all-reduce, time that rank would otherwise wait at the graph's first collective: an
-                    upper bound of what the checks cost
+    checks          ms per checked step spent inside the check code, by check: the world shape check
+                    (ParallelModule._check_same_shapes), the token group's comparison of RNG digests
+                    (TokenGroupFeed._compare issues it, _judge_inputs waits and judges) and the output-gradient
+                    check (_check_grad issues it, _judge_grad waits and judges). Per step the least over the
+                    ranks: the rank that reached the shape check's all-reduce last waited for no one, so its
+                    time is the checks' own cost; then the median over steps
     share           checks / median step off (the target is <= 1 %)
-    pickles         torch.distributed.all_gather_object calls per checked step (the target is 0)
+    rank 0, share   the same at rank 0, including its waits for slower ranks at the shape check (time it
+                    would otherwise wait at the graph's first collective): an upper bound
+    pickles         torch.distributed.all_gather_object calls per checked step, any rank (the target is 0)
 
 Step times on a shared machine are noisy: a ratio within a few percent of 1.0 is noise; the
 "checks" column is the precise measure of the checks' own cost.
@@ -175,37 +176,46 @@ def run_rank(rounds: int) -> dict[str, Any] | None:
     for name, dropout in MODELS.items():
         pm, step = _build(dropout)
         results[name] = _time_rounds(pm, step, _Timers(pm), rounds)
-    return results if dist.get_rank() == 0 else None
+    return results
 
 
 # --- Summary --------------------------------------------------------------------------------------
 
 
-def summarize(rec: dict[str, list]) -> dict[str, Any]:
+def summarize(ranks: list[dict[str, list]]) -> dict[str, Any]:
+    """Step times of rank 0 (between barriers: the slowest rank's); check times per step at the rank that spent
+    least in each (it arrived last, so it waited for no one: the checks' own cost), and at rank 0."""
+    rec = ranks[0]
     on, off = statistics.median(rec["on_ms"]), statistics.median(rec["off_ms"])
-    checks = {k: statistics.median(c[k] for c in rec["in_place_ms"]) for k in CHECKS}
-    total = statistics.median(sum(c.values()) for c in rec["in_place_ms"])
+    steps = list(zip(*(r["in_place_ms"] for r in ranks)))  # per checked step, every rank's times
+    checks = {k: statistics.median(min(c[k] for c in step) for step in steps) for k in CHECKS}
+    total = statistics.median(min(sum(c.values()) for c in step) for step in steps)
+    rank0 = statistics.median(sum(c.values()) for c in rec["in_place_ms"])
     return {"on_ms": on, "off_ms": off,
             "ratio": statistics.median(a / b for a, b in zip(rec["on_ms"], rec["off_ms"])),
             "checks_ms": checks, "checks_total_ms": total, "share": total / off,
-            "pickles_per_step": max(rec["pickles"]) if rec["pickles"] else 0}
+            "rank0_checks_ms": rank0, "rank0_share": rank0 / off,
+            "pickles_per_step": max(max(r["pickles"], default=0) for r in ranks)}
 
 
 def print_table(summaries: dict[str, dict[str, Any]]) -> None:
-    print(f"{'model':<14} {'step on':>9} {'step off':>9} {'ratio':>7} {'checks':>8} {'share':>7} {'pickles':>8}")
+    print(f"{'model':<14} {'step on':>9} {'step off':>9} {'ratio':>7} {'checks':>8} {'share':>7} {'rank 0':>8} "
+          f"{'share':>7} {'pickles':>8}")
     for name, s in summaries.items():
         print(f"{name:<14} {s['on_ms']:>7.1f}ms {s['off_ms']:>7.1f}ms {s['ratio']:>7.3f} "
-              f"{s['checks_total_ms']:>6.2f}ms {s['share']:>7.2%} {s['pickles_per_step']:>8}")
+              f"{s['checks_total_ms']:>6.2f}ms {s['share']:>7.2%} {s['rank0_checks_ms']:>6.2f}ms "
+              f"{s['rank0_share']:>7.2%} {s['pickles_per_step']:>8}")
     for name, s in summaries.items():
         parts = ", ".join(f"{k} {s['checks_ms'][k]:.3f}" for k in CHECKS)
-        print(f"  {name}: ms per checked step: {parts}")
+        print(f"  {name}: ms per checked step (least over ranks): {parts}")
 
 
 def main() -> None:
     args = parse_args()
     load_before = os.getloadavg()
     t0 = time.perf_counter()
-    raw = tedfx.launch(run_rank, 4, args.rounds, backend="gloo", timeout=600)[0]
+    per_rank = tedfx.launch(run_rank, 4, args.rounds, backend="gloo", timeout=600)
+    raw = {name: [r[name] for r in per_rank] for name in MODELS}
     seconds = time.perf_counter() - t0
     summaries = {name: summarize(rec) for name, rec in raw.items()}
     print(f"4 ranks (gloo), T=2 X=2, demo MoE GPT; {args.rounds} rounds; {seconds:.0f} s")
