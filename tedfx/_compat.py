@@ -214,12 +214,13 @@ import torch.distributed as _dist  # noqa: E402
 _all_gather_single = getattr(_dist, "all_gather_single", None) or _dist.all_gather_into_tensor
 
 
-def all_gather_into(output: torch.Tensor, input: torch.Tensor, group=None) -> None:
+def all_gather_into(output: torch.Tensor, input: torch.Tensor, group=None, async_op: bool = False):
     """Gather every rank's `input` into `output` (concatenated along dim 0); `input` may be this rank's chunk of it.
 
     torch 2.13 renamed `all_gather_into_tensor` to `all_gather_single` (the old name warns).
+    Returns the work to wait on when `async_op`, else None.
     """
-    _all_gather_single(output, input, group=group)
+    return _all_gather_single(output, input, group=group, async_op=async_op)
 
 
 __all__ += ["all_gather_into"]

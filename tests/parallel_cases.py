@@ -16,6 +16,9 @@ Loss-scale cases train with gradient accumulation, `loss / M` over M micro-batch
 `tedfx.set_moe_loss_scale(pm, 1 / M)`, against the objective written out in
 tests/moe_reference.py over all X * D * M token groups of the step.
 
+Check-cost cases count, with spies on every collective function tedfx calls, what `check_inputs=True`
+adds to a training step and to a no-grad forward (docs/parallelism.md, "Cost of the checks").
+
 Error cases expect a ValueError raised on every rank before any rank can hang;
 they return its message. A parity case whose `parallelize` refuses the layout (its
 checks raise on every rank alike) returns the message too, so the other cases still
@@ -24,9 +27,11 @@ run. Anything else that goes wrong propagates, and the launch names the case.
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import time
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -34,6 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import tedfx
+from tedfx import _compat
 from tedfx.api import parallelize
 from tedfx.check import CollectiveOrderError
 from tedfx.moe.experts import ExpertWeights
@@ -57,7 +63,7 @@ from models import (
 )
 from moe_reference import reference_grads
 
-__all__ = ["Case", "ErrorCase", "LossScaleCase", "run_cases"]
+__all__ = ["Case", "CheckCostCase", "ErrorCase", "LossScaleCase", "run_cases"]
 
 BATCH, SEQ = 2, 8
 STEPS = 3
@@ -142,6 +148,7 @@ class ErrorCase:
     kind: "tensor_does_not_divide_world" (ParallelConfig(tensor=3) on a world not divisible by 3),
         "experts_do_not_divide" (num_experts=3 with expert=2), "different_weights" (rank 1
         perturbs one weight), "different_input_shapes" (rank 1 passes a longer sequence),
+        "different_input_dtypes" (rank 1 passes int32 tokens, the others int64),
         "different_rng" (dropout on, tensor ranks seeded differently).
     """
 
@@ -152,6 +159,18 @@ class ErrorCase:
     @property
     def name(self) -> str:
         return f"error-{self.kind}"
+
+
+@dataclass(frozen=True)
+class CheckCostCase:
+    """The collectives that `check_inputs=True` adds to a step on layout (T, X), dropout on (every check runs)."""
+
+    tensor: int
+    expert: int
+
+    @property
+    def name(self) -> str:
+        return f"check-cost-T{self.tensor}X{self.expert}"
 
 
 # --- models --------------------------------------------------------------------------------------
@@ -451,6 +470,78 @@ def _loss_scale(case: LossScaleCase) -> dict[str, Any]:
             "router_moe_loss_share": _max_abs(expected[router], without[router]) / float(expected[router].abs().max())}
 
 
+# --- the cost of the input checks ----------------------------------------------------------------------
+
+SPIED = {
+    dist: ("all_reduce", "all_gather", "all_gather_into_tensor", "all_gather_single", "all_gather_object",
+           "broadcast", "broadcast_object_list", "all_to_all_single", "reduce_scatter_tensor", "barrier"),
+    _compat: ("all_gather_into", "funcol_all_gather", "funcol_reduce_scatter"),
+    _compat.funcol: ("all_reduce", "all_gather_tensor", "broadcast", "all_to_all_single", "reduce_scatter_tensor"),
+}
+"""Every collective function tedfx calls, where it looks them up at call time (the module's attribute)."""
+
+
+@contextlib.contextmanager
+def _spy_collectives(calls: list[tuple[str, int, int]]) -> Iterator[None]:
+    """Append (function, ranks of its group, largest tensor argument in bytes) for each collective called."""
+    saved = [(module, name, getattr(module, name)) for module, names in SPIED.items() for name in names
+             if hasattr(module, name)]
+
+    def spy(name: str, fn: Callable) -> Callable:
+        def call(*args, **kwargs):
+            values = [*args, *kwargs.values()]
+            group = next((v for v in values if isinstance(v, dist.ProcessGroup)), None)
+            nbytes = max((v.numel() * v.element_size() for v in values if isinstance(v, torch.Tensor)), default=0)
+            calls.append((name, dist.get_world_size(group), nbytes))
+            return fn(*args, **kwargs)
+        return call
+
+    for module, name, fn in saved:
+        setattr(module, name, spy(name, fn))
+    try:
+        yield
+    finally:
+        for module, name, fn in saved:
+            setattr(module, name, fn)
+
+
+def _check_cost(case: CheckCostCase) -> dict[str, Any]:
+    """One training step and one no-grad forward with check_inputs on and off: the collectives the checks add."""
+    world = dist.get_world_size()
+    tokens, targets = _batches(world // case.tensor)
+    parallel = tedfx.ParallelConfig(tensor=case.tensor, expert=case.expert, timeout=TIMEOUT_S)
+    pm = parallelize(tiny_gpt(dropout=0.1)[0], (tokens[0],), moe=tedfx.MoEConfig(num_experts=4, top_k=2),
+                     parallel=parallel)
+    torch.manual_seed(0)  # the tensor ranks of a token group draw the same dropout masks
+    x, y = tokens[pm.data_parallel_rank], targets[pm.data_parallel_rank]
+
+    def train() -> None:
+        _loss(pm, x, y).backward()
+        pm.zero_grad(set_to_none=True)
+
+    def evaluate() -> None:
+        with torch.no_grad():
+            pm.eval()
+            pm(x)
+            pm.train()
+
+    out: dict[str, Any] = {"name": case.name, "rank": dist.get_rank()}
+    for name, step in (("train", train), ("eval", evaluate)):
+        step()  # first calls allocate; every step after a backward runs the replica check, on and off alike
+        counted = {}
+        for checking in (True, False):
+            pm.check_inputs = checking
+            counted[checking] = []
+            with _spy_collectives(counted[checking]):
+                step()
+        pm.check_inputs = True
+        extra = collections.Counter(counted[True])
+        extra.subtract(collections.Counter(counted[False]))
+        out[name] = {"extra": sorted(extra.elements()), "missing": sorted((-extra).elements()),
+                     "pickles": [c for c in counted[True] if c[0].endswith("_object")]}
+    return out
+
+
 # --- errors ------------------------------------------------------------------------------------------
 
 
@@ -478,6 +569,8 @@ def _error(case: ErrorCase) -> dict[str, Any]:
         if case.kind == "different_input_shapes":
             long = torch.randint(0, VOCAB, (BATCH, 2 * SEQ), generator=torch.Generator().manual_seed(7))
             pm(long if rank == 1 else x)
+        if case.kind == "different_input_dtypes":
+            pm(x.int() if rank == 1 else x)
     except ValueError as e:
         return {"name": case.name, "rank": rank, "error": str(e)}
     return {"name": case.name, "rank": rank, "error": None}
@@ -486,7 +579,7 @@ def _error(case: ErrorCase) -> dict[str, Any]:
 # --- entry point -------------------------------------------------------------------------------------
 
 
-def run_cases(cases: list[Case | ErrorCase]) -> list[dict[str, Any]]:
+def run_cases(cases: list[Case | ErrorCase | LossScaleCase | CheckCostCase]) -> list[dict[str, Any]]:
     """Run every case on this rank, in order (all ranks run the same list).
 
     Returns:
@@ -501,6 +594,8 @@ def run_cases(cases: list[Case | ErrorCase]) -> list[dict[str, Any]]:
                 result = _error(case)
             elif isinstance(case, LossScaleCase):
                 result = _loss_scale(case)
+            elif isinstance(case, CheckCostCase):
+                result = _check_cost(case)
             else:
                 result = _parity(case)
         except Exception as e:

@@ -23,7 +23,7 @@ import pytest
 
 from tedfx.runtime import launch
 
-from parallel_cases import Case, ErrorCase, LossScaleCase, run_cases
+from parallel_cases import Case, CheckCostCase, ErrorCase, LossScaleCase, run_cases
 
 LAUNCH_TIMEOUT_S = 60
 """Seconds a collective may block (and stragglers may lag) before the launch fails instead of hanging."""
@@ -58,7 +58,7 @@ def _zoo_cases(T: int, X: int) -> list[Case]:
     return [Case(model, T, X, top_k=2) for model in ZOO]
 
 
-WORLD_CASES: dict[int, list[Case | ErrorCase | LossScaleCase]] = {
+WORLD_CASES: dict[int, list[Case | ErrorCase | LossScaleCase | CheckCostCase]] = {
     2: [
         *_gpt_cases([(2, 1), (1, 2)]),
         *_zoo_cases(2, 1),
@@ -75,7 +75,9 @@ WORLD_CASES: dict[int, list[Case | ErrorCase | LossScaleCase]] = {
         *_zoo_cases(2, 2),
         ErrorCase("tensor_does_not_divide_world", tensor=3),
         ErrorCase("different_input_shapes", tensor=2),
+        ErrorCase("different_input_dtypes", tensor=2),
         ErrorCase("different_rng", tensor=2),
+        CheckCostCase(2, 2),
     ],
     8: [
         *_gpt_cases([(2, 2), (2, 4), (1, 2)]),
@@ -91,7 +93,10 @@ EXPECTED_ERRORS = {
     "experts_do_not_divide": r"MoEConfig\.num_experts=3 is not divisible by ParallelConfig\.expert=2",
     "different_weights": r"rank 1 holds different weights from rank 0 for \['h\.1\.attn\.c_proj\.weight'\]",
     "tensor_does_not_divide_world": r"world size 4 is not divisible by tensor \* expert = 3 \* 1 = 3",
-    "different_input_shapes": r"different input shapes .*rank 1: \[\(2, 16\)\]",
+    "different_input_shapes": r"different input shapes \(ranks 0, 2, 3: \[\(2, 8\)\]; rank 1: \[\(2, 16\)\]\)\. Every "
+                              r"rank must pass a micro-batch of the same shape",
+    "different_input_dtypes": r"inputs of different dtypes \(ranks 0, 2, 3: \[\(2, 8\) torch\.int64\]; rank 1: "
+                              r"\[\(2, 8\) torch\.int32\]\)",
     "different_rng": r"tensor-parallel ranks \[\d, \d\] hold different torch RNG states while dropout is on",
 }
 ERROR_WITHIN_S = 30.0
@@ -312,6 +317,23 @@ def test_bad_input_raises_on_every_rank(request, world, case):
         assert r["error"] is not None, f"rank {r['rank']}: no error raised"
         assert re.search(pattern, r["error"]), f"rank {r['rank']}: {r['error']!r} does not match {pattern!r}"
         assert r["seconds"] < ERROR_WITHIN_S, f"rank {r['rank']} took {r['seconds']:.1f} s to fail"
+
+
+def test_the_input_checks_are_a_few_small_tensor_collectives_and_no_pickle(request):
+    """check_inputs=True adds to a training step (T=2, X=2, dropout on) one all-reduce of 16 bytes over the world
+    (the input shapes and dtypes), one all-gather over "tp" of the RNG digests and one of the output gradient's
+    fingerprint (3 x 8 bytes per rank each), and no all_gather_object; to a no-grad forward only the all-reduce.
+    The loud path of the same check is test_bad_input_raises_on_every_rank's "different_input_*" cases."""
+    case = CheckCostCase(2, 2)
+    ranks = request.getfixturevalue("world_4")[case.name]
+    assert len(ranks) == 4
+    for r in ranks:
+        for step, expected in (("train", [(2, 48), (2, 48), (4, 16)]), ("eval", [(4, 16)])):
+            counted = r[step]
+            assert counted["pickles"] == [], f"rank {r['rank']} {step}: {counted['pickles']}"
+            assert counted["missing"] == [], f"rank {r['rank']} {step}: the checks removed {counted['missing']}"
+            assert sorted((size, nbytes) for _, size, nbytes in counted["extra"]) == expected, \
+                f"rank {r['rank']} {step}: the checks added {counted['extra']}"
 
 
 def test_a_missing_peer_fails_within_the_timeout_instead_of_hanging():

@@ -1,7 +1,8 @@
 """Runtime foundations: the TED layout, the launcher, and the counted collectives.
 
 Tier (a), no processes: Layout arithmetic against hand-written groups, error
-messages, axis binding and CommStats. Tier (b): one 4-rank gloo launch that checks
+messages, axis binding and CommStats, the input check's digests and messages (and
+its one collective, in a world of one). Tier (b): one 4-rank gloo launch that checks
 the mesh and every collective's forward and backward numerics and counts, plus small
 launches that fail on purpose (a raising rank, a dying rank, a hanging rank).
 """
@@ -20,6 +21,7 @@ from torch.utils.checkpoint import checkpoint
 from tedfx import collectives as C
 from tedfx.config import ParallelConfig
 from tedfx.runtime import LaunchError, Layout, RankError, TedMesh, launch
+from tedfx.runtime.input_check import check_same_inputs, different_inputs_message, input_signature, signature_digest
 from tedfx.runtime.mesh import GROUP_AXES
 
 # --- Layout (no processes) -------------------------------------------------------------------
@@ -155,6 +157,62 @@ def test_comm_stats_rows_and_phases():
     with pytest.raises(ValueError, match="unknown communication phase 'warmup'"):
         with C.comm_phase("warmup"):
             pass
+
+
+# --- The per-call input check (no processes, or a world of one) --------------------------------
+
+
+def _call(seq: int, dtype: torch.dtype = torch.long) -> tuple[tuple, dict]:
+    return (torch.zeros(2, seq, dtype=dtype),), {"mask": torch.ones(2, seq, dtype=torch.bool), "use_cache": False}
+
+
+def test_the_input_digest_is_the_same_in_every_process():
+    """Ranks compare digests, so one must not depend on the process (Python's hash() is salted per process)."""
+    signature = input_signature(*_call(8))
+    assert signature == (("torch.int64", (2, 8)), ("torch.bool", (2, 8)), None)
+    assert signature_digest(signature) == 4465784427454677050  # blake2b of the repr, fixed across runs
+    others = [_call(16), _call(8, torch.int32), ((torch.zeros(2, 8, dtype=torch.long),), {}),
+              ((torch.zeros(2, 8, dtype=torch.long), torch.zeros(1)), {})]
+    digests = {signature_digest(input_signature(*call)) for call in others}
+    assert len(digests) == len(others) and signature_digest(signature) not in digests
+    assert all(0 <= d < 2**62 for d in digests), "the negated digest must fit an int64"
+
+
+def test_different_inputs_are_named_by_rank_groups():
+    a, b = input_signature(*_call(8)), input_signature(*_call(16))
+    message = different_inputs_message({0: a, 1: b, 2: a, 3: a})
+    assert message.startswith("ranks called the ParallelModule with different input shapes (ranks 0, 2, 3: "
+                              "[(2, 8), (2, 8), None]; rank 1: [(2, 16), (2, 16), None]). Every rank must pass a "
+                              "micro-batch of the same shape")
+    c = input_signature(*_call(8, torch.int32))
+    message = different_inputs_message({r: c if r == 5 else a for r in range(8)})
+    assert message.startswith("ranks called the ParallelModule with inputs of different dtypes (ranks 0-4, 6, 7: "
+                              "[(2, 8) torch.int64, (2, 8) torch.bool, None]; rank 5: [(2, 8) torch.int32, "
+                              "(2, 8) torch.bool, None]). Every rank must pass inputs of the same dtypes")
+    many = different_inputs_message({r: input_signature(*_call(r + 1)) for r in range(12)})
+    assert "rank 7: [(2, 8), (2, 8), None]; and 4 more)" in many
+
+
+def test_the_input_check_of_a_call_is_one_small_all_reduce_and_no_pickle(monkeypatch):
+    calls = []
+
+    def spy(name: str):
+        fn = getattr(dist, name)
+
+        def call(first, *args, **kwargs):
+            calls.append((name, first.numel() * first.element_size() if isinstance(first, torch.Tensor) else None))
+            return fn(first, *args, **kwargs)
+        return call
+
+    for name in ("all_reduce", "all_gather_object", "all_gather", "broadcast"):
+        monkeypatch.setattr(dist, name, spy(name))
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        for seq in (8, 8, 16):
+            check_same_inputs(*_call(seq), device=torch.device("cpu"))
+    finally:
+        dist.destroy_process_group()
+    assert calls == [("all_reduce", 16)] * 3
 
 
 # --- Launch under torchrun: in-process (no spawn) ----------------------------------------------

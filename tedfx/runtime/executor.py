@@ -18,7 +18,6 @@ import torch.distributed as dist
 from torch import nn
 
 from .. import collectives, rng
-from .._compat import pytree
 from ..capture import DROPOUT_P_META
 from ..config import ParallelConfig
 from ..moe.routing import moe_losses
@@ -26,6 +25,7 @@ from ..sharding import ParamShard, unshard_tensor
 from ..signature import bind_call
 from .grad_norm import clip_coefficient, global_grad_norm
 from .grad_sync import GradSync
+from .input_check import check_same_inputs
 from .mesh import TedMesh
 from .precision import cast_inputs_and_outputs, compute_dtype
 from .replicas import ReplicaCheck
@@ -65,9 +65,10 @@ class ParallelModule(nn.Module):
             shards: {state-dict key: ParamShard} of gm.
             parallel: the ParallelConfig gm was built for.
             sync_params: (name, parameter, data-parallel axis) of every parameter, for the gradient sync.
-            check_inputs: check on every call that all ranks pass the same input shapes, and within the
-                token group the RNG states (while dropout is on), the inputs ("verify" mode) and the
-                gradient at the outputs.
+            check_inputs: check on every call that all ranks pass the same input shapes and dtypes, and within
+                the token group the RNG states (while dropout is on), the inputs ("verify" mode) and the
+                gradient at the outputs: a few small tensor collectives per step, no pickle unless a check
+                fails (docs/parallelism.md, "Cost of the checks").
         """
         super().__init__()
         self.module = gm
@@ -81,6 +82,8 @@ class ParallelModule(nn.Module):
         self._feed = TokenGroupFeed(self.token_group, mesh.group("tp"), mesh.rank, parallel.token_group_inputs) \
             if parallel.tensor > 1 else None
         self._stats = collectives.CommStats()
+        self._check_device = torch.device("cuda", torch.cuda.current_device()) \
+            if dist.get_backend() == "nccl" else torch.device("cpu")
         world = mesh.layout.world_size
         self._grad_sync = GradSync(sync_params, mesh.groups(), world // parallel.tensor,
                                    parallel.bucket_mb, self._stats)
@@ -136,7 +139,9 @@ class ParallelModule(nn.Module):
                                            check_rng=checking and self.training and self._dropout)
         with self.bind_groups():
             out = self.module(*args, **kwargs)
-        # 3. One loss per token group: the backward checks the gradient at the outputs.
+        if self._feed is not None:
+            self._feed.finish_checks()  # the token group's comparison ran alongside the forward
+        # 3. One loss per token group: the backward checks the gradient at the outputs (at its end).
         if self._feed is not None and checking and torch.is_grad_enabled():
             out = self._feed.watch_outputs(out)
         return out
@@ -230,18 +235,11 @@ class ParallelModule(nn.Module):
         return out
 
     def _check_same_shapes(self, args: tuple, kwargs: dict) -> None:
-        """Every rank must call with the same input shapes: the all-to-alls exchange equal buffers."""
-        shapes = [tuple(x.shape) if isinstance(x, torch.Tensor) else None for x in pytree.tree_leaves((args, kwargs))]
-        everyone: list[Any] = [None] * self.mesh.layout.world_size
-        dist.all_gather_object(everyone, shapes)
-        bad = [r for r, s in enumerate(everyone) if s != shapes]
-        if bad:
-            detail = "; ".join(f"rank {r}: {everyone[r]}" for r in [self.mesh.rank, *bad])
-            raise ValueError(
-                f"ranks called the ParallelModule with different input shapes ({detail}). Every rank must "
-                f"pass a micro-batch of the same shape (the expert all-to-alls exchange equal-size buffers); "
-                f"pad or drop the last batch."
-            )
+        """Every rank must call with the same input shapes and dtypes: the all-to-alls exchange equal buffers.
+
+        One all-reduce of 16 bytes over the world; a pickle only when the ranks differ (tedfx.runtime.input_check).
+        """
+        check_same_inputs(args, kwargs, device=self._check_device)
 
 
 def _check_replicas_once_per_step(pm: ParallelModule, args: tuple) -> None:

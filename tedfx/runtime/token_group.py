@@ -18,6 +18,16 @@ is on, and the input checksums in "verify" mode (and of inputs that require grad
 which are never overwritten). In the backward, the gradient that reaches the
 module's outputs is compared too: it differs when the tensor ranks compute the
 loss from different targets, which no input broadcast can repair.
+
+These comparisons guard against silent divergence, not against a hang (the
+world-wide shape check ran before, tedfx.runtime.input_check), so they need not
+block: each all-gather of a few bytes is issued asynchronously and waited for
+at the end of the same forward (`finish_checks`) or backward (a callback of the
+autograd engine), and its latency hides behind the model's compute
+(docs/parallelism.md, "Cost of the checks"). Every rank of the token group
+receives the same rows, so all of them raise the same error, in the same
+forward or backward as before. Only a failing "verify" comparison gathers
+Python objects, to name the inputs that differ.
 """
 
 from __future__ import annotations
@@ -72,9 +82,13 @@ class TokenGroupFeed:
         self.group, self.process_group, self.rank, self.mode = group, process_group, rank, mode
         self.device = torch.device("cuda", torch.cuda.current_device()) \
             if dist.get_backend(process_group) == "nccl" else torch.device("cpu")
+        self._pending: Callable[[], None] | None = None
 
     def feed(self, args: tuple, kwargs: dict, *, check: bool, check_rng: bool) -> tuple[tuple, dict]:
-        """The inputs this rank must run: the source's in "broadcast" mode; checked as `check`/`check_rng` ask."""
+        """The inputs this rank must run: the source's in "broadcast" mode; checked as `check`/`check_rng` ask.
+
+        The comparison is issued here and judged by `finish_checks()`, which the caller runs after the forward.
+        """
         leaves, spec = pytree.tree_flatten((args, kwargs))
         tensors = [i for i, x in enumerate(leaves) if isinstance(x, torch.Tensor)]
         # Inputs that require grad are never overwritten (their gradient belongs to the caller): verified instead.
@@ -85,8 +99,14 @@ class TokenGroupFeed:
                 leaves[i] = t
         if verified or check_rng:
             names = _leaf_names(args, kwargs)
-            self._compare([leaves[i] for i in verified], [names[i] for i in verified], check_rng)
+            self._pending = self._compare([leaves[i] for i in verified], [names[i] for i in verified], check_rng)
         return pytree.tree_unflatten(leaves, spec)
+
+    def finish_checks(self) -> None:
+        """Wait for the comparison the last `feed` issued, if any, and raise its error on every rank alike."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending()
 
     def broadcast(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
         """The source rank's `tensors` on every rank of the token group (same shapes needed); one call per dtype."""
@@ -114,16 +134,29 @@ class TokenGroupFeed:
 
     # --- checks ---------------------------------------------------------------------------------------
 
-    def _gather(self, row: torch.Tensor) -> list[list]:
-        """Every rank's `row` (a small 1-d tensor), in token-group order."""
-        out = _compat.wait_collective(_compat.funcol_all_gather(row.to(self.device), 0, self.process_group))
-        return out.view(len(self.group.ranks), -1).tolist()
+    def _gather(self, row: torch.Tensor) -> Callable[[], list[list]]:
+        """Start gathering every rank's `row` (a small 1-d tensor); the returned function waits and gives the rows,
+        in token-group order. A plain c10d all-gather: the checks never run under tracing, and eager funcol adds
+        its own overhead to a collective of a few bytes."""
+        row = row.to(self.device)
+        out = torch.empty(len(self.group.ranks) * row.numel(), dtype=row.dtype, device=self.device)
+        work = _compat.all_gather_into(out, row, self.process_group, async_op=True)
 
-    def _compare(self, tensors: list[torch.Tensor], names: list[str], check_rng: bool) -> None:
+        def rows() -> list[list]:
+            work.wait()
+            return out.view(len(self.group.ranks), -1).tolist()
+        return rows
+
+    def _compare(self, tensors: list[torch.Tensor], names: list[str], check_rng: bool) -> Callable[[], None]:
+        """Issue the comparison of RNG digests and input checksums; the returned function judges it."""
         sums = [_checksum(t) for t in tensors]
         row = torch.tensor([*(_rng_digests() if check_rng else (0, 0)), _digest(repr(sums).encode())])
         rows = self._gather(row)
-        ranks = self.group.ranks
+        return lambda: self._judge_inputs(rows, sums, names)
+
+    def _judge_inputs(self, pending: Callable[[], list[list]], sums: list, names: list[str]) -> None:
+        """Wait for the rows `_compare` gathers and raise if the token group's ranks differ."""
+        rows, ranks = pending(), self.group.ranks
         bad_rng = [(ranks[j], which) for j, r in enumerate(rows) for k, which in enumerate(("CPU", "CUDA"))
                    if r[k] != rows[0][k]]
         if bad_rng:
@@ -146,7 +179,13 @@ class TokenGroupFeed:
                 f"let ParallelConfig(token_group_inputs='broadcast') send the first rank's.")
 
     def _check_grad(self, grad: torch.Tensor) -> None:
+        """Issue the comparison of the gradient at an output; the end of this backward judges it."""
         rows = self._gather(_grad_fingerprint(grad))
+        _compat.queue_backward_callback(lambda: self._judge_grad(rows))
+
+    def _judge_grad(self, pending: Callable[[], list[list]]) -> None:
+        """Wait for the fingerprints `_check_grad` gathers and raise if the token group's ranks differ."""
+        rows = pending()
         scale = max(r[2] for r in rows)
         for j, r in enumerate(rows):
             if any(abs(r[k] - rows[0][k]) > GRAD_RTOL * scale for k in (0, 1)):
