@@ -126,10 +126,10 @@ def test_the_checkpoint_holds_to_moe_keys_and_each_replicated_tensor_once(world_
     written: dict[str, int] = {}
     for index in md.storage_data:
         written[index.fqn] = written.get(index.fqn, 0) + 1
-    assert written["model.transformer.ln_f.weight"] == 1  # replicated on 4 ranks, written by one
-    assert written["model.transformer.h.0.attn.c_attn.weight"] == 6  # q, k and v, each in 2 tensor slices
+    assert written["model.ln_f.weight"] == 1  # replicated on 4 ranks, written by one
+    assert written["model.h.0.attn.c_attn.weight"] == 6  # q, k and v, each in 2 tensor slices
     bf16 = dcp.FileSystemReader(root / "bf16").read_metadata()
-    assert "optim.state.transformer.h.0.attn.c_attn.weight.master" in bf16.state_dict_metadata
+    assert "optim.state.h.0.attn.c_attn.weight.master" in bf16.state_dict_metadata
 
 
 _models: dict[str, nn.Module] = {}
