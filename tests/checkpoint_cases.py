@@ -111,7 +111,8 @@ def _resume(root: Path, name: str, make_opt, **options: Any) -> dict[str, Any]:
     return {"identical": _same(straight, resumed), "losses_identical": straight_losses[5:] == resumed_losses,
             "masters_identical": len(masters) == len(resumed_masters) and
             all(torch.equal(a, b) for a, b in zip(masters, resumed_masters)), "masters": len(masters),
-            "extra": extra, "generator_restored": generator_restored, "straight": straight, "at_5": at_5, "trained": _max_diff(at_5, straight)}
+            "extra": extra, "generator_restored": generator_restored, "straight": straight, "at_5": at_5,
+            "trained": _max_diff(at_5, straight)}
 
 
 def _reshard(root: Path, straight: dict[str, torch.Tensor]) -> dict[str, Any]:

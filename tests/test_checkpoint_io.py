@@ -22,8 +22,9 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 
 import tedfx
-from tedfx.checkpoint_io import CheckpointError, _Placement, _range_boxes, _row_major_boxes
+from tedfx.checkpoint_io import CheckpointError
 from tedfx.runtime import launch
+from tedfx.runtime.checkpoint_state import Placement, range_boxes, row_major_boxes
 from tedfx.sharding import ParamShard, shard_tensor
 
 from checkpoint_cases import GLOBAL_BATCH, MOE, SEQ, batches, run_checkpoints, train
@@ -44,7 +45,7 @@ def test_a_range_of_entries_is_cut_into_contiguous_boxes_that_tile_it(shape):
     for start in range(numel):
         for stop in range(start, numel + 1):
             covered = []
-            for first, offsets, sizes in _row_major_boxes(start, stop, shape):
+            for first, offsets, sizes in row_major_boxes(start, stop, shape):
                 region = full[tuple(slice(o, o + s) for o, s in zip(offsets, sizes))]
                 expected = torch.arange(first, first + region.numel()).view(sizes)
                 assert torch.equal(region, expected), (start, stop, offsets, sizes)  # contiguous, in order
@@ -67,13 +68,13 @@ def test_boxes_of_a_shard_and_of_its_slices_are_where_the_full_tensor_holds_them
         for x in range(2):
             coords = {"tp": t, "ep": x, "edp": 0}
             local = shard_tensor(full, spec, coords, sizes)
-            placement = _Placement({spec.name: spec}, coords, sizes)
+            placement = Placement({spec.name: spec}, coords, sizes)
             runs = placement.runs(spec)
             n = local.numel()
             # The whole shard, and a few ranges of its entries as ZeRO-1 slices or tiles hold them.
             for start, stop in [(0, n), (1, n - 3), (n // 3, n // 2), (5, 6)]:
                 values = local.reshape(-1)[start:stop].clone()
-                boxes = _range_boxes(values, start, stop, tuple(local.shape), runs)
+                boxes = range_boxes(values, start, stop, tuple(local.shape), runs)
                 assert sum(v.numel() for _, v in boxes) == stop - start
                 for offsets, view in boxes:
                     region = full[tuple(slice(o, o + s) for o, s in zip(offsets, view.shape))]
