@@ -32,6 +32,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import shutil
 import uuid
 from pathlib import Path
@@ -93,7 +94,8 @@ def _info(target: nn.Module, module: nn.Module, optimizer: torch.optim.Optimizer
             "world_size": dist.get_world_size() if _distributed() else 1,
             "layout": {"data": layout.data, "expert": layout.expert, "tensor": layout.tensor} if layout else None,
             "parallel": _config_json(parallel), "moe": _config_json(_moe_config(module)),
-            "optimizer": type(optimizer).__name__ if optimizer is not None else None}
+            "optimizer": type(optimizer).__name__ if optimizer is not None else None,
+            "param_groups": len(optimizer.param_groups) if optimizer is not None else None}
 
 
 def _check_compatible(info: dict[str, Any], metadata: Metadata, target: nn.Module, module: nn.Module,
@@ -130,7 +132,12 @@ def _check_compatible(info: dict[str, Any], metadata: Metadata, target: nn.Modul
     if wrong:
         raise CheckpointError(f"the checkpoint {path} holds tensors of other shapes: {'; '.join(wrong[:5])}.")
     if optimizer is not None and "optim.param_groups" not in md:
-        raise CheckpointError(f"the checkpoint {path} was saved without an optimizer: call tedfx.load without one.")
+        raise CheckpointError(f"the checkpoint {path} was saved without an optimizer: call tedfx.load(dir, pm) "
+                              f"without one, then build the optimizer (its fp32 master weights start from the "
+                              f"weights it is built on).")
+    if optimizer is not None and info.get("param_groups") != len(optimizer.param_groups):
+        raise CheckpointError(f"the checkpoint's optimizer has {info.get('param_groups')} parameter groups, this one "
+                              f"{len(optimizer.param_groups)}: build it with the same groups.")
 
 
 # --- RNG states --------------------------------------------------------------------------------------
@@ -203,9 +210,9 @@ def _commit(path: Path, staging: Path, info: dict[str, Any]) -> None:
     os.replace(link, path)  # readers see the previous checkpoint or this one, never neither
     _fsync_dir(path.parent)
     # What a killed save left behind (recognisably incomplete: no COMPLETE marker) and the previous data.
-    for stale in path.parent.glob(f"{path.name}.*-*"):
-        kind = stale.name.removeprefix(f"{path.name}.").partition("-")[0]
-        if stale != data and kind in ("tmp", "data", "link"):
+    ours = re.compile(rf"{re.escape(path.name)}\.(tmp|data|link)-[0-9a-f]{{{len(token)}}}")
+    for stale in path.parent.iterdir():
+        if stale != data and ours.fullmatch(stale.name):
             shutil.rmtree(stale) if stale.is_dir() and not stale.is_symlink() else stale.unlink()
 
 
@@ -217,8 +224,8 @@ def _complete_checkpoint(dir: str | os.PathLike) -> Path:
     if not (real / COMPLETE_FILE).exists():
         raise CheckpointError(
             f"{path} is an incomplete checkpoint: it has no {COMPLETE_FILE} marker, so the save that wrote it "
-            f"stopped before every rank had finished. Load the checkpoint it was to replace (the same path "
-            f"without the '.tmp-...' suffix) instead.")
+            f"stopped before every rank had finished (or tedfx.save did not write it). Load the checkpoint it was "
+            f"to replace (the same path without the '.tmp-...' suffix) instead.")
     return real
 
 

@@ -351,12 +351,12 @@ def optimizer_placeholders(optimizer: torch.optim.Optimizer, module: nn.Module, 
         entries["optim.loss_scaler"] = None
 
     def install(loaded: dict[str, Any]) -> None:
-        groups = loaded["optim.param_groups"]
-        if len(groups) != len(optimizer.param_groups):
-            raise CheckpointError(f"the checkpoint's optimizer has {len(groups)} parameter groups, this one "
-                                  f"{len(optimizer.param_groups)}.")
+        groups = loaded["optim.param_groups"]  # as many as the optimizer's (checked before loading)
         by_optimizer: dict[int, tuple[torch.optim.Optimizer, dict[int, dict[str, Any]]]] = {}
         for slot, state in wanted:
+            if slot.master is not None and "master" not in saved_names.get(slot.name, []):
+                # Saved without fp32 masters (by an fp32 or plain module): they start from the loaded weights.
+                slot.master.copy_(slot.param.detach().reshape(-1)[slot.start:slot.stop])
             # Shared entries (scalars such as step) are copied: torch steps each state's own tensor in place.
             values = {n: (loaded[v].clone() if isinstance(loaded[v], torch.Tensor) else loaded[v])
                       if isinstance(v, str) else v for n, v in state.items()}
