@@ -9,10 +9,10 @@ aux or z loss, so the step does not depend on how the batch is cut into token gr
     resume_fp32    (T, X, D) = (2, 2, 1), torch AdamW on pm.parameters(): 10 steps straight against
                    5 steps, tedfx.save, new module and optimizer, tedfx.load, 5 steps: bit for bit.
     resume_bf16    the same with tedfx.optimizer, bf16 (fp32 master weights), ZeRO-1, tiled.
-    reshard_141    the fp32 checkpoint loaded into (1, 4, 1) with tedfx.optimizer, ZeRO-1, tiled (each
-                   rank's slices cut across parameters); saved again there at step 5; 5 steps.
-    reshard_212    that second checkpoint (saved from ZeRO-1 slices) loaded into (2, 1, 2) with torch
-                   AdamW; 5 steps. Both against the straight fp32 run.
+    reshard        the fp32 checkpoint loaded into (1, 4, 1) with tedfx.optimizer, ZeRO-1, tiled (each
+                   rank's slices cut across parameters), saved again there at step 5, 5 steps; and
+                   loaded into (2, 1, 2) with ZeRO-1 over "dp" and "edp", 5 steps. Both against the
+                   straight fp32 run.
 """
 
 from __future__ import annotations
@@ -116,19 +116,20 @@ def _resume(root: Path, name: str, make_opt, **options: Any) -> dict[str, Any]:
 
 
 def _reshard(root: Path, straight: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """The (2, 2, 1) torch AdamW checkpoint at step 5 continued on (1, 4, 1) and on (2, 1, 2), ZeRO-1 both."""
     steps = batches()
-    pm = _parallelize(1, 4, zero=1)
+    pm = _parallelize(1, 4, zero=1)  # "dp" slices over 4 ranks, tiled
     opt = _ted_adamw(pm)
     tedfx.load(root / "fp32", pm, opt)
-    tedfx.save(root / "fp32_141_zero1", pm, opt, step=5)
+    tedfx.save(root / "fp32_141_zero1", pm, opt, step=5)  # saved from slices: the single-process test loads it
     _run(pm, opt, steps[5:])
     out = {"diff_141": _max_diff(pm.full_state_dict(), straight)}
-    pm = _parallelize(2, 1)
-    opt = _torch_adamw(pm)
-    tedfx.load(root / "fp32_141_zero1", pm, opt)
+    pm = _parallelize(2, 1, zero=1)  # "dp" and "edp" slices over 2 ranks each, untiled
+    opt = tedfx.optimizer(pm, torch.optim.AdamW, lr=LR, eps=ADAM_EPS)
+    tedfx.load(root / "fp32", pm, opt)
     _run(pm, opt, steps[5:])
     out["diff_212"] = _max_diff(pm.full_state_dict(), straight)
-    out["step_state_212"] = sorted({float(s["step"]) for s in opt.state.values()})
+    out["steps_212"] = sorted({float(s["step"]) for t in opt.tiles for s in t.optimizer.state.values()})
     return out
 
 

@@ -109,8 +109,8 @@ def test_a_checkpoint_reshards_into_other_layouts_and_zero1_slices(world_4):
     for r in world_4[1]:
         reshard = r["reshard"]
         assert reshard["diff_141"] < RESHARD_TOL, reshard  # (2, 2, 1) torch AdamW -> (1, 4, 1) ZeRO-1 tiled
-        assert reshard["diff_212"] < RESHARD_TOL, reshard  # (1, 4, 1) ZeRO-1 slices -> (2, 1, 2) torch AdamW
-        assert reshard["step_state_212"] == [10.0]  # the step counter came through: 5 + 5
+        assert reshard["diff_212"] < RESHARD_TOL, reshard  # (2, 2, 1) torch AdamW -> (2, 1, 2) ZeRO-1
+        assert reshard["steps_212"] == [10.0]  # the step counter came through: 5 + 5
 
 
 def test_the_checkpoint_holds_to_moe_keys_and_each_replicated_tensor_once(world_4):
@@ -150,13 +150,15 @@ def _single_process_models() -> dict[str, nn.Module]:
 
 
 def test_the_single_process_model_loads_a_parallel_checkpoint_and_trains_on(world_4):
+    """The checkpoint (1, 4, 1) saved from ZeRO-1 slices and tiles, into the whole model and a torch AdamW."""
     root, per_rank = world_4
     model = _single_process_models()["moe"]
     opt = torch.optim.AdamW(model.parameters(), lr=LR, eps=ADAM_EPS)
-    extra = tedfx.load(root / "fp32", model, opt)  # no process group here
-    assert extra["step"] == 5
+    extra = tedfx.load(root / "fp32_141_zero1", model, opt)  # no process group here
+    assert extra == {"step": 5}
     at_5 = per_rank[0]["at_5_fp32"]
     assert all(torch.equal(t, at_5[k]) for k, t in model.state_dict().items())
+    assert len(opt.state) == len(list(model.parameters())) and {float(s["step"]) for s in opt.state.values()} == {5.0}
     train(model, opt, batches()[5:])
     straight = per_rank[0]["straight_fp32"]
     diff = max(float((t - straight[k]).abs().max()) for k, t in model.state_dict().items())
