@@ -113,12 +113,12 @@ def _check_compatible(info: dict[str, Any], metadata: Metadata, target: nn.Modul
             if saved.get(name) != here.get(name) and "<callable>" not in (saved.get(name), here.get(name))]
     if diff:
         raise CheckpointError(f"the checkpoint {path} was saved with another MoEConfig ({'; '.join(diff)}). Only the "
-                              f"layout may change between save and load.")
+                              f"layout and the runtime options may change between save and load.")
     if isinstance(target, ParallelModule) and info["parallel"] is not None:
         was, now = info["parallel"]["precision"], target.parallel.precision
         if was != now:
             raise CheckpointError(f"the checkpoint {path} was saved with ParallelConfig.precision={was!r}, this "
-                                  f"module has precision={now!r}. Only the layout may change between save and load.")
+                                  f"module has precision={now!r}: the 16-bit weights and their fp32 masters load together.")
     md = metadata.state_dict_metadata
     saved_shapes = {k.removeprefix("model."): tuple(m.size) for k, m in md.items()
                     if k.startswith("model.") and not isinstance(m, BytesStorageMetadata)}
