@@ -118,7 +118,8 @@ def _check_compatible(info: dict[str, Any], metadata: Metadata, target: nn.Modul
         was, now = info["parallel"]["precision"], target.parallel.precision
         if was != now:
             raise CheckpointError(f"the checkpoint {path} was saved with ParallelConfig.precision={was!r}, this "
-                                  f"module has precision={now!r}: the 16-bit weights and their fp32 masters load together.")
+                                  f"module has precision={now!r}: 16-bit weights and their fp32 masters load "
+                                  f"together.")
     md = metadata.state_dict_metadata
     saved_shapes = {k.removeprefix("model."): tuple(m.size) for k, m in md.items()
                     if k.startswith("model.") and not isinstance(m, BytesStorageMetadata)}
