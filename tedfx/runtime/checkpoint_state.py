@@ -38,8 +38,12 @@ from ..sharding import ParamShard
 from .executor import ParallelModule
 from .optimizer import TedOptimizer
 
-__all__ = ["Boxes", "CheckpointError", "LoadPlanner", "Placement", "SavePlanner", "model_entries",
+__all__ = ["Boxes", "CheckpointError", "LoadPlanner", "Placement", "Runs", "SavePlanner", "model_entries",
            "optimizer_entries", "optimizer_placeholders", "place", "range_boxes", "row_major_boxes"]
+
+
+Runs = list[list[tuple[int, int, int]]]
+"""Per dim of a rank's shard: (local start, length, start in the full tensor) of each contiguous run."""
 
 
 class CheckpointError(ValueError):
@@ -68,7 +72,7 @@ class Placement:
     def spec(self, key: str, local: torch.Tensor) -> ParamShard:
         return self.shards.get(key) or ParamShard(key, (), None, tuple(local.shape))
 
-    def runs(self, spec: ParamShard) -> list[list[tuple[int, int, int]]]:
+    def runs(self, spec: ParamShard) -> Runs:
         """Per dim: (local start, length, full start) of each contiguous run of this rank's shard."""
         axis_of_dim: dict[int, str] = {}
         for axis, dim in spec.splits:
@@ -94,8 +98,7 @@ class Placement:
         return runs
 
 
-def place(box: torch.Tensor, offsets: tuple[int, ...], runs: list[list[tuple[int, int, int]]]
-           ) -> list[tuple[tuple[int, ...], torch.Tensor]]:
+def place(box: torch.Tensor, offsets: tuple[int, ...], runs: Runs) -> list[tuple[tuple[int, ...], torch.Tensor]]:
     """A box of the local shard (a view starting at `offsets`) as boxes of the full tensor: (offsets, view)."""
     placed: list[tuple[tuple[int, ...], torch.Tensor]] = [((), box)]
     for dim, (lo, dim_runs) in enumerate(zip(offsets, runs)):
@@ -111,7 +114,7 @@ def place(box: torch.Tensor, offsets: tuple[int, ...], runs: list[list[tuple[int
 
 
 def row_major_boxes(start: int, stop: int, shape: tuple[int, ...]
-                     ) -> list[tuple[int, tuple[int, ...], tuple[int, ...]]]:
+                    ) -> list[tuple[int, tuple[int, ...], tuple[int, ...]]]:
     """Entries [start, stop) of a row-major tensor of `shape` as boxes contiguous in memory: (first, offsets, sizes).
 
     A partial first row, a block of whole rows, a partial last row; partial rows recursively.
@@ -141,7 +144,7 @@ def row_major_boxes(start: int, stop: int, shape: tuple[int, ...]
 
 
 def range_boxes(values: torch.Tensor, start: int, stop: int, local_shape: tuple[int, ...],
-                 runs: list[list[tuple[int, int, int]]]) -> list[tuple[tuple[int, ...], torch.Tensor]]:
+                 runs: Runs) -> list[tuple[tuple[int, ...], torch.Tensor]]:
     """Boxes of the full tensor for `values`, the entries [start, stop) of this rank's flattened shard."""
     flat = values.view(-1)
     boxes = []
@@ -263,7 +266,7 @@ def _slots(optimizer: torch.optim.Optimizer, names: dict[int, str]) -> list[_Slo
     return slots
 
 
-def _slot_boxes(slot: _Slot, values: torch.Tensor, runs: list[list[tuple[int, int, int]]]
+def _slot_boxes(slot: _Slot, values: torch.Tensor, runs: Runs
                 ) -> list[tuple[tuple[int, ...], torch.Tensor]]:
     """Boxes of the parameter's full tensor for elementwise state `values` of the slot."""
     if slot.flat:
