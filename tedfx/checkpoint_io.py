@@ -44,13 +44,12 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata
 
+from ._compat import BoxLoadPlanner, BoxSavePlanner
 from .config import MoEConfig
 from .moe.routing import Router
 from .runtime.checkpoint_state import (
     CheckpointError,
-    LoadPlanner,
     Placement,
-    SavePlanner,
     model_entries,
     optimizer_entries,
     optimizer_placeholders,
@@ -286,7 +285,7 @@ def save(dir: str | os.PathLike, pm: nn.Module, optimizer: torch.optim.Optimizer
     state.update({f"extra.{name}": value for name, value in extra.items()})
     # 2. DCP writes every box once, into the staging directory.
     staging = _staging_dir(path)
-    _quiet_dcp(dcp.save, state, checkpoint_id=staging, planner=SavePlanner())
+    _quiet_dcp(dcp.save, state, checkpoint_id=staging, planner=BoxSavePlanner())
     # 3. Commit on rank 0 after every rank has written (DCP's save ends with rank 0 writing its metadata).
     if rank == 0:
         _commit(path, staging, _info(pm, module, optimizer))
@@ -337,7 +336,7 @@ def load(dir: str | os.PathLike, pm: nn.Module, optimizer: torch.optim.Optimizer
         if key.startswith("extra."):
             state[key] = None if isinstance(saved, BytesStorageMetadata) else \
                 torch.empty(saved.size, dtype=saved.properties.dtype)
-    planner = LoadPlanner()
+    planner = BoxLoadPlanner()
     _quiet_dcp(dcp.load, state, checkpoint_id=path, planner=planner)
     loaded = planner.state_dict
     if install is not None:

@@ -33,7 +33,7 @@ from parallel_cases import ADAM_EPS, LR
 
 LAUNCH_TIMEOUT_S = 120
 RESHARD_TOL = 1e-5
-"""Weights after 5 more steps on another layout against the straight run (measured: below 2e-8)."""
+"""Weights after 5 more steps on another layout against the straight run (measured: 8e-9 to 3e-8)."""
 
 # --- tier (a): boxes --------------------------------------------------------------------------------------
 
@@ -162,6 +162,7 @@ def test_the_single_process_model_loads_a_parallel_checkpoint_and_trains_on(worl
     train(model, opt, batches()[5:])
     straight = per_rank[0]["straight_fp32"]
     diff = max(float((t - straight[k]).abs().max()) for k, t in model.state_dict().items())
+    print(f"single process, 5 steps after loading: max |weight - straight run| = {diff:.1e}")
     assert diff < RESHARD_TOL
 
 

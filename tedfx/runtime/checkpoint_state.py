@@ -9,8 +9,8 @@ entries here are views of its own tensors, each described as boxes of the full t
   cut into row-major boxes, each contiguous in memory (`row_major_boxes`), then placed like a shard.
 
 `Boxes` hands them to DCP through its checkpointable protocol (the one DTensor implements), and
-`SavePlanner` / `LoadPlanner` are DCP's default planners taught to look boxes up. Replicas of a box
-carry the same (key, offsets), so DCP's save planner keeps one writer per box.
+DCP's default planners, taught to look boxes up (tedfx._compat: BoxSavePlanner, BoxLoadPlanner), read and
+write them. Replicas of a box carry the same (key, offsets), so DCP's save planner keeps one writer per box.
 
 Optimizer state is keyed by parameter name (`optim.state.<param>.<name>`): elementwise state is split
 like its parameter, whatever the optimizer's own slicing; scalars (AdamW's step) are replicated.
@@ -24,7 +24,6 @@ from typing import Any, Callable
 
 import torch
 from torch import nn
-from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, DefaultSavePlanner
 from torch.distributed.checkpoint.metadata import (
     BytesStorageMetadata,
     ChunkStorageMetadata,
@@ -38,7 +37,7 @@ from ..sharding import ParamShard
 from .executor import ParallelModule
 from .optimizer import TedOptimizer
 
-__all__ = ["Boxes", "CheckpointError", "LoadPlanner", "Placement", "Runs", "SavePlanner", "model_entries",
+__all__ = ["Boxes", "CheckpointError", "Placement", "Runs", "model_entries",
            "optimizer_entries", "optimizer_placeholders", "place", "range_boxes", "row_major_boxes"]
 
 
@@ -184,36 +183,6 @@ class Boxes:
     @staticmethod
     def _chunk(offsets: tuple[int, ...], view: torch.Tensor) -> ChunkStorageMetadata:
         return ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=view.shape)
-
-
-class SavePlanner(DefaultSavePlanner):
-    """DCP's default save planner on a flat state dict (a list or dict value is one pickled entry); a Boxes
-    entry hands over the box a write item names."""
-
-    def __init__(self) -> None:
-        super().__init__(flatten_state_dict=False, flatten_sharded_tensors=False)
-
-    def lookup_object(self, index: MetadataIndex) -> Any:
-        entry = self.state_dict[index.fqn]
-        return entry.__get_tensor_shard__(index) if isinstance(entry, Boxes) else super().lookup_object(index)
-
-
-class LoadPlanner(DefaultLoadPlanner):
-    """DCP's default load planner on a flat state dict, reading straight into the boxes' views."""
-
-    def __init__(self) -> None:
-        super().__init__(flatten_state_dict=False, flatten_sharded_tensors=False)
-
-    def set_up_planner(self, state_dict: dict[str, Any], metadata: Metadata | None = None,
-                       is_coordinator: bool = False) -> None:
-        # The default first materialises meta tensors, which replaces objects it does not know with None.
-        self.original_state_dict = self.state_dict = state_dict
-        self.metadata = metadata
-        self.is_coordinator = is_coordinator
-
-    def lookup_tensor(self, index: MetadataIndex) -> torch.Tensor:
-        entry = self.state_dict[index.fqn]
-        return entry.__get_tensor_shard__(index) if isinstance(entry, Boxes) else super().lookup_tensor(index)
 
 
 def model_entries(module: nn.Module, placement: Placement) -> dict[str, Any]:
