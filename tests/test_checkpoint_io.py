@@ -150,13 +150,18 @@ def _single_process_models() -> dict[str, nn.Module]:
 
 
 def test_the_single_process_model_loads_a_parallel_checkpoint_and_trains_on(world_4):
-    """The checkpoint (1, 4, 1) saved from ZeRO-1 slices and tiles, into the whole model and a torch AdamW."""
+    """The (2, 2, 1) checkpoint into the whole model; the one (1, 4, 1) saved from ZeRO-1 slices and tiles, into
+    the whole model and a torch AdamW, which trains on."""
     root, per_rank = world_4
-    model = _single_process_models()["moe"]
-    opt = torch.optim.AdamW(model.parameters(), lr=LR, eps=ADAM_EPS)
-    extra = tedfx.load(root / "fp32_141_zero1", model, opt)  # no process group here
-    assert extra == {"step": 5}
     at_5 = per_rank[0]["at_5_fp32"]
+    model = _single_process_models()["moe"]
+    assert tedfx.load(root / "fp32", model)["step"] == 5  # no process group here
+    assert all(torch.equal(t, at_5[k]) for k, t in model.state_dict().items())
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+    opt = torch.optim.AdamW(model.parameters(), lr=LR, eps=ADAM_EPS)
+    assert tedfx.load(root / "fp32_141_zero1", model, opt) == {"step": 5}
     assert all(torch.equal(t, at_5[k]) for k, t in model.state_dict().items())
     assert len(opt.state) == len(list(model.parameters())) and {float(s["step"]) for s in opt.state.values()} == {5.0}
     train(model, opt, batches()[5:])

@@ -19,6 +19,7 @@ like its parameter, whatever the optimizer's own slicing; scalars (AdamW's step)
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, Callable
 
@@ -277,8 +278,12 @@ def optimizer_entries(optimizer: torch.optim.Optimizer, module: nn.Module, place
 
 
 def optimizer_placeholders(optimizer: torch.optim.Optimizer, module: nn.Module, placement: Placement,
-                            metadata: Metadata, entries: dict[str, Any]) -> Callable[[dict[str, Any]], None]:
-    """Entries to load the optimizer's state into; returns what installs them once DCP has read them."""
+                           metadata: Metadata, entries: dict[str, Any]) -> Callable[[dict[str, Any]], None]:
+    """Add to `entries` what the optimizer's saved state loads into; returns what installs it once DCP has read it.
+
+    Per slot (a whole parameter, or a ZeRO-1 slice or tile of one): fresh tensors for its elementwise state,
+    described as the boxes it covers; the fp32 masters are read in place; scalars (step) are shared entries.
+    """
     names = {id(p): n for n, p in module.named_parameters()}
     md = metadata.state_dict_metadata
     saved_names: dict[str, list[str]] = {}
@@ -287,69 +292,78 @@ def optimizer_placeholders(optimizer: torch.optim.Optimizer, module: nn.Module, 
             param, _, state_name = key.removeprefix("optim.state.").rpartition(".")
             saved_names.setdefault(param, []).append(state_name)
     boxes: dict[str, tuple[tuple[int, ...], list]] = {}
-    wanted: list[tuple[_Slot, dict[str, Any]]] = []  # per slot: {state name: tensor, or the key of a shared one}
-    for slot in _slots(optimizer, names):
-        spec = placement.spec(slot.name, slot.param)
-        state: dict[str, Any] = {}
-        for state_name in saved_names.get(slot.name, []):
-            key = f"optim.state.{slot.name}.{state_name}"
-            saved = md[key]
-            if state_name == "master":
-                if slot.master is not None:  # read straight into the fp32 master entries
-                    boxes.setdefault(key, (spec.full_shape, []))[1].extend(
-                        _slot_boxes(slot, slot.master, placement.runs(spec)))
-                continue
-            if isinstance(saved, BytesStorageMetadata) or len(saved.size) == 0:
-                entries.setdefault(key, None if isinstance(saved, BytesStorageMetadata) else
-                                   torch.empty((), dtype=saved.properties.dtype))
-                state[state_name] = key
-            elif tuple(saved.size) == spec.full_shape and slot.param.dim() > 0:
-                values = torch.empty(slot.stop - slot.start if slot.flat else slot.param.shape,
-                                     dtype=saved.properties.dtype, device=slot.param.device)
-                boxes.setdefault(key, (spec.full_shape, []))[1].extend(
-                    _slot_boxes(slot, values, placement.runs(spec)))
-                state[state_name] = values
-            elif not spec.splits and not slot.flat:
-                entries[key] = torch.empty(saved.size, dtype=saved.properties.dtype, device=slot.param.device)
-                state[state_name] = key
-            else:
-                raise CheckpointError(f"optimizer state {key} has shape {tuple(saved.size)}, neither a scalar nor "
-                                      f"the shape {spec.full_shape} of {slot.name}.")
-        wanted.append((slot, state))
+    wanted = [_Wanted(slot, _slot_placeholders(slot, placement, md, saved_names.get(slot.name, []), entries, boxes),
+                      slot.master is not None and "master" not in saved_names.get(slot.name, []))
+              for slot in _slots(optimizer, names)]
     for key, (full_shape, key_boxes) in boxes.items():
         entries[key] = Boxes(full_shape, key_boxes)
     entries["optim.param_groups"] = None
     if "optim.loss_scaler" in md:
         entries["optim.loss_scaler"] = None
+    return functools.partial(_install, optimizer, wanted)
 
-    def install(loaded: dict[str, Any]) -> None:
-        groups = loaded["optim.param_groups"]  # as many as the optimizer's (checked before loading)
-        by_optimizer: dict[int, tuple[torch.optim.Optimizer, dict[int, dict[str, Any]]]] = {}
-        for slot, state in wanted:
-            if slot.master is not None and "master" not in saved_names.get(slot.name, []):
-                # Saved without fp32 masters (by an fp32 or plain module): they start from the loaded weights.
-                slot.master.copy_(slot.param.detach().reshape(-1)[slot.start:slot.stop])
-            # Shared entries (scalars such as step) are copied: torch steps each state's own tensor in place.
-            values = {n: (loaded[v].clone() if isinstance(loaded[v], torch.Tensor) else loaded[v])
-                      if isinstance(v, str) else v for n, v in state.items()}
-            if values:
-                by_optimizer.setdefault(id(slot.optimizer), (slot.optimizer, {}))[1][id(slot.key)] = values
-        hyper = [{k: v for k, v in g.items() if k != "params"} for g in groups]
-        targets = {id(t.optimizer): t.optimizer for t in optimizer.tiles} if isinstance(optimizer, TedOptimizer) \
-            else {id(optimizer): optimizer}
-        for torch_opt in targets.values():
-            state = by_optimizer.get(id(torch_opt), (None, {}))[1]
-            current = torch_opt.state_dict()
-            params = [p for g in torch_opt.param_groups for p in g["params"]]
-            current["state"] = {i: state[id(p)] for i, p in enumerate(params) if id(p) in state}
-            # A tile's torch optimizer has one group, with the hyperparameters of tedfx.optimizer's only group.
-            tile_hyper = hyper if torch_opt is optimizer else [hyper[0]] * len(current["param_groups"])
-            for g, saved in zip(current["param_groups"], tile_hyper):
-                g.update(saved)
-            torch_opt.load_state_dict(current)
-        if isinstance(optimizer, TedOptimizer):
-            optimizer.param_groups[0].update(hyper[0])
-            if optimizer.loss_scaler is not None and loaded.get("optim.loss_scaler") is not None:
-                optimizer.loss_scaler.load_state_dict(loaded["optim.loss_scaler"])
 
-    return install
+@dataclasses.dataclass
+class _Wanted:
+    slot: _Slot
+    state: dict[str, Any]
+    """{state name: its tensor, or the key of an entry shared by the parameter's slots (scalars, pickled state)}."""
+    masters_from_weights: bool
+    """The checkpoint has no fp32 masters for this slot (saved in fp32 or from a plain module)."""
+
+
+def _slot_placeholders(slot: _Slot, placement: Placement, md: dict[str, Any], state_names: list[str],
+                       entries: dict[str, Any], boxes: dict[str, tuple[tuple[int, ...], list]]) -> dict[str, Any]:
+    spec = placement.spec(slot.name, slot.param)
+    state: dict[str, Any] = {}
+    for state_name in state_names:
+        key = f"optim.state.{slot.name}.{state_name}"
+        saved = md[key]
+        if state_name == "master":
+            if slot.master is not None:  # read straight into the fp32 master entries
+                boxes.setdefault(key, (spec.full_shape, []))[1].extend(
+                    _slot_boxes(slot, slot.master, placement.runs(spec)))
+        elif isinstance(saved, BytesStorageMetadata) or len(saved.size) == 0:
+            entries.setdefault(key, None if isinstance(saved, BytesStorageMetadata) else
+                               torch.empty((), dtype=saved.properties.dtype))
+            state[state_name] = key
+        elif tuple(saved.size) == spec.full_shape and slot.param.dim() > 0:
+            values = torch.empty(slot.stop - slot.start if slot.flat else slot.param.shape,
+                                 dtype=saved.properties.dtype, device=slot.param.device)
+            boxes.setdefault(key, (spec.full_shape, []))[1].extend(_slot_boxes(slot, values, placement.runs(spec)))
+            state[state_name] = values
+        elif not spec.splits and not slot.flat:
+            entries[key] = torch.empty(saved.size, dtype=saved.properties.dtype, device=slot.param.device)
+            state[state_name] = key
+        else:
+            raise CheckpointError(f"optimizer state {key} has shape {tuple(saved.size)}, neither a scalar nor "
+                                  f"the shape {spec.full_shape} of {slot.name}.")
+    return state
+
+
+def _install(optimizer: torch.optim.Optimizer, wanted: list[_Wanted], loaded: dict[str, Any]) -> None:
+    """Give the loaded state to each torch optimizer (tedfx.optimizer's tiles, or the optimizer): load_state_dict."""
+    by_key: dict[int, dict[str, Any]] = {}
+    for w in wanted:
+        if w.masters_from_weights:
+            w.slot.master.copy_(w.slot.param.detach().reshape(-1)[w.slot.start:w.slot.stop])
+        # Shared entries are copied: torch steps each state's own tensor (e.g. step) in place.
+        values = {n: (loaded[v].clone() if isinstance(loaded[v], torch.Tensor) else loaded[v]) if isinstance(v, str)
+                  else v for n, v in w.state.items()}
+        if values:
+            by_key[id(w.slot.key)] = values
+    hyper = [{k: v for k, v in g.items() if k != "params"} for g in loaded["optim.param_groups"]]
+    torch_optimizers = [t.optimizer for t in optimizer.tiles] if isinstance(optimizer, TedOptimizer) else [optimizer]
+    for torch_opt in torch_optimizers:
+        current = torch_opt.state_dict()
+        params = [p for g in torch_opt.param_groups for p in g["params"]]
+        current["state"] = {i: by_key[id(p)] for i, p in enumerate(params) if id(p) in by_key}
+        # A tile's torch optimizer has one group, with the hyperparameters of tedfx.optimizer's only group.
+        group_hyper = hyper if torch_opt is optimizer else [hyper[0]] * len(current["param_groups"])
+        for group, saved in zip(current["param_groups"], group_hyper):
+            group.update(saved)
+        torch_opt.load_state_dict(current)
+    if isinstance(optimizer, TedOptimizer):
+        optimizer.param_groups[0].update(hyper[0])
+        if optimizer.loss_scaler is not None and loaded.get("optim.loss_scaler") is not None:
+            optimizer.loss_scaler.load_state_dict(loaded["optim.loss_scaler"])
