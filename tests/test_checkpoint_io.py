@@ -239,3 +239,12 @@ def test_save_refuses_to_replace_a_directory_it_did_not_write(tmp_path):
     (tmp_path / "fresh").mkdir()
     tedfx.save(tmp_path / "fresh", nn.Linear(2, 2))
     assert (tmp_path / "fresh").is_symlink() and (tmp_path / "fresh" / "COMPLETE").exists()
+
+
+def test_plain_dcp_reads_the_weights_of_a_checkpoint(tmp_path):
+    model, other = nn.Linear(3, 5), nn.Linear(3, 5)
+    tedfx.save(tmp_path / "ckpt", model, step=1)
+    state = {"model": other.state_dict()}
+    dcp.load(state, checkpoint_id=tmp_path / "ckpt", no_dist=True)
+    other.load_state_dict(state["model"])
+    assert torch.equal(other.weight, model.weight) and torch.equal(other.bias, model.bias)
