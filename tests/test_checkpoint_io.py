@@ -241,6 +241,7 @@ def test_save_refuses_to_replace_a_directory_it_did_not_write(tmp_path):
     assert (tmp_path / "fresh").is_symlink() and (tmp_path / "fresh" / "COMPLETE").exists()
 
 
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")  # DCP's note that it runs in one process
 def test_plain_dcp_reads_the_weights_of_a_checkpoint(tmp_path):
     model, other = nn.Linear(3, 5), nn.Linear(3, 5)
     tedfx.save(tmp_path / "ckpt", model, step=1)
