@@ -7,6 +7,7 @@
 
     pm = tedfx.parallelize(model, (tokens,), moe=moe, parallel=tedfx.ParallelConfig(tensor=2, expert=2))
     opt = tedfx.optimizer(pm, torch.optim.AdamW, lr=3e-4)   # master weights, ZeRO-1, tiled step, clipping
+    tedfx.save("ckpt", pm, opt, step=step); extra = tedfx.load("ckpt", pm, opt)   # any layout loads it
     compiled = torch.compile(model, backend="tedfx", options={"moe": moe, "parallel": parallel})
 
 The doors are in tedfx.api; docs/architecture.md says which module does what.
@@ -25,6 +26,7 @@ from .api import (
 )
 from .capture import CaptureError, TedGraphModule, capture
 from .check import CollectiveOrderError
+from .checkpoint_io import CheckpointError, load, save
 from .config import LossScaleConfig, MoEConfig, ParallelConfig
 from .export import ExportError, export_hf
 from .released import ReleasedParameterError
@@ -36,6 +38,7 @@ from .runtime.replicas import ReplicaDivergenceError
 
 __all__ = [
     "CaptureError",
+    "CheckpointError",
     "CollectiveOrderError",
     "ExportError",
     "LaunchError",
@@ -58,9 +61,11 @@ __all__ = [
     "export_hf",
     "init_distributed",
     "launch",
+    "load",
     "moe_losses",
     "optimizer",
     "parallelize",
+    "save",
     "set_moe_loss_scale",
     "to_moe",
 ]

@@ -232,3 +232,46 @@ def initialized_cuda_devices() -> list[int]:
 
 
 __all__ += ["initialized_cuda_devices"]
+
+
+# --- torch.distributed.checkpoint (DCP) planners for boxes -------------------------------------------
+# tedfx.runtime.checkpoint_state hands DCP each rank's tensors as objects that implement DCP's
+# checkpointable protocol (`__create_write_items__`, `__create_chunk_list__`, `__get_tensor_shard__`:
+# what DTensor implements, torch/distributed/_checkpointable.py). DCP plans with the protocol by
+# itself; these planners look the objects up for the reads and writes it planned, on flat state dicts.
+
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, DefaultSavePlanner  # noqa: E402
+
+
+class BoxSavePlanner(DefaultSavePlanner):
+    """DCP's default save planner on a flat state dict (a list or dict value is one pickled entry)."""
+
+    def __init__(self) -> None:
+        super().__init__(flatten_state_dict=False, flatten_sharded_tensors=False)
+
+    def lookup_object(self, index):
+        entry = self.state_dict[index.fqn]
+        return entry.__get_tensor_shard__(index) if hasattr(entry, "__get_tensor_shard__") else \
+            super().lookup_object(index)
+
+
+class BoxLoadPlanner(DefaultLoadPlanner):
+    """DCP's default load planner on a flat state dict, reading straight into the objects' views."""
+
+    def __init__(self) -> None:
+        super().__init__(flatten_state_dict=False, flatten_sharded_tensors=False)
+
+    def set_up_planner(self, state_dict, metadata=None, is_coordinator: bool = False) -> None:
+        # The default first materialises meta tensors, and in doing so replaces any object it does not
+        # know (ours) with None; every tensor here is real already.
+        self.original_state_dict = self.state_dict = state_dict
+        self.metadata = metadata
+        self.is_coordinator = is_coordinator
+
+    def lookup_tensor(self, index):
+        entry = self.state_dict[index.fqn]
+        return entry.__get_tensor_shard__(index) if hasattr(entry, "__get_tensor_shard__") else \
+            super().lookup_tensor(index)
+
+
+__all__ += ["BoxLoadPlanner", "BoxSavePlanner"]

@@ -10,7 +10,10 @@
 
 The doors only orchestrate: capture and passes live in tedfx.pipeline, the
 per-rank executor in tedfx.runtime, predictions in tedfx.predict, the
-torch.compile backend in tedfx.backend (docs/architecture.md).
+torch.compile backend in tedfx.backend (docs/architecture.md). What trains and
+keeps a converted model has its own modules: `tedfx.optimizer` in
+tedfx.runtime.optimizer, `tedfx.save` / `tedfx.load` in tedfx.checkpoint_io
+(docs/checkpoints.md).
 """
 
 from __future__ import annotations
