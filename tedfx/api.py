@@ -25,7 +25,7 @@ import torch.distributed as dist
 from torch import nn
 
 from . import _compat, backend, pipeline
-from .capture import TedGraphModule
+from .capture import TedGraphModule, record_dense_config
 from .check import check_layout, check_live_ranks
 from .collectives import CommCall
 from .config import MoEConfig, ParallelConfig
@@ -78,6 +78,7 @@ def to_moe(
     gm, ctx = pipeline.build_moe_graph(model, example_inputs, moe=moe, example_kwargs=example_kwargs, debug=debug)
     if debug:
         gm.meta["tedfx_dumps"] = list(ctx.dumps)
+    record_dense_config(gm, model)
     return gm
 
 
@@ -173,6 +174,7 @@ def build_parallel_module(
                          example_kwargs=example_kwargs)
     if share_model_tensors:
         pipeline.adopt_model_tensors(gm, model)
+    record_dense_config(gm, model)
     return ParallelModule(gm, mesh, pipeline.param_shards(gm, ctx), parallel, pipeline.grad_sync_params(gm),
                           check_inputs)
 

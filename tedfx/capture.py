@@ -24,12 +24,23 @@ from ._compat import export_dim_auto, is_symbolic, pytree
 from .rng import ATTENTION_OPS, DROPOUT_OPS
 from .signature import CALL_META, CallSignature, bind_call
 
-__all__ = ["CaptureError", "DROPOUT_P_META", "TedGraphModule", "capture", "notice_once", "own_tensors"]
+__all__ = ["CaptureError", "DENSE_CONFIG_META", "DROPOUT_P_META", "TedGraphModule", "capture", "notice_once",
+           "own_tensors", "record_dense_config"]
 
 log = logging.getLogger(__name__)
 
 DROPOUT_P_META = "tedfx_dropout_p"
 """node.meta key on attention nodes: the dropout probability captured in train mode (eval sets it to 0)."""
+
+DENSE_CONFIG_META = "tedfx_dense_config"
+"""GraphModule.meta key: the dense model's `config.to_dict()` (Hugging Face models), for export and checkpoints."""
+
+
+def record_dense_config(gm: fx.GraphModule, model: nn.Module) -> None:
+    """Keep the dense model's configuration, when it has a Hugging Face-style one, on its converted graph."""
+    config = getattr(model, "config", None)
+    if callable(getattr(config, "to_dict", None)):
+        gm.meta[DENSE_CONFIG_META] = config.to_dict()
 
 
 class CaptureError(RuntimeError):

@@ -46,6 +46,7 @@ from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata
 
 from ._compat import BoxLoadPlanner, BoxSavePlanner
 from .config import MoEConfig
+from .export import ExportError, dense_config_of, moe_layout
 from .moe.routing import Router
 from .runtime.checkpoint_state import (
     CheckpointError,
@@ -56,7 +57,7 @@ from .runtime.checkpoint_state import (
 )
 from .runtime.executor import ParallelModule
 
-__all__ = ["CheckpointError", "load", "save"]
+__all__ = ["CheckpointError", "load", "read_model_state", "save"]
 
 FORMAT_VERSION = 1
 INFO_FILE = "tedfx.json"
@@ -94,7 +95,16 @@ def _info(target: nn.Module, module: nn.Module, optimizer: torch.optim.Optimizer
             "layout": {"data": layout.data, "expert": layout.expert, "tensor": layout.tensor} if layout else None,
             "parallel": _config_json(parallel), "moe": _config_json(_moe_config(module)),
             "optimizer": type(optimizer).__name__ if optimizer is not None else None,
-            "param_groups": len(optimizer.param_groups) if optimizer is not None else None}
+            "param_groups": len(optimizer.param_groups) if optimizer is not None else None,
+            # What `tedfx export` needs to write the model for other tools without the model's code.
+            "moe_layout": _moe_layout_or_none(target), "dense_config": dense_config_of(target)}
+
+
+def _moe_layout_or_none(module: nn.Module) -> dict[str, Any] | None:
+    try:
+        return moe_layout(module)
+    except ExportError:  # a module without MoE blocks saves and loads all the same
+        return None
 
 
 def _check_compatible(info: dict[str, Any], metadata: Metadata, target: nn.Module, module: nn.Module,
@@ -198,7 +208,7 @@ def _fsync_dir(path: Path) -> None:
 
 def _commit(path: Path, staging: Path, info: dict[str, Any]) -> None:
     """Step 3, on rank 0 once every rank has written: marker last, then one atomic rename of a link."""
-    _write_synced(staging / INFO_FILE, json.dumps(info, indent=1))
+    _write_synced(staging / INFO_FILE, json.dumps(info, indent=1, default=str))
     _write_synced(staging / COMPLETE_FILE, "every rank finished writing this checkpoint\n")
     token = staging.name.rpartition(".tmp-")[2]
     data = path.with_name(f"{path.name}.data-{token}")
@@ -347,3 +357,19 @@ def load(dir: str | os.PathLike, pm: nn.Module, optimizer: torch.optim.Optimizer
         elif torch.cuda.is_available():
             torch.cuda.set_rng_state(loaded[key])
     return {key.removeprefix("extra."): loaded[key] for key in md if key.startswith("extra.")}
+
+
+def read_model_state(dir: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The whole model of a checkpoint, unsharded, in this process (no process group, no model code needed).
+
+    Returns:
+        ({to_moe state-dict key: tensor}, the checkpoint's tedfx.json), e.g. for `tedfx export`.
+    """
+    path = _complete_checkpoint(dir)
+    info = json.loads((path / INFO_FILE).read_text())
+    md = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
+    state = {key: torch.empty(saved.size, dtype=saved.properties.dtype) for key, saved in md.items()
+             if key.startswith("model.") and not isinstance(saved, BytesStorageMetadata)}
+    _quiet_dcp(dcp.load, state, checkpoint_id=path)
+    return {key.removeprefix("model."): t for key, t in state.items()}, info
+

@@ -1,10 +1,11 @@
-"""The `tedfx` command: `tedfx demo` and `tedfx inspect`.
+"""The `tedfx` command: `tedfx demo`, `tedfx inspect` and `tedfx export`.
 
     tedfx demo                      # MoE GPT learns English on the CPU, about two minutes
     tedfx demo --quick --json m.json
     tedfx inspect tedfx.models.nanogpt:demo_model --experts 8 --top-k 2
     tedfx inspect tedfx.models.nanogpt:demo_model --tensor 2 --expert 2 --world-size 4 -o report.html
     tedfx inspect tedfx.models.nanogpt:demo_model --tensor 2 --expert 2 --world-size 8 --check
+    tedfx export ckpt --to hf mixtral-out
 """
 
 from __future__ import annotations
@@ -68,6 +69,18 @@ def build_parser() -> argparse.ArgumentParser:
                          help="build every rank's graph of the layout and check that each process group's "
                               "members issue the same collectives in the same order (no processes started)")
     inspect.set_defaults(func=_cmd_inspect)
+
+    export = sub.add_parser(
+        "export", help="write a checkpoint's model for other tools (Hugging Face Mixtral, or a state dict)",
+        description="Read the model of a tedfx.save checkpoint (any layout) and write it to OUT: a Hugging Face "
+                    "MixtralForCausalLM checkpoint for an upcycled Llama- or Mistral-family model, otherwise its "
+                    "state dict (model.safetensors) and tedfx_moe.json. Example: tedfx export ckpt --to hf out")
+    export.add_argument("checkpoint", metavar="DIR", help="a checkpoint written by tedfx.save")
+    export.add_argument("--to", choices=("hf",), required=True, help="the format to write (hf: Hugging Face)")
+    export.add_argument("output", metavar="OUT", help="the folder to write")
+    export.add_argument("--config", default=None, metavar="PATH",
+                        help="the dense model's Hugging Face config.json (default: the one the checkpoint keeps)")
+    export.set_defaults(func=_cmd_export)
     return parser
 
 
@@ -222,6 +235,37 @@ def _parse_layers(text: str) -> Any:
         return [int(part) for part in text.split(",") if part.strip()]
     except ValueError:
         raise UsageError(f'--layers {text!r}: expected "all", "every_other" or FFN indices like 1,3') from None
+
+
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from tedfx.checkpoint_io import CheckpointError, read_model_state
+    from tedfx.export import ExportError, write_export
+
+    try:
+        state, info = read_model_state(args.checkpoint)
+    except (FileNotFoundError, CheckpointError) as e:
+        raise UsageError(str(e)) from None
+    if info.get("moe_layout") is None:
+        raise UsageError(f"{args.checkpoint} holds no MoE model (or was saved by a tedfx that did not record its "
+                         f"MoE layout): export the model with tedfx.export_hf instead.")
+    config = info.get("dense_config")
+    if args.config is not None:
+        try:
+            config = json.loads(Path(args.config).read_text())
+        except (OSError, ValueError) as e:
+            raise UsageError(f"--config {args.config}: {e}") from None
+    try:
+        out = write_export(state, info["moe_layout"], config, Path(args.output))
+    except ExportError as e:
+        raise UsageError(str(e)) from None
+    kind = "MixtralForCausalLM" if (out / "config.json").exists() else "state dict and tedfx_moe.json"
+    print(f"wrote {out} ({kind})")
+    return 0
 
 
 if __name__ == "__main__":

@@ -23,13 +23,15 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+import torch.fx as fx
 from torch import nn
 
+from .capture import DENSE_CONFIG_META
 from .moe.routing import Router
 from .passes.graph import Role, moe_blocks
 from .runtime.executor import ParallelModule
 
-__all__ = ["ExportError", "MOE_NOTE", "export_hf", "moe_layout"]
+__all__ = ["ExportError", "MOE_NOTE", "dense_config_of", "export_hf", "moe_layout", "write_export"]
 
 MOE_NOTE = "tedfx_moe.json"
 """The file that describes the MoE blocks of an exported state dict."""
@@ -47,10 +49,10 @@ class ExportError(ValueError):
 
 
 def moe_layout(module: nn.Module) -> dict[str, Any]:
-    """Where the MoE blocks of a converted model are and how they route: {path: {...}} plus the MoEConfig."""
+    """Where the MoE blocks of a converted model are and how they route: {"blocks": {path: {...}}, "moe": {...}}."""
     graph_module = module.graph if isinstance(module, ParallelModule) else module
-    blocks = moe_blocks(graph_module.graph)
-    routers = {name.removesuffix(".router"): m for name, m in graph_module.named_modules() if isinstance(m, Router)}
+    blocks = moe_blocks(graph_module.graph) if isinstance(graph_module, fx.GraphModule) else {}
+    routers = [m for m in graph_module.modules() if isinstance(m, Router)]
     if not blocks or not routers:
         raise ExportError(f"{type(module).__name__} holds no MoE block: export takes what tedfx.to_moe or "
                           f"tedfx.parallelize returned.")
@@ -59,9 +61,15 @@ def moe_layout(module: nn.Module) -> dict[str, Any]:
         fc1 = roles[Role.EXPERT_FC1]
         out[path] = {"activation": fc1.kwargs.get("activation"), "glu": "w3" in roles,
                      "bias": any(b in roles for b in ("b1", "b2", "b3"))}
-    moe = next(iter(routers.values())).moe
+    moe = routers[0].moe
     config = {f: getattr(moe, f) for f in moe.__dataclass_fields__ if not callable(getattr(moe, f))}
     return {"blocks": out, "moe": config}
+
+
+def dense_config_of(module: nn.Module) -> dict[str, Any] | None:
+    """The dense model's Hugging Face config (as a dict) that tedfx kept when it converted `module`, if any."""
+    graph_module = module.graph if isinstance(module, ParallelModule) else module
+    return getattr(graph_module, "meta", {}).get(DENSE_CONFIG_META)
 
 
 def export_hf(module: nn.Module, out_dir: str | Path, *, dense_config: Any = None) -> Path | None:
@@ -71,9 +79,10 @@ def export_hf(module: nn.Module, out_dir: str | Path, *, dense_config: Any = Non
         module: what `tedfx.to_moe` returned, or a ParallelModule (then call this on every rank:
             the unsharded weights are gathered, rank 0 writes).
         out_dir: the folder to write (created).
-        dense_config: the `transformers` config of the dense model the MoE model was built from
-            (`model.config`). With a Llama- or Mistral-family config: a MixtralForCausalLM checkpoint.
-            None or another family: the state dict as `model.safetensors` and `tedfx_moe.json`.
+        dense_config: the `transformers` config of the dense model (or its dict); None: the one tedfx
+            kept when it converted a Hugging Face model. A Llama- or Mistral-family config gives a
+            MixtralForCausalLM checkpoint; no config or another family, the state dict as
+            `model.safetensors` and `tedfx_moe.json`.
 
     Returns:
         out_dir on the rank that wrote it, None on the others.
@@ -84,7 +93,7 @@ def export_hf(module: nn.Module, out_dir: str | Path, *, dense_config: Any = Non
 
     Example:
         >>> moe_model = tedfx.to_moe(llama, (tokens,), moe=tedfx.MoEConfig(num_experts=8, top_k=2))
-        >>> tedfx.export_hf(moe_model, "mixtral-8x", dense_config=llama.config)
+        >>> tedfx.export_hf(moe_model, "mixtral-8x")
         >>> transformers.MixtralForCausalLM.from_pretrained("mixtral-8x")
     """
     layout = moe_layout(module)
@@ -92,16 +101,23 @@ def export_hf(module: nn.Module, out_dir: str | Path, *, dense_config: Any = Non
     state = module.full_state_dict() if parallel else {k: v.detach() for k, v in module.state_dict().items()}
     if parallel and dist.get_rank() != 0:
         return None
-    out = Path(out_dir)
+    return write_export(state, layout, dense_config if dense_config is not None else dense_config_of(module),
+                        Path(out_dir))
+
+
+def write_export(state: dict[str, torch.Tensor], layout: dict[str, Any], dense_config: Any, out: Path) -> Path:
+    """`export_hf`'s writing step, from an unsharded state dict and the `moe_layout` (e.g. read from a checkpoint)."""
+    config = dense_config.to_dict() if callable(getattr(dense_config, "to_dict", None)) else dense_config
     out.mkdir(parents=True, exist_ok=True)
-    if getattr(dense_config, "model_type", None) in _MIXTRAL_SOURCES:
-        _write_mixtral(state, layout, dense_config, out)
+    if config is not None and config.get("model_type") in _MIXTRAL_SOURCES:
+        _write_mixtral(state, layout, config, out)
     else:
-        _write_state_dict(state, layout, dense_config, out)
+        _write_state_dict(state, layout, config, out)
     return out
 
 
-def _write_state_dict(state: dict[str, torch.Tensor], layout: dict[str, Any], dense_config: Any, out: Path) -> None:
+def _write_state_dict(state: dict[str, torch.Tensor], layout: dict[str, Any], config: dict | None,
+                      out: Path) -> None:
     from safetensors.torch import save_file
 
     # safetensors refuses tensors that share memory (a tied embedding and head): write each once.
@@ -116,20 +132,19 @@ def _write_state_dict(state: dict[str, torch.Tensor], layout: dict[str, Any], de
         unique[name] = t.contiguous()
     save_file(unique, str(out / "model.safetensors"))
     note = {**layout, "aliases": aliases, "state_dict_keys": "those of tedfx.to_moe (docs/moe.md, 'State dict')",
-            "dense_config": dense_config.to_dict() if hasattr(dense_config, "to_dict") else None}
+            "dense_config": config}
     (out / MOE_NOTE).write_text(json.dumps(note, indent=2, default=str))
 
 
-def _write_mixtral(state: dict[str, torch.Tensor], layout: dict[str, Any], dense_config: Any, out: Path) -> None:
+def _write_mixtral(state: dict[str, torch.Tensor], layout: dict[str, Any], dense: dict[str, Any], out: Path) -> None:
     import transformers
 
     moe, blocks = layout["moe"], layout["blocks"]
-    layers = dense_config.num_hidden_layers
-    paths = {f"model.layers.{i}.mlp" for i in range(layers)}
+    paths = {f"model.layers.{i}.mlp" for i in range(dense["num_hidden_layers"])}
     problems = []
     if set(blocks) != paths:
-        dense = sorted(paths - set(blocks))
-        problems.append(f"the FFNs {dense[:4]}{' ...' if len(dense) > 4 else ''} stayed dense, and Mixtral has an "
+        kept = sorted(paths - set(blocks))
+        problems.append(f"the FFNs {kept[:4]}{' ...' if len(kept) > 4 else ''} stayed dense, and Mixtral has an "
                         f"MoE block in every layer: convert with MoEConfig(layers='all')")
     for path, block in sorted(blocks.items()):
         if block["activation"] != "silu" or not block["glu"] or block["bias"]:
@@ -141,21 +156,19 @@ def _write_mixtral(state: dict[str, torch.Tensor], layout: dict[str, Any], dense
                         "convert with MoEConfig(normalize_gates=True)")
     if problems:
         raise ExportError("this model cannot be written as MixtralForCausalLM: " + "; ".join(problems) +
-                          ". Or export it as a state dict: tedfx.export_hf(module, out) without dense_config.")
+                          ". Or export it as a state dict: tedfx.export_hf(module, out, dense_config={}).")
     if moe["drop_tokens"]:
         warnings.warn("tedfx: the model routes with a capacity (MoEConfig.drop_tokens=True) and Mixtral routes "
                       "every token (dropless): the exported model's outputs equal tedfx's with drop_tokens=False, "
                       "not with the capacity it trained with.", stacklevel=3)
-    config = {k: v for k, v in dense_config.to_dict().items() if k not in _DENSE_ONLY_CONFIG}
-    head_dim = getattr(dense_config, "head_dim", None)
-    first = next(iter(sorted(blocks)))
+    config = {k: v for k, v in dense.items() if k not in _DENSE_ONLY_CONFIG}
+    first = min(blocks)
     config.update(num_local_experts=moe["num_experts"], num_experts_per_tok=moe["top_k"],
                   intermediate_size=state[f"{first}.experts.w1"].shape[-1], router_aux_loss_coef=moe["aux_loss_coef"],
                   router_jitter_noise=0.0, architectures=["MixtralForCausalLM"],
-                  **({"head_dim": head_dim} if head_dim is not None else {}))
-    mixtral_config = transformers.MixtralConfig(**config)
+                  **({"head_dim": dense["head_dim"]} if dense.get("head_dim") is not None else {}))
     with torch.device("meta"):
-        target = transformers.MixtralForCausalLM(mixtral_config)
+        target = transformers.MixtralForCausalLM(transformers.MixtralConfig(**config))
     wanted = target.state_dict()
     mapped = {}
     for name, t in state.items():

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import tedfx
+from tedfx import cli
 from tedfx.export import MOE_NOTE, ExportError, export_hf
 
 from models import tiny_gpt, tiny_llama
@@ -28,26 +29,32 @@ def test_an_upcycled_llama_reloads_as_mixtral_with_the_same_logits(tmp_path):
     transformers = pytest.importorskip("transformers")
     dense, (x,) = tiny_llama()
     moe_model = _trained(tedfx.to_moe(dense, (x,), moe=DROPLESS))
-    assert export_hf(moe_model, tmp_path, dense_config=dense.config) == tmp_path
-    mixtral = transformers.MixtralForCausalLM.from_pretrained(tmp_path).eval()
-    assert mixtral.config.num_local_experts == 4 and mixtral.config.num_experts_per_tok == 2
-    with torch.no_grad():
-        torch.testing.assert_close(mixtral(x).logits, moe_model(x).logits, rtol=0, atol=1e-5)
-    assert set(json.loads((tmp_path / MOE_NOTE).read_text())["blocks"]) == {"model.layers.0.mlp",
-                                                                           "model.layers.1.mlp"}
+    expected = moe_model(x).logits.detach()
+    # In Python: the dense config is the one to_moe kept.
+    assert export_hf(moe_model, tmp_path / "py") == tmp_path / "py"
+    # From a checkpoint, on the command line: `tedfx export DIR --to hf OUT`.
+    tedfx.save(tmp_path / "ckpt", moe_model)
+    assert cli.main(["export", str(tmp_path / "ckpt"), "--to", "hf", str(tmp_path / "cli")]) == 0
+    for out in ("py", "cli"):
+        mixtral = transformers.MixtralForCausalLM.from_pretrained(tmp_path / out).eval()
+        assert mixtral.config.num_local_experts == 4 and mixtral.config.num_experts_per_tok == 2
+        with torch.no_grad():
+            torch.testing.assert_close(mixtral(x).logits, expected, rtol=0, atol=1e-5)
+        assert set(json.loads((tmp_path / out / MOE_NOTE).read_text())["blocks"]) == {"model.layers.0.mlp",
+                                                                                     "model.layers.1.mlp"}
 
 
 def test_what_mixtral_cannot_express_is_an_error_naming_it(tmp_path):
     dense, (x,) = tiny_llama()
     every_other = tedfx.to_moe(dense, (x,), moe=tedfx.MoEConfig(num_experts=4, top_k=2, layers="every_other"))
     with pytest.raises(ExportError, match=r"model\.layers\.0\.mlp.*stayed dense.*layers='all'"):
-        export_hf(every_other, tmp_path, dense_config=dense.config)
+        export_hf(every_other, tmp_path)
     switch = tedfx.to_moe(dense, (x,), moe=tedfx.MoEConfig(num_experts=4, top_k=1, drop_tokens=False))
     with pytest.raises(ExportError, match="normalize_gates=True"):
-        export_hf(switch, tmp_path, dense_config=dense.config)
+        export_hf(switch, tmp_path)
     capacity = tedfx.to_moe(dense, (x,), moe=tedfx.MoEConfig(num_experts=4, top_k=2))
     with pytest.warns(UserWarning, match="dropless"):
-        export_hf(capacity, tmp_path, dense_config=dense.config)
+        export_hf(capacity, tmp_path)
 
 
 def test_other_families_export_their_state_dict_and_a_note_of_the_moe_layout(tmp_path):
@@ -66,7 +73,9 @@ def test_other_families_export_their_state_dict_and_a_note_of_the_moe_layout(tmp
     torch.testing.assert_close(fresh(x), moe_model(x), rtol=0, atol=0)
 
 
-def test_a_module_without_moe_blocks_is_refused(tmp_path):
+def test_a_module_without_moe_blocks_is_refused(tmp_path, capsys):
     dense, _ = tiny_gpt()
     with pytest.raises(ExportError, match="no MoE block"):
         export_hf(torch.fx.symbolic_trace(dense), tmp_path)
+    assert cli.main(["export", str(tmp_path / "missing"), "--to", "hf", str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err.startswith("tedfx export: error: no checkpoint at")
