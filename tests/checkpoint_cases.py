@@ -142,6 +142,11 @@ def run_checkpoints(root: str) -> dict[str, Any]:
     out["resume_bf16"] = {k: v for k, v in _resume(root, "bf16", _ted_adamw, precision="bf16", zero=1).items()
                           if k not in ("straight", "at_5")}
     out["reshard"] = _reshard(root, fp32["straight"])
+    try:  # 16-bit weights and their fp32 masters load together: another precision is refused
+        tedfx.load(root / "fp32", _parallelize(2, 2, precision="bf16"))
+        out["precision_error"] = None
+    except tedfx.CheckpointError as e:
+        out["precision_error"] = str(e)
     if dist.get_rank() == 0:
         out["straight_fp32"], out["at_5_fp32"] = fp32["straight"], fp32["at_5"]
     out.update(rank=dist.get_rank(), seconds=time.perf_counter() - start)

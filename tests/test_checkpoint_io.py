@@ -180,6 +180,13 @@ def test_another_expert_count_or_moe_config_is_an_error_naming_the_difference(wo
         tedfx.load(root / "fp32", models["top1"])
 
 
+def test_a_parallel_module_of_another_precision_is_refused(world_4):
+    _, ranks = world_4
+    for rank in ranks:
+        assert "was saved with ParallelConfig.precision='fp32', this module has precision='bf16'" in \
+            rank["precision_error"], rank["precision_error"]
+
+
 # --- a save killed half-way -------------------------------------------------------------------------------
 
 KILLED_SAVE = """
