@@ -1,17 +1,18 @@
-"""Export an upcycled model for other tools: a Hugging Face Mixtral checkpoint, or a plain state dict.
+"""Export an upcycled model for other tools: a Hugging Face MoE checkpoint, or a plain state dict.
 
 `export_hf` writes what `transformers` loads with `from_pretrained`: an MoE
 model converted from a Llama- or Mistral-family model (SwiGLU FFNs, an MoE
-block in every layer) becomes a `MixtralForCausalLM` checkpoint whose logits
-equal tedfx's under dropless routing. Any other model is written as its
-unsharded state dict (safetensors) plus `tedfx_moe.json`, a note of where
+block in every layer) becomes a `MixtralForCausalLM` checkpoint, one converted
+from a Qwen2 model (any layers) a `Qwen2MoeForCausalLM` checkpoint, whose
+logits equal tedfx's under dropless routing. Any other model is written as
+its unsharded state dict (safetensors) plus `tedfx_moe.json`, a note of where
 the MoE blocks are and how they route (docs/moe.md, "Export").
 
-The weights are renamed, never recomputed: the router weight is Mixtral's
+The weights are renamed, never recomputed: the router weight is the block's
 `gate.weight`, and each expert's (w1, w3, w2) of `act(x @ w1) * (x @ w3) @ w2`
 are its gate, up and down projections, laid out as the installed
-`transformers` lays out `MixtralForCausalLM`'s experts (fused `gate_up_proj`
-and `down_proj`, or one module per expert in older releases).
+`transformers` lays out the target's experts (fused `gate_up_proj` and
+`down_proj`, or one module per expert in older releases).
 """
 
 from __future__ import annotations
@@ -36,12 +37,14 @@ __all__ = ["ExportError", "MOE_NOTE", "dense_config_of", "export_hf", "moe_layou
 MOE_NOTE = "tedfx_moe.json"
 """The file that describes the MoE blocks of an exported state dict."""
 
-_MIXTRAL_SOURCES = ("llama", "mistral")
-"""Dense architectures whose MoE form is exactly Mixtral's (same attention, norms and rotary embeddings)."""
+_HF_MOE_SOURCES = ("llama", "mistral", "qwen2")
+"""Dense architectures with an MoE form in transformers that computes exactly what tedfx does: Llama and
+Mistral as Mixtral, Qwen2 as Qwen2-MoE (same attention, norms and rotary embeddings)."""
 
 _DENSE_ONLY_CONFIG = ("mlp_bias", "attention_bias", "pretraining_tp", "intermediate_size", "architectures",
                       "model_type", "transformers_version", "num_local_experts", "num_experts_per_tok",
-                      "router_aux_loss_coef", "output_router_logits", "router_jitter_noise", "head_dim")
+                      "router_aux_loss_coef", "output_router_logits", "router_jitter_noise", "head_dim",
+                      "layer_types")
 
 
 class ExportError(ValueError):
@@ -81,15 +84,16 @@ def export_hf(module: nn.Module, out_dir: str | Path, *, dense_config: Any = Non
         out_dir: the folder to write (created).
         dense_config: the `transformers` config of the dense model (or its dict); None: the one tedfx
             kept when it converted a Hugging Face model. A Llama- or Mistral-family config gives a
-            MixtralForCausalLM checkpoint; no config or another family, the state dict as
-            `model.safetensors` and `tedfx_moe.json`.
+            MixtralForCausalLM checkpoint, a Qwen2 config a Qwen2MoeForCausalLM one; no config or
+            another family, the state dict as `model.safetensors` and `tedfx_moe.json`.
 
     Returns:
         out_dir on the rank that wrote it, None on the others.
 
     Raises:
-        ExportError: a Mixtral export of a model Mixtral cannot express (a dense FFN left between MoE
-            blocks, an activation other than SiLU, biases, gates that are not renormalised), naming it.
+        ExportError: a model the target cannot express (experts that are not SwiGLU without biases;
+            for Mixtral also a dense FFN left between MoE blocks, gates that are not renormalised),
+            naming it.
 
     Example:
         >>> moe_model = tedfx.to_moe(llama, (tokens,), moe=tedfx.MoEConfig(num_experts=8, top_k=2))
@@ -109,8 +113,8 @@ def write_export(state: dict[str, torch.Tensor], layout: dict[str, Any], dense_c
     """`export_hf`'s writing step, from an unsharded state dict and the `moe_layout` (e.g. read from a checkpoint)."""
     config = dense_config.to_dict() if callable(getattr(dense_config, "to_dict", None)) else dense_config
     out.mkdir(parents=True, exist_ok=True)
-    if config is not None and config.get("model_type") in _MIXTRAL_SOURCES:
-        _write_mixtral(state, layout, config, out)
+    if config is not None and config.get("model_type") in _HF_MOE_SOURCES:
+        _write_hf_moe(state, layout, config, out)
     else:
         _write_state_dict(state, layout, config, out)
     return out
@@ -136,53 +140,67 @@ def _write_state_dict(state: dict[str, torch.Tensor], layout: dict[str, Any], co
     (out / MOE_NOTE).write_text(json.dumps(note, indent=2, default=str))
 
 
-def _write_mixtral(state: dict[str, torch.Tensor], layout: dict[str, Any], dense: dict[str, Any], out: Path) -> None:
+def _write_hf_moe(state: dict[str, torch.Tensor], layout: dict[str, Any], dense: dict[str, Any], out: Path) -> None:
+    """Mixtral for a Llama/Mistral model, Qwen2-MoE for a Qwen2 model: the same attention, norms and embeddings."""
     import transformers
 
+    qwen = dense["model_type"] == "qwen2"
+    name = "Qwen2MoeForCausalLM" if qwen else "MixtralForCausalLM"
     moe, blocks = layout["moe"], layout["blocks"]
-    paths = {f"model.layers.{i}.mlp" for i in range(dense["num_hidden_layers"])}
+    paths = [f"model.layers.{i}.mlp" for i in range(dense["num_hidden_layers"])]
     problems = []
-    if set(blocks) != paths:
-        kept = sorted(paths - set(blocks))
+    kept = [p for p in paths if p not in blocks]
+    if kept and not qwen:
         problems.append(f"the FFNs {kept[:4]}{' ...' if len(kept) > 4 else ''} stayed dense, and Mixtral has an "
                         f"MoE block in every layer: convert with MoEConfig(layers='all')")
     for path, block in sorted(blocks.items()):
         if block["activation"] != "silu" or not block["glu"] or block["bias"]:
             problems.append(f"{path} computes act={block['activation']}, glu={block['glu']}, bias={block['bias']}; "
-                            f"Mixtral's experts are SwiGLU without biases")
+                            f"{name}'s experts are SwiGLU without biases")
     normalize = moe["normalize_gates"] if moe["normalize_gates"] is not None else moe["top_k"] >= 2
-    if not normalize:
+    if not normalize and not qwen:
         problems.append("the gates are not renormalised over the top-k, and Mixtral always renormalises them: "
                         "convert with MoEConfig(normalize_gates=True)")
     if problems:
-        raise ExportError("this model cannot be written as MixtralForCausalLM: " + "; ".join(problems) +
+        raise ExportError(f"this model cannot be written as {name}: " + "; ".join(problems) +
                           ". Or export it as a state dict: tedfx.export_hf(module, out, dense_config={}).")
     if moe["drop_tokens"]:
-        warnings.warn("tedfx: the model routes with a capacity (MoEConfig.drop_tokens=True) and Mixtral routes "
+        warnings.warn(f"tedfx: the model routes with a capacity (MoEConfig.drop_tokens=True) and {name} routes "
                       "every token (dropless): the exported model's outputs equal tedfx's with drop_tokens=False, "
-                      "not with the capacity it trained with.", stacklevel=3)
+                      "not with the capacity it trained with.", stacklevel=4)
     config = {k: v for k, v in dense.items() if k not in _DENSE_ONLY_CONFIG}
-    first = min(blocks)
-    config.update(num_local_experts=moe["num_experts"], num_experts_per_tok=moe["top_k"],
-                  intermediate_size=state[f"{first}.experts.w1"].shape[-1], router_aux_loss_coef=moe["aux_loss_coef"],
-                  router_jitter_noise=0.0, architectures=["MixtralForCausalLM"],
-                  **({"head_dim": dense["head_dim"]} if dense.get("head_dim") is not None else {}))
+    width = state[f"{min(blocks)}.experts.w1"].shape[-1]
+    config.update(num_experts_per_tok=moe["top_k"], router_aux_loss_coef=moe["aux_loss_coef"],
+                  architectures=[name], **({"head_dim": dense["head_dim"]} if dense.get("head_dim") else {}))
+    if qwen:
+        # Qwen2-MoE always adds a gated shared expert: one of width 1 with zero weights adds exactly 0.
+        config.update(num_experts=moe["num_experts"], moe_intermediate_size=width,
+                      intermediate_size=dense["intermediate_size"], shared_expert_intermediate_size=1,
+                      decoder_sparse_step=1, mlp_only_layers=[i for i, p in enumerate(paths) if p in kept],
+                      norm_topk_prob=bool(normalize))
+        config_cls, model_cls = transformers.Qwen2MoeConfig, transformers.Qwen2MoeForCausalLM
+    else:
+        config.update(num_local_experts=moe["num_experts"], intermediate_size=width, router_jitter_noise=0.0)
+        config_cls, model_cls = transformers.MixtralConfig, transformers.MixtralForCausalLM
     with torch.device("meta"):
-        target = transformers.MixtralForCausalLM(transformers.MixtralConfig(**config))
+        target = model_cls(config_cls(**config))
     wanted = target.state_dict()
     mapped = {}
-    for name, t in state.items():
-        path, _, leaf = name.rpartition(".")
+    for key, t in state.items():
+        path, _, leaf = key.rpartition(".")
         block = path.removesuffix(".router").removesuffix(".experts")
         if block not in blocks:
-            mapped[name] = t
+            mapped[key] = t
         elif path.endswith(".router"):
             mapped[f"{block}.gate.weight"] = t
         elif leaf == "w1":
             mapped.update(_experts(wanted, block, state))
+            if qwen:
+                mapped.update({k: torch.zeros(v.shape, dtype=t.dtype) for k, v in wanted.items()
+                               if k.startswith((f"{block}.shared_expert.", f"{block}.shared_expert_gate."))})
     missing, extra = sorted(set(wanted) - set(mapped)), sorted(set(mapped) - set(wanted))
     if missing or extra:
-        raise ExportError(f"the installed transformers {transformers.__version__} lays out MixtralForCausalLM "
+        raise ExportError(f"the installed transformers {transformers.__version__} lays out {name} "
                           f"differently: missing {missing[:4]}, unexpected {extra[:4]}.")
     target.load_state_dict({k: v.to(wanted[k].dtype) for k, v in mapped.items()}, assign=True, strict=True)
     target.save_pretrained(str(out))

@@ -104,6 +104,18 @@ def tiny_llama(kv_heads: int = 2) -> tuple[nn.Module, tuple[torch.Tensor]]:
     return transformers.LlamaForCausalLM(cfg), (_tokens(),)
 
 
+def tiny_qwen2() -> tuple[nn.Module, tuple[torch.Tensor]]:
+    """HF Qwen2 (biased q/k/v projections, SwiGLU MLP, grouped-query attention), FFN width 64."""
+    import transformers
+
+    _quiet_transformers()
+    torch.manual_seed(0)
+    cfg = transformers.Qwen2Config(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=64,
+                                   num_hidden_layers=LAYERS, num_attention_heads=HEADS, num_key_value_heads=2,
+                                   max_position_embeddings=32, bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    return transformers.Qwen2ForCausalLM(cfg), (_tokens(),)
+
+
 def tiny_bert() -> tuple[nn.Module, tuple[torch.Tensor]]:
     """HF BERT for masked LM (intermediate.dense -> gelu -> output.dense; an MLM head with a LayerNorm)."""
     import transformers

@@ -11,7 +11,7 @@ import tedfx
 from tedfx import cli
 from tedfx.export import MOE_NOTE, ExportError, export_hf
 
-from models import tiny_gpt, tiny_llama
+from models import tiny_gpt, tiny_llama, tiny_qwen2
 
 DROPLESS = tedfx.MoEConfig(num_experts=4, top_k=2, drop_tokens=False, expert_noise=0.05)
 
@@ -42,6 +42,19 @@ def test_an_upcycled_llama_reloads_as_mixtral_with_the_same_logits(tmp_path):
             torch.testing.assert_close(mixtral(x).logits, expected, rtol=0, atol=1e-5)
         assert set(json.loads((tmp_path / out / MOE_NOTE).read_text())["blocks"]) == {"model.layers.0.mlp",
                                                                                      "model.layers.1.mlp"}
+
+
+def test_an_upcycled_qwen2_with_dense_layers_reloads_as_qwen2_moe_with_the_same_logits(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    dense, (x,) = tiny_qwen2()
+    moe = tedfx.MoEConfig(num_experts=4, top_k=2, drop_tokens=False, expert_noise=0.05, layers="every_other",
+                          normalize_gates=False)
+    moe_model = _trained(tedfx.to_moe(dense, (x,), moe=moe))
+    export_hf(moe_model, tmp_path)
+    qwen = transformers.Qwen2MoeForCausalLM.from_pretrained(tmp_path).eval()
+    assert qwen.config.mlp_only_layers == [0] and not qwen.config.norm_topk_prob
+    with torch.no_grad():
+        torch.testing.assert_close(qwen(x).logits, moe_model(x).logits, rtol=0, atol=1e-5)
 
 
 def test_what_mixtral_cannot_express_is_an_error_naming_it(tmp_path):
