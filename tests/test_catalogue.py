@@ -30,7 +30,7 @@ from tedfx.config import LossScaleConfig, MoEConfig, ParallelConfig
 from tedfx.data import get_batch
 from tedfx.passes.checkpoint import NoCheckpointRegionError, activation_checkpoint_pass
 from tedfx.passes.find_ffns import NoFFNFoundError
-from tedfx.passes.graph import MOE_META, Role, insert
+from tedfx.passes.graph import MOE_META, Role, insert, set_by_target
 from tedfx.passes.runner import PassError
 from tedfx.pipeline import build_moe_graph, shard_for_rank
 from tedfx.released import ReleasedParameterError, mark_replaced
@@ -174,3 +174,147 @@ def test_config_rows(cls, kwargs, message):
 def test_layout_rows(build, message):
     with pytest.raises(ValueError, match=f"^{_escaped(message)}"):
         build()
+
+
+# --- Model shape constraints -----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def gpt_moe():
+    """The MoE graph of a one-block tiny GPT (a shared base: each test shards or copies it)."""
+    model, inputs = tiny_gpt(n_layer=1)
+    gm, ctx = build_moe_graph(model, inputs, moe=MOE)
+    return gm, ctx, inputs
+
+
+def _shard(gm, ctx, **parallel):
+    par = ParallelConfig(**parallel)
+    return shard_for_rank(gm, ctx, parallel=par, coords=Layout.build(par.tensor * par.expert, par).coords(0))
+
+
+def test_an_ffn_module_that_already_has_experts():
+    model, inputs = tiny_gpt(n_layer=1)
+    model.h[0].mlp.experts = nn.Parameter(torch.zeros(2))
+    with pytest.raises(ValueError, match=_escaped("cannot place the MoE block's 'experts' at 'h.0.mlp.experts': "
+                                                  "the model already has it")):
+        tedfx.to_moe(model, inputs, moe=MOE)
+
+
+def test_a_planned_split_that_t_does_not_divide(gpt_moe):
+    # The planner keeps a linear whole when T does not divide it, so the guard is reached only by a graph
+    # whose weight no longer has the shape the plan saw: the weight is swapped for one 33 wide.
+    gm, ctx, _ = gpt_moe
+    corrupted = copy.deepcopy(gm)
+    set_by_target(corrupted, "h.0.attn.c_proj.weight", nn.Parameter(torch.zeros(32, 33)))
+    with pytest.raises(ValueError, match=_escaped("tensor parallelism with ParallelConfig.tensor=2 cannot split "
+                                                  "h.0.attn.c_proj.weight of shape (32, 33)")):
+        _shard(corrupted, ctx, tensor=2)
+
+
+def test_alpha_dropout_on_a_split_activation():
+    # tedfx writes expert dropout as aten.dropout and the tensor-parallel planner has no rule for the other
+    # dropouts, so only a graph rewritten by hand reaches this check: the expert dropout becomes alpha_dropout.
+    model, inputs = tiny_mlp_with_dropout()
+    gm, ctx = build_moe_graph(model, inputs, moe=MOE)
+    dropout = next(n for n in gm.graph.nodes if getattr(n.meta.get(MOE_META), "role", None) == Role.EXPERT_DROPOUT)
+    dropout.target = torch.ops.aten.alpha_dropout.default
+    with pytest.raises(ValueError, match=r"^[\w.]+: aten\.alpha_dropout\.default on an activation split over "
+                                         r"\('ep',\) has no per-shard "):
+        _shard(gm, ctx, expert=2)
+
+
+# --- Activation checkpointing ----------------------------------------------------------------------------
+
+
+class _SharedNorm(nn.Module):
+    """Two residual MLPs behind one LayerNorm module, called before each: its calls span the first MLP."""
+
+    def __init__(self, hidden: int = 32) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(hidden)
+        self.ffns = nn.ModuleList(nn.Sequential(nn.Linear(hidden, 64), nn.GELU(), nn.Linear(64, hidden))
+                                  for _ in range(2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for ffn in self.ffns:
+            x = x + ffn(self.norm(x))
+        return x
+
+
+def test_moe_checkpointing_of_a_graph_without_moe_blocks(gpt_moe):
+    _, ctx, inputs = gpt_moe
+    dense = tedfx.capture(tiny_gpt(n_layer=1)[0], inputs)
+    with pytest.raises(NoCheckpointRegionError, match=_escaped("activation_checkpointing='moe' found no MoE block "
+                                                               "in the graph of ")):
+        activation_checkpoint_pass(dense, ctx=ctx, mode="moe")
+
+
+def test_checkpoint_blocks_matching_no_module(gpt_moe):
+    gm, ctx, _ = gpt_moe
+    with pytest.raises(NoCheckpointRegionError, match=_escaped("ParallelConfig.checkpoint_blocks=('layers.*',): "
+                                                               "['layers.*'] matches no module run by ")):
+        _shard(gm, ctx, activation_checkpointing="block", checkpoint_blocks=("layers.*",))
+
+
+def test_checkpoint_blocks_that_interleave():
+    x = torch.randn(2, 8, 32, generator=torch.Generator().manual_seed(0))
+    gm, ctx = build_moe_graph(_SharedNorm(), (x,), moe=MOE)
+    with pytest.raises(NoCheckpointRegionError, match=_escaped("ParallelConfig.checkpoint_blocks=('norm', 'ffns.0'): "
+                                                               "the blocks 'norm' and 'ffns.0' of ")):
+        _shard(gm, ctx, activation_checkpointing="block", checkpoint_blocks=("norm", "ffns.0"))
+
+
+# --- Capture and call ------------------------------------------------------------------------------------
+
+
+def test_capturing_a_model_whose_parameters_were_released():
+    model, inputs = tiny_gpt(n_layer=1)
+    mark_replaced({"h.0.mlp.c_fc.weight": model.h[0].mlp.c_fc.weight}, release=True)  # what the backend does
+    with pytest.raises(ValueError, match=_escaped("the parameters of GPT (h.0.mlp.c_fc.weight, ...) were released: ")):
+        tedfx.to_moe(model, inputs, moe=MOE)
+
+
+def test_a_call_passing_an_input_by_position_and_by_name():
+    model, (idx,) = tiny_gpt(n_layer=1)
+    moe_model = tedfx.to_moe(model, (idx,), moe=MOE)
+    with pytest.raises(TypeError, match=_escaped("GPT: this call passes idx twice (by position and by name).")):
+        moe_model(idx, idx=idx)
+
+
+# --- A dense model on the meta device --------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def meta_gpt():
+    """A one-block tiny GPT built on the meta device, its lazy MoE graph, and the real model's state dict."""
+    dense, inputs = tiny_gpt(n_layer=1)
+    with torch.device("meta"):
+        meta, _ = tiny_gpt(n_layer=1)
+    state = dense.state_dict()
+    return meta, inputs, state
+
+
+def test_dense_state_neither_mapping_nor_callable(meta_gpt):
+    from tedfx.api import _dense_reader
+
+    meta, _, _ = meta_gpt
+    with pytest.raises(ValueError, match=_escaped("dense_state must be a mapping or a callable key -> tensor, found "
+                                                  "int.")):
+        _dense_reader(meta, 42)
+
+
+def test_dense_state_without_a_key_the_model_holds_on_meta(meta_gpt):
+    meta, inputs, state = meta_gpt
+    partial = {k: v for k, v in state.items() if k not in ("wte.weight", "lm_head.weight")}
+    gm, ctx = build_moe_graph(meta, inputs, moe=MOE, lazy=True, fetch_dense=partial.__getitem__)
+    with pytest.raises(ValueError, match=r"^the model holds \[.*wte\.weight.*\] on the meta device and "):
+        _shard(gm, ctx)
+
+
+def test_dense_state_of_the_wrong_shape(meta_gpt):
+    meta, inputs, state = meta_gpt
+    wrong = {**state, "wpe.weight": torch.zeros(16, 32)}
+    gm, ctx = build_moe_graph(meta, inputs, moe=MOE, lazy=True, fetch_dense=wrong.__getitem__)
+    with pytest.raises(ValueError, match=_escaped("dense_state['wpe.weight'] has shape (16, 32), which "
+                                                  "gives a shard of shape ")):
+        _shard(gm, ctx)
