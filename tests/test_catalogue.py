@@ -318,3 +318,78 @@ def test_dense_state_of_the_wrong_shape(meta_gpt):
     with pytest.raises(ValueError, match=_escaped("dense_state['wpe.weight'] has shape (16, 32), which "
                                                   "gives a shard of shape ")):
         _shard(gm, ctx)
+
+
+# --- Ranks disagree --------------------------------------------------------------------------------------
+
+
+def test_ranks_that_would_issue_different_collectives(gpt_moe, monkeypatch):
+    # Every rank of a correct pipeline issues the same collectives; the predicted trace of rank 1 loses its
+    # first tensor-parallel call, as a pass that treated rank 1 differently would leave it.
+    from tedfx import check
+
+    gm, ctx, inputs = gpt_moe
+    real = check.predict_rank
+
+    def rank1_skips_a_collective(*args, rank: int, **kwargs):
+        prediction = real(*args, rank=rank, **kwargs)
+        if rank == 1:
+            trace = prediction.comm.trace
+            trace.remove(next(c for c in trace if c.axis == "tp"))
+        return prediction
+
+    monkeypatch.setattr(check, "predict_rank", rank1_skips_a_collective)
+    parallel = ParallelConfig(tensor=2)
+    with pytest.raises(tedfx.CollectiveOrderError, match=r"^1 process group\(s\) would issue different collectives "
+                                                         r"on different ranks, .*\n  group tp \[0, 1\]: call #0 is "):
+        check_layout(gm, ctx, parallel=parallel, layout=Layout.build(2, parallel), example_inputs=inputs)
+
+
+# --- Launch and runtime ----------------------------------------------------------------------------------
+
+
+def _nothing() -> None:
+    pass
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"nprocs": 0}, "nprocs=0 is invalid: expected an int >= 1."),
+    ({"nprocs": 1, "timeout": 0}, "timeout=0 is invalid: expected a number of seconds > 0 or a timedelta."),
+    ({"nprocs": 1, "start_method": "fork"}, "start_method='fork' is not supported here: "),
+], ids=["nprocs", "timeout", "start-method"])
+def test_launch_arguments(kwargs, message):
+    with pytest.raises(ValueError, match=f"^{_escaped(message)}"):
+        tedfx.launch(_nothing, **kwargs)
+
+
+def test_parallelize_without_a_process_group():
+    assert not dist.is_initialized()
+    model, inputs = tiny_gpt(n_layer=1)
+    with pytest.raises(RuntimeError, match=_escaped("tedfx.parallelize needs torch.distributed: ")):
+        tedfx.parallelize(model, inputs, moe=MOE, parallel=ParallelConfig())
+
+
+def test_a_collective_axis_that_is_not_a_string():
+    with collectives.bind_axes({"tp": None}):
+        with pytest.raises(TypeError, match=_escaped("all_reduce: axis must be a mesh axis name such as 'tp', "
+                                                     "found 3.")):
+            collectives.all_reduce(torch.ones(2), 3)
+
+
+def test_bind_axes_with_a_key_that_is_not_a_string():
+    with pytest.raises(TypeError, match=_escaped("bind_axes expects axis names as str keys, found 0.")):
+        with collectives.bind_axes({0: None}):
+            pass
+
+
+def test_a_dim_that_does_not_split_into_equal_chunks():
+    with collectives.bind_axes({"tp": collectives.SimulatedAxis(2, 0)}):
+        with pytest.raises(ValueError, match=_escaped("slice_for_rank over axis 'tp' splits dim 0 of shape (3, 2)")):
+            collectives.slice_for_rank(torch.ones(3, 2), "tp", 0)
+
+
+@pytest.mark.parametrize("op", ["reduce_scatter", "all_gather", "gather_replicated"])
+def test_a_collective_dim_out_of_range(op):
+    with collectives.bind_axes({"tp": collectives.SimulatedAxis(2, 0)}):
+        with pytest.raises(ValueError, match=_escaped(f"{op}: dim 3 is out of range for a tensor of shape (2, 2)")):
+            getattr(collectives, op)(torch.ones(2, 2), "tp", 3)
