@@ -393,3 +393,188 @@ def test_a_collective_dim_out_of_range(op):
     with collectives.bind_axes({"tp": collectives.SimulatedAxis(2, 0)}):
         with pytest.raises(ValueError, match=_escaped(f"{op}: dim 3 is out of range for a tensor of shape (2, 2)")):
             getattr(collectives, op)(torch.ones(2, 2), "tp", 3)
+
+
+# --- Compile backend -------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def compiled_gpt():
+    """A one-block tiny GPT compiled with the tedfx backend and called once, and its converted form."""
+    from tedfx import backend
+
+    torch._dynamo.reset()
+    model, (x,) = tiny_gpt(n_layer=1)
+    torch.compile(model, backend="tedfx", options={"moe": MOE})(x)
+    yield model, x, backend._CONVERTED[model]
+    torch._dynamo.reset()
+
+
+def test_compile_options_with_an_unknown_key():
+    with pytest.raises(ValueError, match=_escaped("torch.compile(backend=\"tedfx\") options ['experts'] are "
+                                                  "unknown; ")):
+        _Options.parse({"moe": MOE, "experts": 4})
+
+
+def test_compile_options_parallel_without_a_process_group():
+    assert not dist.is_initialized()
+    with pytest.raises(ValueError, match=_escaped("torch.compile(backend=\"tedfx\") was given options[\"parallel\"] "
+                                                  "but torch.distributed ")):
+        _Options.parse({"moe": MOE, "parallel": ParallelConfig()})
+
+
+def test_compiling_a_converted_model_again_with_other_options(compiled_gpt):
+    model, x, _ = compiled_gpt
+    other = MoEConfig(num_experts=4, top_k=1)
+    with pytest.raises(Exception, match=_escaped("torch.compile(backend=\"tedfx\") already converted this GPT ")) as info:
+        torch.compile(model, backend="tedfx", options={"moe": other})(x)
+    assert isinstance(getattr(info.value, "inner_exception", info.value), ValueError)  # dynamo wraps it
+
+
+def test_a_graph_reading_a_parameter_the_converted_model_does_not_hold(compiled_gpt):
+    # Dynamo hands the backend graphs of the model's own tensors; a piece holding another parameter is made
+    # by hand, and bound as the backend binds every piece.
+    _, _, converted = compiled_gpt
+    piece = nn.Module()
+    piece.register_parameter("extra", nn.Parameter(torch.zeros(2)))
+    with pytest.raises(ValueError, match=_escaped("torch.compile(backend=\"tedfx\"): a graph of the model reads "
+                                                  "extra, which the converted model does ")):
+        converted._bind_tensors(piece)
+
+
+def test_a_graph_holding_a_parameter_at_another_shape(compiled_gpt):
+    # As a graph break inside a tensor-parallel region leaves it: the piece holds a weight at another shape.
+    _, _, converted = compiled_gpt
+    piece = nn.Module()
+    piece.wpe = nn.Module()
+    piece.wpe.register_parameter("weight", nn.Parameter(torch.zeros(16, 32)))
+    with pytest.raises(ValueError, match=_escaped("torch.compile(backend=\"tedfx\"): a graph of the model holds "
+                                                  "wpe.weight as (16, 32) ")):
+        converted._bind_tensors(piece)
+
+
+def test_a_graph_called_with_a_tensor_that_is_not_the_models(compiled_gpt):
+    # Dynamo's guards keep this from happening in a compiled call; the graph is called directly instead.
+    from tedfx.backend import _Graph
+
+    model, x, converted = compiled_gpt
+    graph = _Graph(torch.fx.symbolic_trace(nn.Identity()), [model.wpe.weight, x], converted)
+    with pytest.raises(ValueError, match=_escaped("torch.compile(backend=\"tedfx\"): a graph of the model was "
+                                                  "called with a tensor ")):
+        graph(torch.zeros_like(model.wpe.weight), x)
+
+
+def test_compiled_module_before_the_first_call():
+    with pytest.raises(LookupError, match=_escaped("tedfx has not compiled this model yet: ")):
+        tedfx.compiled_module(nn.Linear(2, 2))
+    with pytest.raises(LookupError, match=_escaped("tedfx has not compiled this model yet: ")):
+        built_module(nn.Linear(2, 2))
+
+
+@pytest.fixture
+def released() -> nn.Parameter:
+    """A parameter released as the backend releases the dense FFN weights it replaced."""
+    p = nn.Parameter(torch.ones(4, 4))
+    mark_replaced({"h.0.mlp.c_fc.weight": p}, release=True)
+    return p
+
+
+def test_using_a_released_parameter(released):
+    with pytest.raises(ReleasedParameterError, match=_escaped("h.0.mlp.c_fc.weight of the dense model was released "
+                                                              "by ")):
+        released.sum()
+    assert released.shape == (4, 4)  # metadata still answers
+
+
+def test_pickling_a_released_parameter(released):
+    with pytest.raises(ReleasedParameterError, match=_escaped("h.0.mlp.c_fc.weight of the dense model was released "
+                                                              "by torch.compile(backend=\"tedfx\") and cannot be "
+                                                              "saved or copied.")):
+        pickle.dumps(released)
+
+
+# --- Report and CLI --------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def report() -> Report:
+    return Report(model="GPT", moe={}, blocks=[], ffns_found=[], params_dense=0, params_moe=0, params_active=0)
+
+
+def test_a_report_from_unknown_fields(report):
+    with pytest.raises(ValueError, match=_escaped("not a tedfx report: unknown fields ['colour']; ")):
+        Report.from_dict({**report.to_dict(), "colour": "red"})
+
+
+def test_a_report_asked_for_a_graph_it_lacks(report):
+    with pytest.raises(ValueError, match=_escaped("the report has no graph 'rank0'; ")):
+        report.to_dot("rank0")
+
+
+def test_a_report_saved_with_an_unknown_suffix(report, tmp_path):
+    with pytest.raises(ValueError, match=_escaped("cannot save a report as 'report.png': ")):
+        report.save(tmp_path / "report.png")
+
+
+@pytest.mark.parametrize("target, message", [
+    ("tedfx.models.nanogpt:no_such_factory", "tedfx.models.nanogpt has no function 'no_such_factory'"),
+    ("torch.nn:Identity", "torch.nn:Identity() returned a model only; it must return (model, example_inputs), "),
+    ("os:getpid", "os:getpid() returned int; it must return (model, example_inputs)"),
+], ids=["no-function", "model-only", "something-else"])
+def test_inspect_factory_rows(target, message):
+    with pytest.raises(cli.UsageError, match=f"^{_escaped(message)}"):
+        cli._call_factory(target)
+
+
+def _uncapturable() -> tuple[nn.Module, tuple[torch.Tensor]]:
+    """A model export cannot trace: it branches on a value."""
+
+    class BranchesOnValues(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x * 2 if x.sum() > 0 else x
+
+    return BranchesOnValues(), (torch.ones(2, 4),)
+
+
+def _inspect(*argv: str):
+    args = cli.build_parser().parse_args(["inspect", *argv])
+    return args.func(args)
+
+
+def test_inspect_a_model_without_an_ffn():
+    with pytest.raises(cli.UsageError, match=_escaped("tedfx cannot convert the model of models:tiny_attention_only: ")):
+        _inspect("models:tiny_attention_only")
+
+
+def test_inspect_output_with_an_unknown_suffix(tmp_path):
+    with pytest.raises(cli.UsageError, match=_escaped("cannot save a report as 'report.png': ")):
+        _inspect("models:tiny_mlp_with_dropout", "-o",
+                 str(tmp_path / "report.png"))
+
+
+def test_inspect_check_rows():
+    model, inputs = _uncapturable()
+    with pytest.raises(cli.UsageError, match=_escaped("--check needs a layout: give --tensor, --expert and "
+                                                      "--world-size")):
+        cli._check_order(model, inputs, MOE, None, 1)
+    with pytest.raises(cli.UsageError, match=_escaped("tedfx cannot capture the model: ")):
+        cli._check_order(model, inputs, MOE, ParallelConfig(tensor=2), 2)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--threads", "0"], "--threads 0: expected at least 1"),
+    (["--ranks", "0"], "--ranks 0: expected at least 1"),
+    (["--ranks", "3", "--tensor", "2"], "--ranks 3 is not a multiple of --tensor 2 x --expert "),
+    (["--steps", "0"], "--steps 0: expected at least 1 step"),
+], ids=["threads", "ranks", "ranks-multiple", "steps"])
+def test_demo_arguments(argv, message):
+    args = cli.build_parser().parse_args(["demo", *argv])
+    with pytest.raises(cli.UsageError, match=f"^{_escaped(message)}"):
+        args.func(args)
+
+
+def test_demo_data_rows():
+    with pytest.raises(ValueError, match=_escaped("split='test' is invalid: expected \"train\" or \"val\".")):
+        get_batch("test", 1, 8, torch.Generator())  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=_escaped("block_size=1000000000 does not fit the val split of ")):
+        get_batch("val", 1, 10**9, torch.Generator())
