@@ -680,3 +680,75 @@ def test_a_rank_that_left_no_result(tmp_path):
     with pytest.raises(LaunchError, match=_escaped("rank 1 of 2 exited cleanly but left no result; this is a bug in "
                                                    "tedfx.launch.")):
         _read_result(spec, 1)
+
+
+# --- In a world of one rank: training state, and the mesh's own check ------------------------------------
+# These need a process group: one gloo group of one rank in this process, made by the first test that asks
+# for it and destroyed after the last, so every test above still sees torch.distributed uninitialised.
+
+
+@pytest.fixture(scope="module")
+def pm():
+    """A ParallelModule of a one-block tiny GPT on a world of one rank (every axis of size 1)."""
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        model, inputs = tiny_gpt(n_layer=1)
+        yield tedfx.parallelize(model, inputs, moe=MOE, parallel=ParallelConfig())
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("optimizer_cls, kwargs, error, message", [
+    ("AdamW", {}, TypeError, "tedfx.optimizer expects a torch.optim.Optimizer class such as torch.optim.AdamW, got "
+                             "'AdamW'."),
+    (torch.optim.AdamW, {"tile_numel": 0}, ValueError,
+     "tile_numel=0 is invalid: expected None (untiled) or an int >= 1."),
+    (torch.optim.AdamW, {"max_norm": 0.0}, ValueError,
+     "max_norm=0.0 is invalid: expected None (no clipping) or a number > 0."),
+    (torch.optim.AdamW, {"loss_scale": LossScaleConfig()}, ValueError,
+     "loss_scale is set, but ParallelConfig.precision='fp32': loss scaling "),
+    (torch.optim.Adafactor, {"tile_numel": 64}, ValueError,
+     "Adafactor cannot step slices of parameters (tile_numel cut them)"),
+], ids=["class", "tile-numel", "max-norm", "loss-scale", "not-elementwise"])
+def test_optimizer_arguments(pm, optimizer_cls, kwargs, error, message):
+    with pytest.raises(error, match=f"^{_escaped(message)}"):
+        tedfx.optimizer(pm, optimizer_cls, **kwargs)
+
+
+def test_a_parameter_group_added_to_a_ted_optimizer(pm):
+    opt = tedfx.optimizer(pm, torch.optim.AdamW)
+    with pytest.raises(ValueError, match=_escaped("tedfx.optimizer steps every parameter of the ParallelModule with "
+                                                  "one set of ")):
+        opt.add_param_group({"params": [nn.Parameter(torch.zeros(2))]})
+
+
+@pytest.fixture
+def nan_grads(pm):
+    """The ParallelModule after a backward, with one gradient overwritten by NaN (as an overflow leaves it)."""
+    _, (tokens,) = tiny_gpt(n_layer=1)
+    pm.zero_grad(set_to_none=True)
+    pm(tokens).float().square().mean().backward()
+    next(p for p in pm.parameters() if p.grad is not None).grad.fill_(math.nan)
+    yield pm
+    pm.zero_grad(set_to_none=True)
+
+
+def test_clipping_a_nonfinite_gradient_norm(nan_grads):
+    with pytest.raises(RuntimeError, match=_escaped("the total norm of order 2.0 of the gradients is nan: some "
+                                                    "gradient ")):
+        nan_grads.clip_grad_norm_(1.0, error_if_nonfinite=True)
+
+
+def test_clipping_with_a_norm_type_not_above_zero(pm):
+    with pytest.raises(ValueError, match=_escaped("norm_type=0.0 is invalid: expected a p > 0 or math.inf.")):
+        pm.clip_grad_norm_(1.0, norm_type=0)
+
+
+def test_a_process_group_that_does_not_hold_the_layouts_ranks(pm):
+    # TedMesh.build makes the groups from the layout; a mesh whose layout says two data-parallel ranks over
+    # the groups of this world of one is what a bug in that construction would leave.
+    world = {axis: dist.group.WORLD for axis in GROUP_AXES}
+    mesh = TedMesh(Layout(data=2, expert=1, tensor=1), world, 0)
+    with pytest.raises(RuntimeError, match=_escaped("rank 0: the 'edp' process group holds ranks [0], but the "
+                                                    "layout ")):
+        mesh._check_groups()
