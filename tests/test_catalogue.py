@@ -14,7 +14,6 @@ import logging
 import math
 import pickle
 import re
-import warnings
 
 import pytest
 import torch
@@ -29,9 +28,7 @@ from tedfx.check import check_layout
 from tedfx.config import LossScaleConfig, MoEConfig, ParallelConfig
 from tedfx.data import get_batch
 from tedfx.passes.checkpoint import NoCheckpointRegionError, activation_checkpoint_pass
-from tedfx.passes.find_ffns import NoFFNFoundError
 from tedfx.passes.graph import MOE_META, Role, insert, set_by_target
-from tedfx.passes.runner import PassError
 from tedfx.pipeline import build_moe_graph, shard_for_rank
 from tedfx.released import ReleasedParameterError, mark_replaced
 from tedfx.report import Report
@@ -39,7 +36,7 @@ from tedfx.runtime.launch import LaunchError, _read_result, _WorkerSpec
 from tedfx.runtime.mesh import Layout, TedMesh
 from tedfx.runtime.precision import compute_dtype
 
-from models import tiny_attention_only, tiny_gpt, tiny_mlp_with_dropout
+from models import tiny_gpt, tiny_llama, tiny_mlp_with_dropout
 
 TESTED_ELSEWHERE = {
     # Layout
@@ -167,7 +164,8 @@ def test_config_rows(cls, kwargs, message):
     (lambda: Layout(data=1, expert=0, tensor=1), "Layout.expert=0 is invalid: expected an int >= 1."),
     (lambda: Layout(data=1, expert=1, tensor=2).rank(0, 0, 2), "mesh coordinate tp=2 is out of range"),
     (lambda: Layout(data=1, expert=1, tensor=2).coords(2), "rank 2 is out of range for a world of 2 ranks"),
-    (lambda: Layout(data=1, expert=1, tensor=2).size("pp"), "unknown mesh axis 'pp': expected one of ['tp', 'ep', 'edp', "),
+    (lambda: Layout(data=1, expert=1, tensor=2).size("pp"),
+     "unknown mesh axis 'pp': expected one of ['tp', 'ep', 'edp', "),
     (lambda: TedMesh(Layout(data=1, expert=1, tensor=1), {"tp": None}, 0),
      "TedMesh needs a process group for every axis ['tp', 'ep', 'edp', 'dp']; missing ['ep', 'edp', 'dp']."),
 ], ids=["data", "world-size", "degree", "coordinate", "rank", "axis", "mesh-groups"])
@@ -267,10 +265,27 @@ def test_checkpoint_blocks_that_interleave():
 # --- Capture and call ------------------------------------------------------------------------------------
 
 
+def _uncapturable() -> tuple[nn.Module, tuple[torch.Tensor]]:
+    """A model export cannot trace: it branches on a value."""
+
+    class BranchesOnValues(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x * 2 if x.sum() > 0 else x
+
+    return BranchesOnValues(), (torch.ones(2, 4),)
+
+
 def test_capturing_a_model_whose_parameters_were_released():
     model, inputs = tiny_gpt(n_layer=1)
     mark_replaced({"h.0.mlp.c_fc.weight": model.h[0].mlp.c_fc.weight}, release=True)  # what the backend does
     with pytest.raises(ValueError, match=_escaped("the parameters of GPT (h.0.mlp.c_fc.weight, ...) were released: ")):
+        tedfx.to_moe(model, inputs, moe=MOE)
+
+
+def test_a_model_export_cannot_trace():
+    model, inputs = _uncapturable()
+    with pytest.raises(tedfx.CaptureError, match=_escaped("tedfx could not capture BranchesOnValues with "
+                                                          "torch.export(strict=False): ")):
         tedfx.to_moe(model, inputs, moe=MOE)
 
 
@@ -292,6 +307,15 @@ def meta_gpt():
         meta, _ = tiny_gpt(n_layer=1)
     state = dense.state_dict()
     return meta, inputs, state
+
+
+def test_a_meta_model_without_dense_state(meta_gpt):
+    from tedfx.api import _dense_reader
+
+    meta, _, _ = meta_gpt
+    with pytest.raises(ValueError, match=_escaped("the dense model holds ['wte.weight', 'wpe.weight', "
+                                                  "'h.0.ln_1.weight'] ... on the meta ")):
+        _dense_reader(meta, None)
 
 
 def test_dense_state_neither_mapping_nor_callable(meta_gpt):
@@ -323,12 +347,9 @@ def test_dense_state_of_the_wrong_shape(meta_gpt):
 # --- Ranks disagree --------------------------------------------------------------------------------------
 
 
-def test_ranks_that_would_issue_different_collectives(gpt_moe, monkeypatch):
-    # Every rank of a correct pipeline issues the same collectives; the predicted trace of rank 1 loses its
-    # first tensor-parallel call, as a pass that treated rank 1 differently would leave it.
+def _skip_a_tp_collective_on_rank_1(monkeypatch) -> None:
     from tedfx import check
 
-    gm, ctx, inputs = gpt_moe
     real = check.predict_rank
 
     def rank1_skips_a_collective(*args, rank: int, **kwargs):
@@ -339,6 +360,13 @@ def test_ranks_that_would_issue_different_collectives(gpt_moe, monkeypatch):
         return prediction
 
     monkeypatch.setattr(check, "predict_rank", rank1_skips_a_collective)
+
+
+def test_ranks_that_would_issue_different_collectives(gpt_moe, monkeypatch):
+    # Every rank of a correct pipeline issues the same collectives; the predicted trace of rank 1 loses its
+    # first tensor-parallel call, as a pass that treated rank 1 differently would leave it.
+    gm, ctx, inputs = gpt_moe
+    _skip_a_tp_collective_on_rank_1(monkeypatch)
     parallel = ParallelConfig(tensor=2)
     with pytest.raises(tedfx.CollectiveOrderError, match=r"^1 process group\(s\) would issue different collectives "
                                                          r"on different ranks, .*\n  group tp \[0, 1\]: call #0 is "):
@@ -426,7 +454,8 @@ def test_compile_options_parallel_without_a_process_group():
 def test_compiling_a_converted_model_again_with_other_options(compiled_gpt):
     model, x, _ = compiled_gpt
     other = MoEConfig(num_experts=4, top_k=1)
-    with pytest.raises(Exception, match=_escaped("torch.compile(backend=\"tedfx\") already converted this GPT ")) as info:
+    already = _escaped("torch.compile(backend=\"tedfx\") already converted this GPT ")
+    with pytest.raises(Exception, match=already) as info:
         torch.compile(model, backend="tedfx", options={"moe": other})(x)
     assert isinstance(getattr(info.value, "inner_exception", info.value), ValueError)  # dynamo wraps it
 
@@ -526,23 +555,14 @@ def test_inspect_factory_rows(target, message):
         cli._call_factory(target)
 
 
-def _uncapturable() -> tuple[nn.Module, tuple[torch.Tensor]]:
-    """A model export cannot trace: it branches on a value."""
-
-    class BranchesOnValues(nn.Module):
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return x * 2 if x.sum() > 0 else x
-
-    return BranchesOnValues(), (torch.ones(2, 4),)
-
-
 def _inspect(*argv: str):
     args = cli.build_parser().parse_args(["inspect", *argv])
     return args.func(args)
 
 
 def test_inspect_a_model_without_an_ffn():
-    with pytest.raises(cli.UsageError, match=_escaped("tedfx cannot convert the model of models:tiny_attention_only: ")):
+    with pytest.raises(cli.UsageError, match=_escaped("tedfx cannot convert the model of "
+                                                      "models:tiny_attention_only: ")):
         _inspect("models:tiny_attention_only")
 
 
@@ -559,6 +579,15 @@ def test_inspect_check_rows():
         cli._check_order(model, inputs, MOE, None, 1)
     with pytest.raises(cli.UsageError, match=_escaped("tedfx cannot capture the model: ")):
         cli._check_order(model, inputs, MOE, ParallelConfig(tensor=2), 2)
+
+
+def test_inspect_check_that_finds_a_mismatch(gpt_moe, monkeypatch, capsys):
+    # Not raised: printed, with exit status 1. The mismatch is made as in
+    # test_ranks_that_would_issue_different_collectives.
+    _skip_a_tp_collective_on_rank_1(monkeypatch)
+    model, inputs = tiny_gpt(n_layer=1)
+    assert cli._check_order(model, inputs, MOE, ParallelConfig(tensor=2), 2) == 1
+    assert capsys.readouterr().out.startswith("collective order: FAILED\n1 process group(s) would issue ")
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -578,6 +607,23 @@ def test_demo_data_rows():
         get_batch("test", 1, 8, torch.Generator())  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=_escaped("block_size=1000000000 does not fit the val split of ")):
         get_batch("val", 1, 10**9, torch.Generator())
+
+
+# --- Hugging Face export --------------------------------------------------------------------------------
+
+
+def test_export_under_a_transformers_that_lays_out_mixtral_differently(tmp_path, monkeypatch):
+    # Reached when a transformers release renames Mixtral's expert weights; the mapping of the experts is
+    # emptied here to stand for such a release.
+    pytest.importorskip("transformers")
+    from tedfx import export
+
+    dense, (x,) = tiny_llama()
+    moe_model = tedfx.to_moe(dense, (x,), moe=MoEConfig(num_experts=2, top_k=2, drop_tokens=False))
+    monkeypatch.setattr(export, "_experts", lambda wanted, block, state: {})
+    with pytest.raises(tedfx.ExportError, match=r"^the installed transformers \S+ lays out MixtralForCausalLM "
+                                                r"differently: missing \['model\.layers\.0\.mlp\.experts"):
+        export.export_hf(moe_model, tmp_path, dense_config=dense.config)
 
 
 # --- Warnings --------------------------------------------------------------------------------------------
