@@ -39,54 +39,63 @@ from tedfx.runtime.precision import compute_dtype
 from models import tiny_gpt, tiny_llama, tiny_mlp_with_dropout
 
 TESTED_ELSEWHERE = {
+    # Configs: all tested here; test_moe_gating.py and test_optimizer.py check several fields too.
     # Layout
-    "world size not divisible by T * X": "test_runtime.py::test_layout_*, test_demo.py (inspect usage errors)",
+    "world size not divisible by T * X": "test_runtime.py::test_layout_errors_state_the_numbers",
+    "mesh coordinate, rank out of range; unknown axis": "test_runtime.py::test_layout_errors_state_the_numbers",
     # Model shape constraints
-    "MoEConfig.layers names a missing FFN index": "passes/test_runner.py, test_to_moe.py",
-    "MoEConfig.layers selects none": "passes/test_ffn_to_moe.py",
-    "E not divisible by X": "passes/test_shard_experts.py, test_parallel.py",
-    "F not divisible by T": "passes/test_shard_experts.py",
-    "projection(s) left whole": "passes/test_tp_rules.py, passes/test_tp_rules_attention.py",
-    "replicate pattern matches nothing": "passes/test_tp_rules_attention.py",
+    "MoEConfig.layers names a missing FFN": "passes/test_runner.py::test_a_real_config_error_surfaces_as_value_...",
+    "MoEConfig.layers selects none": "passes/test_ffn_to_moe.py::test_selecting_no_ffn_is_a_value_error",
+    "E not divisible by X": "passes/test_shard_experts.py::test_experts_not_divisible_by_x_is_a_value_error",
+    "F not divisible by T": "passes/test_shard_experts.py::test_ffn_width_not_divisible_by_t_is_a_value_error",
+    "projection(s) left whole": "passes/test_shard_tensor_parallel.py, passes/test_tp_rules*.py",
+    "replicate pattern matches nothing": "passes/test_tp_rules_attention.py::test_replicate_pattern_matching_...",
     # Activation checkpointing
-    "'block' cannot split the graph": "passes/test_checkpoint_regions.py",
-    "checkpoint_blocks matches no module / blocks interleave": "passes/test_checkpoint_regions.py",
+    "'block' cannot split the graph": "passes/test_checkpoint_regions.py::test_a_lost_ffn_exit_mark_raises_...",
     # Capture and call
-    "torch.export cannot trace the model": "test_to_moe.py",
-    "no FFN block": "passes/test_find_ffns.py",
-    "call signature mismatches": "test_keyword_inputs.py",
-    "parameters released by the compile backend": "test_compile.py",
-    # A dense model on the meta device
-    "meta tensors without dense_state": "test_memory.py",
+    "an input of another shape": "test_keyword_inputs.py::test_a_copy_of_the_module_keeps_its_call_signature_...",
+    "no FFN block": "passes/test_find_ffns.py::test_attention_only_model_raises_with_patterns_and_candidates",
+    "too many inputs; an input left out; a keyword": "test_keyword_inputs.py (the tests of clear errors)",
     # Passes
-    "skip names / @requires": "passes/test_runner.py",
+    "skip names": "passes/test_runner.py::test_unknown_skip_name_is_a_value_error_before_any_pass_runs",
+    "@requires": "passes/test_runner.py::test_requires_fails_before_running_the_pass",
     # Ranks disagree (several processes)
-    "different dense weights, input shapes, dtypes, RNG states": "test_parallel.py (EXPECTED_ERRORS)",
-    "different micro-batches, different losses": "test_parallel_semantics.py",
-    "replicas no longer agree": "test_optimizer.py (LOUD torch_clip)",
+    "different weights, input shapes, dtypes, RNG states": "test_parallel.py::test_bad_input_raises_on_every_rank",
+    "different micro-batches": "test_parallel_semantics.py::test_data_seeded_by_global_rank_is_verified_on_...",
+    "different losses": "test_parallel_semantics.py::test_targets_seeded_by_global_rank_fail_in_the_first_backward",
+    "replicas no longer agree": "test_optimizer.py::test_what_would_go_wrong_silently_raises_on_every_rank",
     # Training state
-    "fp16 step without scale_loss": "test_optimizer.py (LOUD fp16_unscaled)",
-    "optimizer state of another layout": "test_optimizer.py (ResumeCase wrong_layout)",
+    "tedfx.optimizer given no ParallelModule": "test_optimizer.py::test_optimizer_wants_the_parallel_module",
+    "fp16 step without scale_loss": "test_optimizer.py::test_what_would_go_wrong_silently_raises_on_every_rank",
+    "optimizer state of another layout": "test_optimizer.py::test_state_dict_resumes_bit_for_bit_and_...",
+    "set_moe_loss_scale rows": "test_moe_losses.py::test_set_moe_loss_scale_refuses_what_it_cannot_scale",
     # Launch and runtime
-    "TedMesh.build without a process group": "test_runtime.py",
-    "a rank raised / died / hung": "test_runtime.py, test_failures.py",
-    "collectives without bind_axes, axis not bound": "test_runtime.py",
-    "unknown communication phase": "test_runtime.py",
+    "TedMesh.build without a process group": "test_runtime.py::test_mesh_needs_a_process_group",
+    "a rank raised": "test_runtime.py::test_launch_reraises_with_rank_and_traceback",
+    "a rank died": "test_runtime.py::test_launch_reports_a_dead_rank, test_failures.py",
+    "ranks still running": "test_runtime.py::test_launch_ends_a_hang_after_the_timeout",
+    "no mesh axes bound; axis not bound": "test_runtime.py::test_unbound_axis_raises_clearly",
+    "all_to_all dim 0 does not split": "test_runtime.py::test_collectives_numerics_and_mesh",
+    "unknown communication phase": "test_runtime.py::test_comm_stats_rows_and_phases",
     # Compile backend
     "options without a MoEConfig": "test_compile.py::test_backend_needs_a_moe_config",
     "a compiled function reads parameters": "test_compile.py::test_backend_converts_a_module_not_a_function",
     "a graph break inside an FFN": "test_compile.py::test_graph_break_inside_an_ffn_is_a_clear_error",
-    "using a released parameter (in a subprocess)": "test_compile.py::test_released_dense_parameter_raises_...",
-    "an optimizer over replaced parameters": "test_compile.py::test_an_optimizer_on_the_dense_parameters_...",
+    "an optimizer over replaced parameters": "test_compile.py::test_an_optimizer_on_the_dense_parameters_is_an_error",
     # Report and CLI
-    "Report.save suffix": "test_report.py",
-    "inspect: bad target, import, model only, --layers, layout": "test_demo.py",
+    "inspect: not MODULE:FACTORY; cannot import; model only": "test_demo.py::test_inspect_requires_a_model_and_...",
+    "inspect: several ranks, a layout or --layers that do not fit": "test_demo.py::test_inspect_usage_errors_are_...",
+    # Hugging Face export
+    "no MoE block": "test_export.py::test_a_module_without_moe_blocks_is_refused",
+    "cannot be written as MixtralForCausalLM": "test_export.py::test_what_mixtral_cannot_express_is_an_error_...",
     # Warnings
-    "MoELossScaleWarning": "test_moe_losses.py",
+    "MoELossScaleWarning": "test_moe_losses.py::test_without_the_scale_loss_over_n_warns_and_weighs_the_moe_...",
+    "use_cache": "test_to_moe.py::test_the_use_cache_notice_is_printed_once_per_run",
+    "export of a capacity-routed model": "test_export.py::test_what_mixtral_cannot_express_is_an_error_naming_it",
     # Internal errors
-    "a pass raised something else": "passes/test_runner.py",
-    "ffn_to_moe without find_ffns": "passes/test_ffn_to_moe.py",
-    "drop_duplicate_tokens with T = 1 or X = 1": "passes/test_drop_duplicate_tokens.py",
+    "a pass raised something else": "passes/test_runner.py::test_graph_that_does_not_lint_is_a_pass_error",
+    "ffn_to_moe without find_ffns": "passes/test_ffn_to_moe.py::test_without_find_ffns_matches_on_this_graph_...",
+    "drop_duplicate_tokens with T = 1 or X = 1": "passes/test_drop_duplicate_tokens.py::test_without_both_axes_...",
 }
 """Catalogue rows (shortened) -> the tests that assert their message."""
 
@@ -560,6 +569,12 @@ def _inspect(*argv: str):
     return args.func(args)
 
 
+def test_inspect_layers_that_do_not_parse():
+    with pytest.raises(cli.UsageError, match=_escaped("--layers '1,x': expected \"all\", \"every_other\" or FFN "
+                                                      "indices like 1,3")):
+        cli._parse_layers("1,x")
+
+
 def test_inspect_a_model_without_an_ffn():
     with pytest.raises(cli.UsageError, match=_escaped("tedfx cannot convert the model of "
                                                       "models:tiny_attention_only: ")):
@@ -581,7 +596,7 @@ def test_inspect_check_rows():
         cli._check_order(model, inputs, MOE, ParallelConfig(tensor=2), 2)
 
 
-def test_inspect_check_that_finds_a_mismatch(gpt_moe, monkeypatch, capsys):
+def test_inspect_check_that_finds_a_mismatch(monkeypatch, capsys):
     # Not raised: printed, with exit status 1. The mismatch is made as in
     # test_ranks_that_would_issue_different_collectives.
     _skip_a_tp_collective_on_rank_1(monkeypatch)
@@ -798,3 +813,11 @@ def test_a_process_group_that_does_not_hold_the_layouts_ranks(pm):
     with pytest.raises(RuntimeError, match=_escaped("rank 0: the 'edp' process group holds ranks [0], but the "
                                                     "layout ")):
         mesh._check_groups()
+
+
+def test_the_fallback_dp_group_of_a_rank_outside_the_layout(pm):
+    # The fallback runs where torch cannot flatten two mesh dims; a rank the layout does not hold is a bug.
+    from tedfx.runtime.mesh import _new_groups
+
+    with pytest.raises(AssertionError):
+        _new_groups(Layout(data=1, expert=1, tensor=1), "dp", 5)
