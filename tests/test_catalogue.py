@@ -1,10 +1,11 @@
-"""One test per row of the validation catalogue (docs/validation.md) that no other test covers.
+"""A test for every row of the validation catalogue (docs/validation.md) that no other test covers.
 
 Each test meets the row's condition through the public API or the smallest real entry point of the
 row's "detected in" column, and asserts the exception type and the message's leading words as the
-catalogue quotes them. The sections follow the catalogue's; the rows tested elsewhere are listed in
-TESTED_ELSEWHERE. The tests that need a process group share one world of one rank (gloo, in this
-process) and come last, after every test that needs torch.distributed uninitialised.
+catalogue quotes them. The sections follow the catalogue's. The rows another test asserts are listed
+in TESTED_ELSEWHERE with that test; where it costs nothing they are asserted here too (every config
+row is). The tests that need a process group share one world of one rank (gloo, in this process) and
+come last, after every test that needs torch.distributed uninitialised.
 """
 
 from __future__ import annotations
@@ -524,11 +525,14 @@ def test_using_a_released_parameter(released):
     assert released.shape == (4, 4)  # metadata still answers
 
 
-def test_pickling_a_released_parameter(released):
+def test_pickling_or_copying_a_released_parameter(released):
     with pytest.raises(ReleasedParameterError, match=_escaped("h.0.mlp.c_fc.weight of the dense model was released "
                                                               "by torch.compile(backend=\"tedfx\") and cannot be "
                                                               "saved or copied.")):
         pickle.dumps(released)
+    with pytest.raises(ReleasedParameterError, match=_escaped("h.0.mlp.c_fc.weight of the dense model was released "
+                                                              "by ")):
+        copy.deepcopy(released)
 
 
 # --- Report and CLI --------------------------------------------------------------------------------------
