@@ -107,6 +107,19 @@ def _escaped(message: str) -> str:
     return re.escape(message)
 
 
+def test_the_error_classes_are_as_documented():
+    # docs/validation.md, "How errors surface".
+    from tedfx.passes.find_ffns import NoFFNFoundError
+    from tedfx.passes.runner import PassError
+
+    for cls in (NoFFNFoundError, NoCheckpointRegionError, tedfx.ExportError):
+        assert issubclass(cls, ValueError), cls
+    for cls in (tedfx.CaptureError, tedfx.CollectiveOrderError, PassError, LaunchError, ReleasedParameterError,
+                tedfx.ReplicaDivergenceError):
+        assert issubclass(cls, RuntimeError), cls
+    assert issubclass(tedfx.RankError, LaunchError) and issubclass(tedfx.MoELossScaleWarning, UserWarning)
+
+
 # --- Configs ---------------------------------------------------------------------------------------------
 
 CONFIG_ROWS = [
