@@ -1,4 +1,5 @@
-"""The validation catalogue (docs/validation.md), continued: the rows from "Training state" to "Warnings".
+"""The validation catalogue (docs/validation.md), continued: "Training state" to "Warnings", and the internal
+errors of the mesh's process groups.
 
 As in test_catalogue.py (which lists the rows tested elsewhere): each test meets the row's condition
 through the public API or the smallest real entry point of its "detected in" column and asserts the
