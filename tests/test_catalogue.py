@@ -4,9 +4,8 @@ Each test meets the row's condition through the public API or the smallest real 
 row's "detected in" column, and asserts the exception type and the message's leading words as the
 catalogue quotes them. This file holds the sections from "Configs" to "Ranks disagree" and "Internal
 errors"; test_catalogue_runtime.py those from "Training state" to "Warnings", and the two internal
-errors that need a process group. The rows another
-test asserts are listed in TESTED_ELSEWHERE with that test; where it costs nothing they are asserted
-here too (every config row is).
+errors that need a process group. The rows another test asserts are listed in TESTED_ELSEWHERE with
+that test; where it costs nothing they are asserted here too (every config row is).
 """
 
 from __future__ import annotations
