@@ -78,7 +78,7 @@ TESTED_ELSEWHERE = {
     # Report and CLI
     "inspect: not MODULE:FACTORY; cannot import; model only": "test_demo.py::test_inspect_requires_a_model_and_...",
     "inspect: several ranks, a layout or --layers that do not fit": "test_demo.py::test_inspect_usage_errors_are_...",
-    # Hugging Face export
+    # Hugging Face export (the transformers-layout row is tested in test_catalogue_runtime.py)
     "no MoE block": "test_export.py::test_a_module_without_moe_blocks_is_refused",
     "cannot be written as MixtralForCausalLM": "test_export.py::test_what_mixtral_cannot_express_is_an_error_...",
     # Warnings

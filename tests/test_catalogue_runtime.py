@@ -273,7 +273,7 @@ def test_demo_data_rows():
         get_batch("val", 1, 10**9, torch.Generator())
 
 
-# --- Hugging Face export --------------------------------------------------------------------------------
+# --- Hugging Face export (the export rows of docs/validation.md) ---------------------------------------
 
 
 def test_export_under_a_transformers_that_lays_out_mixtral_differently(tmp_path, monkeypatch):
