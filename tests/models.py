@@ -19,6 +19,7 @@ __all__ = [
     "VOCAB", "HIDDEN", "tiny_gpt", "tiny_gpt_with_graph_breaks", "tiny_gpt2", "tiny_llama", "tiny_bert",
     "tiny_opt", "tiny_attention_only", "tiny_mlp_with_dropout", "BLOCK_STRUCTURES", "tiny_blocks",
     "tiny_explicit_encoder", "tiny_fused_qkv_encoder", "tiny_gpt_neox", "tiny_gqa", "tiny_phi3", "tiny_dropout_lm",
+    "untraceable",
 ]
 
 VOCAB = 100
@@ -564,3 +565,13 @@ def tiny_blocks(structure: str) -> tuple[nn.Module, tuple[torch.Tensor]]:
     """One of BLOCK_STRUCTURES, seeded, with example tokens [2, 8]."""
     torch.manual_seed(0)
     return BLOCK_STRUCTURES[structure](), (_tokens(),)
+
+
+class _BranchesOnValues(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * 2 if x.sum() > 0 else x
+
+
+def untraceable() -> tuple[nn.Module, tuple[torch.Tensor]]:
+    """A model torch.export cannot trace: it branches on the value of its input."""
+    return _BranchesOnValues(), (torch.ones(2, 4),)
