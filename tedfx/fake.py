@@ -56,6 +56,7 @@ class FakeRun:
         self.mode = FakeTensorMode(allow_non_fake_inputs=True)
         self.device = device
         fakes: dict[int, Any] = {}
+        originals: list[torch.Tensor] = []  # alive while swapping: a freed tensor's id could name a later one
         for module in module_tree(gm):
             for store in (module._parameters, module._buffers):
                 for key, t in list(store.items()):
@@ -65,6 +66,7 @@ class FakeRun:
                         fake = self._fake_like(t)
                         fakes[id(t)] = nn.Parameter(fake, requires_grad=t.requires_grad) \
                             if isinstance(t, nn.Parameter) else fake
+                    originals.append(t)
                     store[key] = fakes[id(t)]
 
     def _fake_like(self, t: torch.Tensor) -> torch.Tensor:

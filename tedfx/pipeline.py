@@ -155,6 +155,7 @@ def _own_rank_tensors(gm: nn.Module, shared: dict[int, torch.Tensor], ctx: PassC
     (without ctx.materialize: a meta tensor of the same shape for each, nothing copied or fetched)."""
     sizes = {"tp": parallel.tensor, "ep": parallel.expert, "edp": 1}
     copies: dict[int, torch.Tensor] = {}
+    replaced: list[torch.Tensor] = []  # alive until the end: a freed tensor's id could name a later one
     missing = []
     # Checkpointed regions are GraphModules held outside the module tree that read the same tensors.
     regions = [m.region for m in gm.modules() if isinstance(getattr(m, "region", None), nn.Module)]
@@ -177,6 +178,7 @@ def _own_rank_tensors(gm: nn.Module, shared: dict[int, torch.Tensor], ctx: PassC
                         local = t.detach().clone()
                     copies[id(t)] = nn.Parameter(local, requires_grad=t.requires_grad) \
                         if isinstance(t, nn.Parameter) else local
+                replaced.append(t)
                 store[name] = copies[id(t)]
     if missing:
         raise ValueError(f"the model holds {missing[:5]}{' ...' if len(missing) > 5 else ''} on the meta device and "
