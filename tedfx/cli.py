@@ -1,6 +1,6 @@
 """The `tedfx` command: `tedfx demo`, `tedfx inspect` and `tedfx export`.
 
-    tedfx demo                      # MoE GPT learns English on the CPU, about two minutes
+    tedfx demo                      # MoE GPT learns English on the CPU, a few minutes
     tedfx demo --quick --json m.json
     tedfx inspect tedfx.models.nanogpt:demo_model --experts 8 --top-k 2
     tedfx inspect tedfx.models.nanogpt:demo_model --tensor 2 --expert 2 --world-size 4 -o report.html
