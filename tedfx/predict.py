@@ -97,6 +97,10 @@ def predict_rank(
             log.info("tedfx: rank %d's graph cannot run on fake tensors (%s); simulating it on its own shards",
                      rank, e)
             run = None
+        except Exception as e:  # noqa: BLE001 - an op fake tensors do not cover: the real shards decide
+            log.warning("tedfx: rank %d's graph failed on fake tensors (%s: %s); simulating it on its own shards",
+                        rank, type(e).__name__, e)
+            run = None
     if run is None:
         gm, ctx = shard_for_rank(moe_gm, moe_ctx, parallel=parallel, coords=coords)
         stats = simulate_step(gm, layout=layout, rank=rank, bucket_mb=parallel.bucket_mb,

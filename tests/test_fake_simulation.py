@@ -8,6 +8,7 @@ from torch._subclasses.fake_tensor import FakeTensor
 
 import tedfx
 from tedfx.check import check_layout
+from tedfx.fake import FakeRun
 from tedfx.moe.experts import ExpertInit
 from tedfx.pipeline import build_moe_graph
 from tedfx.predict import predict_rank
@@ -88,3 +89,20 @@ def test_dropless_routing_is_simulated_on_real_shards():
     assert pred.fake is None
     assert not any(isinstance(t, FakeTensor) for t in pred.graph.state_dict().values())
     assert set(check_layout(moe_gm, ctx, parallel=parallel, layout=layout, example_inputs=inputs)) == set(range(4))
+
+
+def test_a_graph_that_fails_on_fake_tensors_is_simulated_on_real_shards_with_a_warning(monkeypatch, caplog):
+    model, inputs = tiny_gpt()
+    moe_gm, ctx = build_moe_graph(model, inputs, moe=MOE, lazy=True)
+    parallel = tedfx.ParallelConfig(tensor=2, expert=2)
+    layout = Layout.build(4, parallel)
+    real = predict_rank(moe_gm, ctx, parallel=parallel, layout=layout, rank=1, example_inputs=inputs, fake=False)
+
+    def no_fake_kernel(self, tree):  # stands for an op torch's fake tensors do not cover
+        raise NotImplementedError("no fake kernel for this op")
+
+    monkeypatch.setattr(FakeRun, "inputs", no_fake_kernel)
+    with caplog.at_level("WARNING", logger="tedfx.predict"):
+        pred = predict_rank(moe_gm, ctx, parallel=parallel, layout=layout, rank=1, example_inputs=inputs)
+    assert pred.fake is None and pred.comm.trace == real.comm.trace
+    assert "rank 1's graph failed on fake tensors (NotImplementedError: no fake kernel for this op)" in caplog.text
