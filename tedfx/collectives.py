@@ -15,6 +15,8 @@ paired with its autograd partner:
     all_reduce                    all-reduce (sum)            identity              (Megatron "g")
     identity_fwd_all_reduce_bwd   identity                    all-reduce (sum)      (Megatron "f")
     all_to_all                    all-to-all, dim 0           all-to-all, dim 0
+    all_to_all_packed             all-to-all of row blocks    the reverse exchange  (split sizes from loads)
+    exchange_loads                all-to-all of int counts    - (no gradient)
     all_gather                    all-gather along dim        reduce-scatter (sum)
     reduce_scatter                reduce-scatter (sum)        all-gather
     slice_for_rank                narrow to this rank's 1/n   all-gather
@@ -51,7 +53,9 @@ __all__ = [
     "CommCall",
     "SimulatedAxis",
     "agree_max",
+    "all_to_all_packed",
     "checkpoint_contexts",
+    "exchange_loads",
     "gather_replicated",
     "comm_phase",
     "identity_fwd_all_reduce_bwd",
@@ -267,6 +271,15 @@ def _issue_all_to_all(x: torch.Tensor, g: _AxisGroup, phase: str) -> torch.Tenso
     return _compat.wait_collective(_compat.funcol.all_to_all_single(x, None, None, g.group))
 
 
+def _issue_all_to_all_packed(x: torch.Tensor, send: list[int], recv: list[int], g: _AxisGroup,
+                             phase: str) -> torch.Tensor:
+    x = x.contiguous()
+    _count(g, "all_to_all", x, phase)
+    if _simulated(g):
+        return x.clone()  # a simulated rank receives what it sends (exchange_loads agrees)
+    return _compat.wait_collective(_compat.funcol.all_to_all_single(x, recv, send, g.group))
+
+
 def _issue_all_gather(x: torch.Tensor, dim: int, g: _AxisGroup, phase: str) -> torch.Tensor:
     x = x.contiguous()
     _count(g, "all_gather", x, phase)
@@ -321,6 +334,17 @@ class _AllToAll(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         return _issue_all_to_all(grad, ctx.g, "backward"), None
+
+
+class _AllToAllPacked(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, send: list[int], recv: list[int], g: _AxisGroup) -> torch.Tensor:
+        ctx.g, ctx.send, ctx.recv = g, send, recv
+        return _issue_all_to_all_packed(x, send, recv, g, "forward")
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return _issue_all_to_all_packed(grad, ctx.recv, ctx.send, ctx.g, "backward"), None, None, None
 
 
 class _AllGather(torch.autograd.Function):
@@ -422,6 +446,56 @@ def all_to_all(x: torch.Tensor, axis: str) -> torch.Tensor:
         return x
     _check_divisible("all_to_all", x, 0, g)
     return _AllToAll.apply(x, g)
+
+
+def all_to_all_packed(x: torch.Tensor, axis: str, send_loads: torch.Tensor, recv_loads: torch.Tensor) -> torch.Tensor:
+    """Exchange blocks of rows of unequal sizes between the ranks of `axis` (backward: the reverse exchange).
+
+    The packed layout of dropless routing (docs/moe.md, "Dropless: the packed layout"): x's rows are
+    sorted by destination rank, and each rank receives exactly the rows sent to it, no padding.
+
+    Args:
+        x: [N, H] rows, the rows for rank i before those for rank i + 1.
+        axis: mesh axis name, e.g. "ep".
+        send_loads: rows this rank sends, per (destination, anything): [G, ...] or [G * n], summed per
+            destination (e.g. the [E] expert loads, E = G * E_local).
+        recv_loads: rows this rank receives, the same way per source (e.g. exchange_loads's [G, E_local]).
+
+    Returns:
+        The received rows, those from rank 0 first.
+    """
+    g = _lookup(axis, "all_to_all_packed")
+    if g.size == 1:
+        return x
+    send = send_loads.reshape(g.size, -1).sum(1).tolist()  # host syncs: split sizes are Python ints
+    recv = recv_loads.reshape(g.size, -1).sum(1).tolist()
+    if sum(send) != x.shape[0]:
+        raise ValueError(f"all_to_all_packed over axis {g.axis!r}: the send loads add up to {sum(send)} rows, "
+                         f"but x has {x.shape[0]}.")
+    return _AllToAllPacked.apply(x, send, recv, g)
+
+
+def exchange_loads(loads: torch.Tensor, axis: str) -> torch.Tensor:
+    """Tell every rank of `axis` how many rows it will receive: an all-to-all of int64 counts (no gradient).
+
+    Args:
+        loads: [E] rows this rank sends per expert, experts split over the group in equal blocks
+            (rank i owns experts i * E_local .. (i + 1) * E_local - 1).
+        axis: mesh axis name, e.g. "ep".
+
+    Returns:
+        [G, E_local]: row s holds the rows rank s sends to each of this rank's experts.
+    """
+    g = _lookup(axis, "exchange_loads")
+    if g.size == 1:
+        return loads.reshape(1, -1)
+    _check_divisible("exchange_loads", loads, 0, g)
+    loads = loads.detach().contiguous()
+    _count(g, "all_to_all", loads, "forward")
+    if _simulated(g):
+        return loads.view(g.size, -1).clone()
+    out = _compat.wait_collective(_compat.funcol.all_to_all_single(loads, None, None, g.group))
+    return out.view(g.size, -1)
 
 
 def all_gather(x: torch.Tensor, axis: str, dim: int) -> torch.Tensor:

@@ -34,7 +34,7 @@ from .passes.find_ffns import NoFFNFoundError, find_ffns_pass
 from .passes.graph import get_by_target
 from .passes.runner import Pass, run_passes
 from .passes.shard_dropout import shard_dropout_pass
-from .passes.shard_experts import shard_experts_pass
+from .passes.shard_experts import dtd_applies, shard_experts_pass
 from .passes.shard_tensor_parallel import shard_tensor_parallel_pass
 from .sharding import ParamShard, shard_tensor
 
@@ -58,7 +58,7 @@ def parallel_passes(parallel: ParallelConfig) -> list[Pass]:
     if T > 1:
         passes.append(shard_tensor_parallel_pass)
     passes.append(shard_experts_pass)  # also records the expert shards when no axis splits them
-    if parallel.dtd and T > 1 and X > 1:
+    if dtd_applies(parallel):
         passes.append(drop_duplicate_tokens_pass)
     if T > 1 or X > 1:
         passes.append(shard_dropout_pass)  # after every pass that splits activations, before regions are outlined

@@ -70,6 +70,7 @@ WORLD_CASES: dict[int, list[Case | ErrorCase | LossScaleCase | CheckCostCase]] =
         *_comm_cases(2, 2),
         *_hf_cases(2, 2),
         Case("llama_kv1", 2, 2, top_k=2),
+        Case("gpt", 2, 2, top_k=2, dropless=True, dtd=False),  # the packed layout with tensor parallelism
         Case("dict_blocks", 2, 2, top_k=2, checkpointing="block"),
         LossScaleCase(2, 2),
         *_zoo_cases(2, 2),
@@ -255,6 +256,27 @@ def test_comm_stats_of_a_step_equal_explains_prediction(request, world, case):
     for r in _results(request, world, case):
         assert _by_key(r["step_comm"]) == _by_key(r["predicted_comm"]), \
             f"rank {r['rank']}: measured {r['step_comm']}\npredicted {r['predicted_comm']}"
+
+
+def _packed(case: Case) -> bool:
+    """Dropless blocks move packed rows unless DTD keeps capacity slots (docs/moe.md)."""
+    return case.dropless and case.expert > 1 and not (case.dtd and case.tensor > 1)
+
+
+@pytest.mark.parametrize("world, case", [p for p in _params(Case) if _packed(p.values[1])])
+def test_dropless_all_to_alls_move_exactly_the_routed_rows(request, world, case):
+    """The packed layout pads nothing: every rank sends its S * K routed rows of H values to the experts (and,
+    over all ranks, gets as many back), plus E int64 loads per MoE layer; capacity slots would send
+    E * (largest load) rows each way."""
+    ranks = _results(request, world, case)
+    layers, hidden, E = 2, 32, case.num_experts  # tests/models.tiny_gpt: every FFN is an MoE block
+    sent = 0
+    for r in ranks:
+        calls, nbytes = _by_key(r["step_comm"])[("all_to_all", "ep", "forward")]
+        assert calls == 3 * layers, f"rank {r['rank']}: {calls} forward all-to-alls (loads, rows out, rows back)"
+        sent += nbytes
+    routed_rows = sum(r["assignments"] for r in ranks)  # S * K per MoE layer per rank, all kept (dropless)
+    assert sent == 2 * routed_rows * hidden * 4 + len(ranks) * layers * E * 8
 
 
 COMM_WORLDS = [(4, 2, 2), (8, 2, 4)]

@@ -17,6 +17,14 @@ The parallel passes insert collectives between these ops (all-to-all around
 the experts, all-reduce after expert_fc2), so each op is small and does one
 thing. Dispatch and combine are index-based (index_copy / index_select): cost
 O(S * K * H), never the dense one-hot einsum's O(S * E * C * H).
+
+Dropless routing (MoEConfig.drop_tokens=False) uses the packed layout instead
+of capacity slots (docs/moe.md, "Dropless: the packed layout"): the block also
+computes `loads_E = expert_loads(expert_SK)`, and every op given `loads=`
+works on x_NH, the S * K rows sorted by expert (expert e's rows at
+offsets[e]..offsets[e] + loads[e]), so no expert is padded to the largest load.
+The packed ops read the loads on the host (split sizes); they are not meant
+for a static-shape compile.
 """
 
 from __future__ import annotations
@@ -35,9 +43,11 @@ __all__ = [
     "expert_bias",
     "expert_fc1",
     "expert_fc2",
+    "expert_loads",
     "experts_in",
     "experts_out",
     "flatten_tokens",
+    "local_loads",
     "padded_capacity",
     "unflatten_tokens",
 ]
@@ -71,6 +81,28 @@ def _flat_slots(expert_SK: torch.Tensor, slot_SK: torch.Tensor, capacity: int) -
     return expert_SK * capacity + slot_SK
 
 
+def expert_loads(expert_SK: torch.Tensor, *, num_experts: int) -> torch.Tensor:
+    """Rows per expert of the packed layout: how many (token, choice) pairs chose each expert, [E] int64."""
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=expert_SK.device)
+    flat = expert_SK.reshape(-1)
+    return counts.scatter_add_(0, flat, torch.ones_like(flat))
+
+
+def local_loads(loads_GE: torch.Tensor) -> torch.Tensor:
+    """[G, E_local] rows received from each of G ranks per local expert -> [E_local] rows per local expert."""
+    return loads_GE.sum(0)
+
+
+def _packed_rows(expert_SK: torch.Tensor, slot_SK: torch.Tensor, loads_E: torch.Tensor) -> torch.Tensor:
+    """Row of each (token, choice) in the packed layout: its expert's offset plus its slot (all kept)."""
+    offsets_E = torch.cumsum(loads_E, 0) - loads_E
+    return offsets_E[expert_SK] + slot_SK
+
+
+def _splits(loads: torch.Tensor) -> list[int]:
+    return loads.reshape(-1).tolist()  # a host sync: the packed layout's split sizes
+
+
 def dispatch(
     x_SH: torch.Tensor,
     expert_SK: torch.Tensor,
@@ -79,6 +111,7 @@ def dispatch(
     *,
     num_experts: int,
     pad_multiple: int = 1,
+    loads: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Scatter each kept (token, choice) into its expert's capacity slot.
 
@@ -89,18 +122,22 @@ def dispatch(
         capacity: C, slots per expert the router filled at most.
         num_experts: E.
         pad_multiple: C is padded to a multiple of this (empty slots stay zero).
+        loads: dropless only: `expert_loads(expert_SK)`; gives the packed layout.
 
     Returns:
-        x_ECH: [E, C_padded, H], zeros in unused slots.
+        x_ECH: [E, C_padded, H], zeros in unused slots; with `loads`, x_NH: [S * K, H] sorted by expert.
     """
     S, H = x_SH.shape
     K = slot_SK.shape[1]
+    rows = x_SH.unsqueeze(1).expand(S, K, H).reshape(S * K, H)
+    if loads is not None:
+        # Dropless keeps every choice, so the rows are a permutation of the S * K choices.
+        return x_SH.new_empty(S * K, H).index_copy_(0, _packed_rows(expert_SK, slot_SK, loads).reshape(-1), rows)
     C = padded_capacity(capacity, pad_multiple)
     # Dropped assignments are written to one extra trash row past the E * C slots, which is cut off:
     # no boolean-mask indexing, so every shape is static (no host sync, no graph break).
     trash = num_experts * C
     flat_SK = torch.where(slot_SK >= 0, _flat_slots(expert_SK, slot_SK, C), trash)
-    rows = x_SH.unsqueeze(1).expand(S, K, H).reshape(S * K, H)
     buffer = x_SH.new_zeros(trash + 1, H).index_copy_(0, flat_SK.reshape(-1), rows)
     return buffer[:trash].view(num_experts, C, H)
 
@@ -110,22 +147,45 @@ def combine(
     expert_SK: torch.Tensor,
     slot_SK: torch.Tensor,
     gate_SK: torch.Tensor,
+    *,
+    loads: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Gather each token's expert outputs and sum them weighted by the gates.
 
     Dropped assignments (slot -1) contribute zero, so a token dropped by every
-    choice leaves the FFN as zeros and the residual carries it on.
+    choice leaves the FFN as zeros and the residual carries it on. With `loads`,
+    y is the packed [S * K, H] (see dispatch).
 
     Returns:
         y_SH in the dtype of y_ECH.
     """
-    E, C, H = y_ECH.shape
     S, K = slot_SK.shape
+    H = y_ECH.shape[-1]
+    if loads is not None:
+        y_SKH = y_ECH.index_select(0, _packed_rows(expert_SK, slot_SK, loads).reshape(-1)).view(S, K, H)
+        return torch.einsum("skh,sk->sh", y_SKH, gate_SK.to(y_ECH.dtype))
+    E, C, _ = y_ECH.shape
     kept = slot_SK >= 0
     flat = _flat_slots(expert_SK, slot_SK.clamp_min(0), C)
     y_SKH = y_ECH.reshape(E * C, H).index_select(0, flat.reshape(-1)).view(S, K, H)
     weight_SK = torch.where(kept, gate_SK, torch.zeros_like(gate_SK)).to(y_ECH.dtype)
     return torch.einsum("skh,sk->sh", y_SKH, weight_SK)
+
+
+def _expert_matmul(x: torch.Tensor, w_EIO: torch.Tensor, loads: torch.Tensor | None) -> torch.Tensor:
+    """x [E, C, I] @ w [E, I, O] per expert; packed x [N, I] (rows sorted by expert, `loads` each): a loop over
+    the experts, each on its own rows."""
+    if loads is None:
+        return torch.bmm(x, w_EIO)
+    parts = [rows @ w_EIO[e] for e, rows in enumerate(torch.split(x, _splits(loads)))]
+    return torch.cat(parts) if parts else x.new_zeros(0, w_EIO.shape[-1])
+
+
+def _expert_rows(b_EO: torch.Tensor, x: torch.Tensor, loads: torch.Tensor | None) -> torch.Tensor:
+    """A per-expert bias laid out like x: [E, 1, O] for capacity slots, [N, O] for packed rows."""
+    if loads is None:
+        return b_EO.unsqueeze(1)
+    return b_EO.repeat_interleave(loads, dim=0, output_size=x.shape[0])
 
 
 def expert_fc1(
@@ -136,49 +196,70 @@ def expert_fc1(
     b3_EF: torch.Tensor | None = None,
     *,
     activation: str,
+    loads: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """First expert projection and activation, batched over experts.
 
     MLP: act(x @ w1 + b1). GLU: act(x @ w1 + b1) * (x @ w3 + b3).
     Column-parallel over "tp": every argument may be a slice of F.
+    With `loads` ([E] rows per expert), x is packed: [N, H] -> [N, F].
     """
-    h_ECF = torch.bmm(x_ECH, w1_EHF)
+    h_ECF = _expert_matmul(x_ECH, w1_EHF, loads)
     if b1_EF is not None:
-        h_ECF = h_ECF + b1_EF.unsqueeze(1)
+        h_ECF = h_ECF + _expert_rows(b1_EF, h_ECF, loads)
     h_ECF = ACTIVATIONS[activation](h_ECF)
     if w3_EHF is not None:
-        up_ECF = torch.bmm(x_ECH, w3_EHF)
+        up_ECF = _expert_matmul(x_ECH, w3_EHF, loads)
         if b3_EF is not None:
-            up_ECF = up_ECF + b3_EF.unsqueeze(1)
+            up_ECF = up_ECF + _expert_rows(b3_EF, up_ECF, loads)
         h_ECF = h_ECF * up_ECF
     return h_ECF
 
 
-def expert_fc2(h_ECF: torch.Tensor, w2_EFH: torch.Tensor) -> torch.Tensor:
-    """Second expert projection without bias (row-parallel over "tp": a partial sum)."""
-    return torch.bmm(h_ECF, w2_EFH)
+def expert_fc2(h_ECF: torch.Tensor, w2_EFH: torch.Tensor, *, loads: torch.Tensor | None = None) -> torch.Tensor:
+    """Second expert projection without bias (row-parallel over "tp": a partial sum); packed with `loads`."""
+    return _expert_matmul(h_ECF, w2_EFH, loads)
 
 
-def expert_bias(y_ECH: torch.Tensor, b2_EH: torch.Tensor) -> torch.Tensor:
+def expert_bias(y_ECH: torch.Tensor, b2_EH: torch.Tensor, *, loads: torch.Tensor | None = None) -> torch.Tensor:
     """Add the second projection's bias, after any row-parallel reduction.
 
     y's leading dim may hold several blocks of the E experts of b2 (the
-    source-major [X * E_local, C, H] buffer of expert parallelism).
+    source-major [X * E_local, C, H] buffer of expert parallelism). Packed,
+    `loads` gives the rows of each (block, expert): [E] or [X, E].
     """
     E = b2_EH.shape[0]
+    if loads is not None:
+        blocks = loads.numel() // E
+        return y_ECH + _expert_rows(b2_EH.repeat(blocks, 1), y_ECH, loads.reshape(-1))
     return (y_ECH.unflatten(0, (-1, E)) + b2_EH[:, None, :]).flatten(0, 1)
 
 
-def experts_in(x_GECH: torch.Tensor, groups: int) -> torch.Tensor:
-    """[G * E_local, C, H] as received from G ranks -> [E_local, G * C, H], one batch per local expert."""
+def experts_in(x_GECH: torch.Tensor, groups: int, *, loads: torch.Tensor | None = None) -> torch.Tensor:
+    """[G * E_local, C, H] as received from G ranks -> [E_local, G * C, H], one batch per local expert.
+
+    Packed, `loads` [G, E_local] gives the rows received from each rank for each local expert: the
+    source-major rows are reordered expert-major, each expert's rows contiguous.
+    """
+    if loads is not None:
+        return _reorder(x_GECH, loads)
     GE, C, H = x_GECH.shape
     return x_GECH.view(groups, GE // groups, C, H).transpose(0, 1).reshape(GE // groups, groups * C, H)
 
 
-def experts_out(y_EGCH: torch.Tensor, groups: int) -> torch.Tensor:
+def experts_out(y_EGCH: torch.Tensor, groups: int, *, loads: torch.Tensor | None = None) -> torch.Tensor:
     """Inverse of experts_in: [E_local, G * C, H] -> [G * E_local, C, H], ready to send back."""
+    if loads is not None:
+        return _reorder(y_EGCH, loads.t())
     E, GC, H = y_EGCH.shape
     return y_EGCH.view(E, groups, GC // groups, H).transpose(0, 1).reshape(groups * E, GC // groups, H)
+
+
+def _reorder(x: torch.Tensor, loads_AB: torch.Tensor) -> torch.Tensor:
+    """Rows stored in (a, b) blocks of loads_AB[a, b] rows each -> the same blocks in (b, a) order."""
+    A, B = loads_AB.shape
+    blocks = torch.split(x, _splits(loads_AB))
+    return torch.cat([blocks[a * B + b] for b in range(B) for a in range(A)]) if blocks else x
 
 
 class _AuxLossScaler(torch.autograd.Function):

@@ -291,11 +291,15 @@ def _path_matches(path: str, pattern: str) -> bool:
     return len(parts) == len(pats) and all(fnmatch.fnmatchcase(p, q) for p, q in zip(parts, pats))
 
 
+_EXPERT_ALL_TO_ALLS = (collectives.all_to_all, collectives.all_to_all_packed, collectives.exchange_loads)
+"""The collectives CAC keeps out of checkpointed regions (the packed layout's load exchange with its rows)."""
+
+
 @requires("activation_checkpoint", "shard_experts")
 def cache_all_to_all_pass(gm: fx.GraphModule, *, ctx: PassContext) -> fx.GraphModule:
     """CAC: keep the expert all-to-alls out of checkpointed regions, so recomputation reuses their outputs."""
     for node in gm.graph.nodes:
-        if node.op == "call_function" and node.target is collectives.all_to_all:
+        if node.op == "call_function" and node.target in _EXPERT_ALL_TO_ALLS:
             node.meta.pop(REGION_META, None)
     return gm
 

@@ -131,19 +131,25 @@ def _convert(gm: fx.GraphModule, match: FFNMatch, moe: MoEConfig, *, materialize
         expert_SK, slot_SK, gate_SK, capacity, loss = (
             emit("call_function", operator.getitem, [plan, i], role=role)
             for i, role in enumerate((Role.EXPERT, Role.SLOT, Role.GATE, Role.CAPACITY, Role.LOSS)))
+        # Dropless: the packed layout, every op told the rows per expert (docs/moe.md, "Dropless: the packed
+        # layout"); shard_experts may turn it back into capacity slots where DTD needs them.
+        packed = {}
+        if not moe.drop_tokens:
+            packed = {"loads": emit("call_function", ops.expert_loads, [expert_SK], {"num_experts": moe.num_experts},
+                                    role=Role.LOADS)}
         x_ECH = emit("call_function", ops.dispatch, [x_SH, expert_SK, slot_SK, capacity],
-                     {"num_experts": moe.num_experts}, role=Role.DISPATCH)
+                     {"num_experts": moe.num_experts, **packed}, role=Role.DISPATCH)
         w = {name: emit("get_attr", f"{prefix}experts.{name}", [], role=Role.WEIGHT)
              if getattr(experts, name) is not None else None for name in ("w1", "b1", "w3", "b3", "w2", "b2")}
         h_ECF = emit("call_function", ops.expert_fc1, [x_ECH, w["w1"], w["b1"], w["w3"], w["b3"]],
-                     {"activation": match.activation}, role=Role.EXPERT_FC1)
+                     {"activation": match.activation, **packed}, role=Role.EXPERT_FC1)
         if match.dropout_p > 0:
             h_ECF = emit("call_function", torch.ops.aten.dropout.default, [h_ECF, match.dropout_p, gm.training],
                          role=Role.EXPERT_DROPOUT)
-        y_ECH = emit("call_function", ops.expert_fc2, [h_ECF, w["w2"]], role=Role.EXPERT_FC2)
+        y_ECH = emit("call_function", ops.expert_fc2, [h_ECF, w["w2"]], packed, role=Role.EXPERT_FC2)
         if w["b2"] is not None:
-            y_ECH = emit("call_function", ops.expert_bias, [y_ECH, w["b2"]], role=Role.EXPERT_BIAS)
-        y_SH = emit("call_function", ops.combine, [y_ECH, expert_SK, slot_SK, gate_SK], role=Role.COMBINE)
+            y_ECH = emit("call_function", ops.expert_bias, [y_ECH, w["b2"]], packed, role=Role.EXPERT_BIAS)
+        y_SH = emit("call_function", ops.combine, [y_ECH, expert_SK, slot_SK, gate_SK], packed, role=Role.COMBINE)
         y_SH = emit("call_function", ops.attach_aux_loss, [y_SH, loss], role=Role.ATTACH_AUX_LOSS)
         y = emit("call_function", ops.unflatten_tokens, [y_SH, match.entry], role=Role.UNFLATTEN_TOKENS)
     y.meta["val"] = match.exit.meta.get("val")

@@ -61,6 +61,8 @@ class Role(StrEnum):
     GATE = "gate"
     CAPACITY = "capacity"
     LOSS = "loss"
+    LOADS = "loads"
+    """Dropless only: rows per expert of the packed layout (ops.expert_loads)."""
     DISPATCH = "dispatch"
     WEIGHT = "weight"
     """A get_attr of a stacked expert tensor; moe_blocks keys it by its name ("w1", "b2", ...)."""
@@ -73,6 +75,9 @@ class Role(StrEnum):
     UNFLATTEN_TOKENS = "unflatten_tokens"
     # Inserted by shard_experts.
     AGREE_CAPACITY = "agree_capacity"
+    EXCHANGE_LOADS = "exchange_loads"
+    """Packed dropless: the rows each rank will receive per local expert (an int all-to-all)."""
+    LOCAL_LOADS = "local_loads"
     A2A_DISPATCH = "a2a_dispatch"
     EXPERTS_IN = "experts_in"
     TP_F = "tp_f"

@@ -8,9 +8,15 @@ For every MoE block, for the rank at (x, t):
        dispatch -> all_to_all(ep) -> experts_in -> f(tp) -> expert_fc1 -> expert_fc2
        -> all_reduce(tp) -> experts_out -> expert_bias -> all_to_all(ep) -> combine
    where f is identity forward / all-reduce backward (fc1 is column-parallel).
-   Collectives on an axis of size 1 are not emitted. Dropless routing first
-   agrees on the expert group's largest capacity (one int max-all-reduce),
-   so every rank exchanges buffers of one size.
+   Collectives on an axis of size 1 are not emitted.
+
+Dropless blocks use the packed layout (docs/moe.md, "Dropless: the packed
+layout"): first an int all-to-all tells each rank how many rows it receives
+per local expert (exchange_loads), then the all-to-alls move exactly those
+rows (all_to_all_packed), and experts_in/out reorder them by a rank's loads.
+Where DTD will split the capacity dim (T > 1, X > 1, dtd), a dropless block
+keeps capacity slots instead: the expert group agrees on its largest
+capacity (one int max-all-reduce), so every rank exchanges buffers of one size.
 
 The inserted nodes carry their `Role` (graph.MOE_META) so that
 drop_duplicate_tokens and cache_all_to_all can find them.
@@ -30,7 +36,7 @@ from .context import PassContext
 from .graph import Axis, Role, get_by_target, insert, moe_blocks, set_by_target
 from .runner import requires
 
-__all__ = ["expert_splits", "shard_experts_pass"]
+__all__ = ["dtd_applies", "expert_splits", "shard_experts_pass"]
 
 # (axis, dim) splits of each stacked expert tensor, before dropping size-1 axes.
 _SPLITS = {
@@ -65,8 +71,58 @@ def shard_experts_pass(gm: fx.GraphModule, *, ctx: PassContext) -> fx.GraphModul
                                                                  materialize=ctx.materialize)
         if owner is not None:
             owner.init = None  # every tensor is this rank's own now: drop the recipe (it reads the dense model)
-        _rewrite_block(gm, roles, T, X, ctx.moe.drop_tokens)
+        if Role.LOADS in roles and dtd_applies(ctx.parallel):
+            _unpack(gm.graph, roles)
+        if Role.LOADS in roles:
+            _rewrite_packed_block(roles, T, X)
+        else:
+            _rewrite_block(gm, roles, T, X, ctx.moe.drop_tokens)
     return gm
+
+
+def dtd_applies(parallel) -> bool:
+    """Whether drop_duplicate_tokens runs for this layout (tedfx.pipeline.parallel_passes asks the same)."""
+    return bool(parallel.dtd) and parallel.tensor > 1 and parallel.expert > 1
+
+
+def _unpack(graph: fx.Graph, roles: dict[str, fx.Node]) -> None:
+    """A dropless block back to capacity slots (C = the largest load), which DTD splits."""
+    for node in roles.values():
+        if "loads" in node.kwargs:
+            node.kwargs = {k: v for k, v in node.kwargs.items() if k != "loads"}
+    graph.erase_node(roles.pop(Role.LOADS))
+
+
+def _rewrite_packed_block(roles: dict[str, fx.Node], T: int, X: int) -> None:
+    """The baseline TED layer on the packed layout: the rows move in blocks of the sizes the loads give."""
+    dispatch, fc1, fc2, loads = roles[Role.DISPATCH], roles[Role.EXPERT_FC1], roles[Role.EXPERT_FC2], roles[Role.LOADS]
+    bias = roles.get(Role.EXPERT_BIAS)
+    x, local = dispatch, loads
+    if X > 1:
+        recv = insert(dispatch, collectives.exchange_loads, (loads, Axis.EP), role=Role.EXCHANGE_LOADS)
+        x = insert(recv, collectives.all_to_all_packed, (dispatch, Axis.EP, loads, recv), role=Role.A2A_DISPATCH)
+        x = insert(x, ops.experts_in, (x, X), {"loads": recv}, role=Role.EXPERTS_IN)
+        local = insert(x, ops.local_loads, (recv,), role=Role.LOCAL_LOADS)
+        for node in (fc1, fc2):
+            node.kwargs = {**node.kwargs, "loads": local}
+    if T > 1:
+        x = insert(local if X > 1 else x, collectives.identity_fwd_all_reduce_bwd, (x, Axis.TP), role=Role.TP_F)
+    fc1.replace_input_with(dispatch, x)
+
+    y = fc2
+    if T > 1:
+        y = insert(y, collectives.all_reduce, (y, Axis.TP), role=Role.TP_REDUCE)
+    if X > 1:
+        y = insert(y, ops.experts_out, (y, X), {"loads": recv}, role=Role.EXPERTS_OUT)
+    if bias is not None:
+        bias.replace_input_with(fc2, y)
+        if X > 1:
+            bias.kwargs = {**bias.kwargs, "loads": recv}  # rows in (source, expert) blocks
+        y = bias
+    if X > 1:
+        y = insert(y, collectives.all_to_all_packed, (y, Axis.EP, recv, loads), role=Role.A2A_COMBINE)
+    combine = roles[Role.COMBINE]
+    combine.replace_input_with(combine.args[0], y)
 
 
 def _slice_expert_param(gm, owner: ExpertWeights, target, name, sizes, coords, *, materialize: bool) -> ParamShard:

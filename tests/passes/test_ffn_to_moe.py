@@ -67,7 +67,8 @@ def test_every_block_has_its_roles_in_order(dense_graph, name) -> None:
     weights = [w for w in ("w1", "b1", "w3", "b3", "w2", "b2") if w in params.values()]
     bias = [Role.EXPERT_BIAS] if "b2" in weights else []
     for index, (path, roles) in enumerate(blocks.items()):
-        expected = MOE_ROLES[:8] + weights + MOE_ROLES[8:10] + bias + MOE_ROLES[10:]
+        # EXACT is dropless: the packed layout adds the loads node before the dispatch.
+        expected = MOE_ROLES[:7] + [Role.LOADS] + MOE_ROLES[7:8] + weights + MOE_ROLES[8:10] + bias + MOE_ROLES[10:]
         assert sorted(roles, key=lambda r: order[roles[r]]) == expected
         for role, node in roles.items():
             assert node.meta[MOE_META] == MoETag(path, Role.WEIGHT if role in weights else role, index)
@@ -80,7 +81,10 @@ def test_every_block_has_its_roles_in_order(dense_graph, name) -> None:
         assert combine.args[0] is (roles[Role.EXPERT_BIAS] if bias else fc2)
         assert combine.args[1:] == (roles[Role.EXPERT], roles[Role.SLOT], roles[Role.GATE])
         assert roles[Role.DISPATCH].args[3] is roles[Role.CAPACITY]
-        assert roles[Role.DISPATCH].kwargs == {"num_experts": E}
+        loads = roles[Role.LOADS]
+        assert loads.target is ops.expert_loads and loads.args == (roles[Role.EXPERT],)
+        assert roles[Role.DISPATCH].kwargs == {"num_experts": E, "loads": loads}
+        assert all(roles[r].kwargs["loads"] is loads for r in (Role.EXPERT_FC1, Role.EXPERT_FC2, Role.COMBINE))
         # What consumed the dense FFN's exit now reads the block's output.
         assert roles[Role.UNFLATTEN_TOKENS].users
         assert all(MOE_META not in u.meta for u in roles[Role.UNFLATTEN_TOKENS].users)

@@ -154,20 +154,42 @@ def test_one_rank_graph_is_the_moe_graph(rank_graph) -> None:
     assert rank.step().table() == []
 
 
-def test_dropless_routing_agrees_on_the_capacity_over_ep(rank_graph) -> None:
+def test_dropless_routing_agrees_on_the_capacity_where_dtd_splits_it(rank_graph) -> None:
     dropless = tedfx.MoEConfig(num_experts=E, top_k=K, drop_tokens=False)
-    for T, X in LAYOUTS:
-        rank = sharded(rank_graph, "gpt", T, X, 0, 0, moe=dropless)
-        for roles in moe_blocks(rank.gm.graph).values():
-            if X == 1:
-                assert Role.AGREE_CAPACITY not in roles
-                continue
-            agree = roles[Role.AGREE_CAPACITY]
-            assert agree.target is collectives.agree_max and agree.args == (roles[Role.CAPACITY], "ep")
-            assert roles[Role.DISPATCH].args[3] is agree
-        stats = rank.step()
-        assert stats.calls("all_reduce", "ep", "forward") == (2 if X > 1 else 0)  # one int per block
-        assert stats.nbytes("all_reduce", "ep") == (2 * 8 if X > 1 else 0)
+    rank = sharded(rank_graph, "gpt", 2, 2, 0, 0, moe=dropless)  # dtd=True: capacity slots, which DTD splits
+    for roles in moe_blocks(rank.gm.graph).values():
+        assert Role.LOADS not in roles and "loads" not in roles[Role.DISPATCH].kwargs
+        agree = roles[Role.AGREE_CAPACITY]
+        assert agree.target is collectives.agree_max and agree.args == (roles[Role.CAPACITY], "ep")
+        assert roles[Role.DISPATCH].args[3] is agree
+    stats = rank.step()
+    assert stats.calls("all_reduce", "ep", "forward") == 2  # one int per block
+    assert stats.nbytes("all_reduce", "ep") == 2 * 8
+
+
+@pytest.mark.parametrize("T,X,dtd", [(1, 2, True), (2, 1, True), (2, 2, False)])
+def test_dropless_blocks_move_packed_rows(rank_graph, T, X, dtd) -> None:
+    """Without DTD a dropless block keeps the packed layout: the loads go over "ep" first (E int64 per block),
+    then the rows, S * K per rank, in blocks the loads size; nothing agrees on a capacity."""
+    dropless = tedfx.MoEConfig(num_experts=E, top_k=K, drop_tokens=False)
+    rank = rank_graph("gpt", tensor=T, expert=X, passes=[shard_experts_pass], moe=dropless, dtd=dtd)
+    B, S = rank.inputs[0].shape
+    H = 32  # tests/models.tiny_gpt
+    for roles in moe_blocks(rank.gm.graph).values():
+        loads = roles[Role.LOADS]
+        assert Role.AGREE_CAPACITY not in roles and roles[Role.DISPATCH].kwargs["loads"] is loads
+        if X > 1:
+            exchange, a2a = roles[Role.EXCHANGE_LOADS], roles[Role.A2A_DISPATCH]
+            assert exchange.target is collectives.exchange_loads and exchange.args == (loads, "ep")
+            assert a2a.target is collectives.all_to_all_packed and a2a.args[2:] == (loads, exchange)
+            assert roles[Role.EXPERT_FC1].kwargs["loads"] is roles[Role.LOCAL_LOADS]
+            assert roles[Role.A2A_COMBINE].args[2:] == (exchange, loads)
+    values = _values(rank, rank.gm)
+    for roles in moe_blocks(rank.gm.graph).values():
+        assert tuple(values[roles[Role.DISPATCH]].shape) == (B * S * K, H)  # sum of the loads, no padding
+    stats = rank.step()
+    assert stats.calls("all_reduce", "ep", "forward") == 0
+    assert stats.calls("all_to_all", "ep", "forward") == (3 * 2 if X > 1 else 0)
 
 
 # --- numerics -----------------------------------------------------------------------------------------
