@@ -16,6 +16,8 @@ paired with its autograd partner:
     identity_fwd_all_reduce_bwd   identity                    all-reduce (sum)      (Megatron "f")
     all_to_all                    all-to-all, dim 0           all-to-all, dim 0
     all_to_all_packed             all-to-all of row blocks    the reverse exchange  (split sizes from loads)
+    all_to_all_start / _wait      all-to-all, dim 0, in       all-to-all, dim 0, in flight from the
+                                  flight between the two      wait's backward to the start's
     exchange_loads                all-to-all of int counts    - (no gradient)
     all_gather                    all-gather along dim        reduce-scatter (sum)
     reduce_scatter                reduce-scatter (sum)        all-gather
@@ -54,6 +56,8 @@ __all__ = [
     "SimulatedAxis",
     "agree_max",
     "all_to_all_packed",
+    "all_to_all_start",
+    "all_to_all_wait",
     "checkpoint_contexts",
     "exchange_loads",
     "gather_replicated",
@@ -496,6 +500,82 @@ def exchange_loads(loads: torch.Tensor, axis: str) -> torch.Tensor:
         return loads.view(g.size, -1).clone()
     out = _compat.wait_collective(_compat.funcol.all_to_all_single(loads, None, None, g.group))
     return out.view(g.size, -1)
+
+
+class AllToAllInFlight:
+    """An all-to-all between `all_to_all_start` and `all_to_all_wait` (docs/parallelism.md, "Overlap").
+
+    `token` is a 0-dim tensor that carries the autograd edge from the start to the wait; the exchange
+    itself lives in `result` (forward) and `grad` (backward) while in flight.
+    """
+
+    __slots__ = ("token", "result", "grad", "g")
+
+    def __init__(self, g: _AxisGroup) -> None:
+        self.g = g
+        self.token: torch.Tensor | None = None
+        self.result: torch.Tensor | None = None
+        self.grad: torch.Tensor | None = None
+
+
+def _start_all_to_all(x: torch.Tensor, g: _AxisGroup, phase: str) -> torch.Tensor:
+    """Issue an all-to-all of dim 0 and return without waiting (eager funcol defers the wait to first use)."""
+    if g.size == 1:
+        return x
+    x = x.contiguous()
+    _count(g, "all_to_all", x, phase)
+    if _simulated(g):
+        return x.clone()
+    return _compat.funcol.all_to_all_single(x, None, None, g.group)
+
+
+class _AllToAllStart(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, flight: AllToAllInFlight) -> torch.Tensor:
+        ctx.flight = flight
+        flight.result = _start_all_to_all(x, flight.g, _phase("forward"))
+        return x.new_zeros(())
+
+    @staticmethod
+    def backward(ctx, _token_grad: torch.Tensor):
+        flight = ctx.flight
+        grad, flight.grad = _compat.wait_collective(flight.grad), None
+        return grad, None
+
+
+class _AllToAllWait(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, token: torch.Tensor, flight: AllToAllInFlight) -> torch.Tensor:
+        ctx.flight = flight
+        out, flight.result = _compat.wait_collective(flight.result), None
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        # The reverse exchange starts here and is waited for by the start's backward: whatever the autograd
+        # engine runs in between (another chunk's expert backward) overlaps with it.
+        ctx.flight.grad = _start_all_to_all(grad, ctx.flight.g, "backward")
+        return torch.zeros((), dtype=grad.dtype, device=grad.device), None
+
+
+def all_to_all_start(x: torch.Tensor, axis: str) -> AllToAllInFlight:
+    """Start `all_to_all(x, axis)` and return at once; `all_to_all_wait` gives its result.
+
+    What runs between the two overlaps with the exchange, in the forward and, reversed, in the backward
+    (the chunked expert pipeline of `ParallelConfig.a2a_chunks`). Counted like all_to_all, when started.
+    """
+    g = _lookup(axis, "all_to_all_start")
+    _check_divisible("all_to_all_start", x, 0, g)
+    flight = AllToAllInFlight(g)
+    flight.token = _AllToAllStart.apply(x, flight)
+    return flight
+
+
+def all_to_all_wait(flight: AllToAllInFlight) -> torch.Tensor:
+    """The result of an `all_to_all_start`, waiting for it if it is still in flight."""
+    if not isinstance(flight, AllToAllInFlight):
+        raise TypeError(f"all_to_all_wait expects what all_to_all_start returned, got {type(flight).__name__}.")
+    return _AllToAllWait.apply(flight.token, flight)
 
 
 def all_gather(x: torch.Tensor, axis: str, dim: int) -> torch.Tensor:

@@ -132,6 +132,10 @@ class ParallelConfig:
     """Duplicate token dropping: all-to-all bytes fall by T."""
     cac: bool = True
     """Communication-aware activation checkpointing: recomputation reuses saved all-to-all outputs."""
+    a2a_chunks: int = 1
+    """Split each MoE block's capacity into this many chunks, so that the all-to-all of one chunk runs while the
+    experts compute another, forward and backward (docs/parallelism.md, "Overlap"). Needs X > 1 and capacity
+    slots (not the packed layout of dropless routing without DTD)."""
     activation_checkpointing: Literal["none", "block", "moe"] = "none"
     """Recompute activations per transformer block, per MoE layer, or not at all. "block" finds the blocks from
     the graph (each ends at its FFN's residual add), whatever module holds them; `checkpoint_blocks` names them."""
@@ -169,6 +173,8 @@ class ParallelConfig:
                 _fail(cls, name, value, "an int >= 1")
         if self.data is not None and (not isinstance(self.data, int) or self.data < 1):
             _fail(cls, "data", self.data, "None or an int >= 1")
+        if not isinstance(self.a2a_chunks, int) or isinstance(self.a2a_chunks, bool) or self.a2a_chunks < 1:
+            _fail(cls, "a2a_chunks", self.a2a_chunks, "an int >= 1 (1: no chunking)")
         if self.activation_checkpointing not in ("none", "block", "moe"):
             _fail(cls, "activation_checkpointing", self.activation_checkpointing, '"none", "block" or "moe"')
         blocks = self.checkpoint_blocks

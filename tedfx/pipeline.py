@@ -27,6 +27,7 @@ from .config import MoEConfig, ParallelConfig
 from .module_tree import module_tree
 from .moe.experts import ExpertWeights
 from .passes.checkpoint import activation_checkpoint_pass, cache_all_to_all_pass, outline_regions_pass
+from .passes.chunk_all_to_all import chunk_all_to_all_pass
 from .passes.context import PassContext
 from .passes.drop_duplicate_tokens import drop_duplicate_tokens_pass
 from .passes.ffn_to_moe import ffn_to_moe_pass, mark_ffns
@@ -60,6 +61,11 @@ def parallel_passes(parallel: ParallelConfig) -> list[Pass]:
     passes.append(shard_experts_pass)  # also records the expert shards when no axis splits them
     if dtd_applies(parallel):
         passes.append(drop_duplicate_tokens_pass)
+    if parallel.a2a_chunks > 1 and X > 1:
+        passes.append(chunk_all_to_all_pass)
+    elif parallel.a2a_chunks > 1:
+        warnings.warn(f"ParallelConfig.a2a_chunks={parallel.a2a_chunks} does nothing with expert=1: there is no "
+                      f"expert all-to-all to overlap with compute. Set a2a_chunks=1, or expert > 1.", stacklevel=3)
     if T > 1 or X > 1:
         passes.append(shard_dropout_pass)  # after every pass that splits activations, before regions are outlined
     if parallel.activation_checkpointing != "none":

@@ -103,6 +103,8 @@ class Case:
     """ParallelConfig.cac (only matters with checkpointing)."""
     seq: int = SEQ
     """Sequence length; 7 makes an odd capacity (14 tokens, E=4, k=2: C=7), padded to a multiple of T by DTD."""
+    a2a_chunks: int = 1
+    """ParallelConfig.a2a_chunks (the expert all-to-alls pipelined with expert compute)."""
 
     @property
     def name(self) -> str:
@@ -110,12 +112,14 @@ class Case:
         extra = ("" if self.dtd else "-nodtd") \
             + ("" if self.checkpointing == "none" else f"-ckpt{self.checkpointing}") \
             + ("" if self.cac or self.checkpointing == "none" else "-nocac") \
-            + ("" if self.seq == SEQ else f"-seq{self.seq}")
+            + ("" if self.seq == SEQ else f"-seq{self.seq}") \
+            + ("" if self.a2a_chunks == 1 else f"-chunks{self.a2a_chunks}")
         return f"{self.model}-T{self.tensor}X{self.expert}-top{self.top_k}-{routing}{extra}"
 
     def parallel(self) -> tedfx.ParallelConfig:
         return tedfx.ParallelConfig(tensor=self.tensor, expert=self.expert, dtd=self.dtd, cac=self.cac,
-                                    activation_checkpointing=self.checkpointing, timeout=TIMEOUT_S)
+                                    activation_checkpointing=self.checkpointing, timeout=TIMEOUT_S,
+                                    a2a_chunks=self.a2a_chunks)
 
     def moe(self) -> tedfx.MoEConfig:
         return tedfx.MoEConfig(num_experts=self.num_experts, top_k=self.top_k, capacity_factor=1.0,

@@ -71,6 +71,8 @@ WORLD_CASES: dict[int, list[Case | ErrorCase | LossScaleCase | CheckCostCase]] =
         *_hf_cases(2, 2),
         Case("llama_kv1", 2, 2, top_k=2),
         Case("gpt", 2, 2, top_k=2, dropless=True, dtd=False),  # the packed layout with tensor parallelism
+        Case("gpt", 2, 2, top_k=2, seq=7, a2a_chunks=2),  # C=7 padded to 8 for DTD's 2 x 2 slices
+        Case("gpt", 2, 2, top_k=2, checkpointing="block", a2a_chunks=2),  # CAC keeps the chunks' exchanges
         Case("dict_blocks", 2, 2, top_k=2, checkpointing="block"),
         LossScaleCase(2, 2),
         *_zoo_cases(2, 2),

@@ -38,6 +38,8 @@ import torch.nn.functional as F
 __all__ = [
     "ACTIVATIONS",
     "attach_aux_loss",
+    "capacity_cat",
+    "capacity_chunk",
     "combine",
     "dispatch",
     "expert_bias",
@@ -253,6 +255,17 @@ def experts_out(y_EGCH: torch.Tensor, groups: int, *, loads: torch.Tensor | None
         return _reorder(y_EGCH, loads.t())
     E, GC, H = y_EGCH.shape
     return y_EGCH.view(E, groups, GC // groups, H).transpose(0, 1).reshape(groups * E, GC // groups, H)
+
+
+def capacity_chunk(x_ECH: torch.Tensor, index: int, chunks: int) -> torch.Tensor:
+    """Chunk `index` of `chunks` equal chunks of the capacity dim (C already a multiple of `chunks`)."""
+    C = x_ECH.shape[1]
+    return x_ECH.narrow(1, index * (C // chunks), C // chunks)
+
+
+def capacity_cat(chunks: list[torch.Tensor]) -> torch.Tensor:
+    """The capacity chunks joined again: [E, C / n, H] x n -> [E, C, H]."""
+    return torch.cat(chunks, dim=1)
 
 
 def _reorder(x: torch.Tensor, loads_AB: torch.Tensor) -> torch.Tensor:

@@ -291,7 +291,8 @@ def _path_matches(path: str, pattern: str) -> bool:
     return len(parts) == len(pats) and all(fnmatch.fnmatchcase(p, q) for p, q in zip(parts, pats))
 
 
-_EXPERT_ALL_TO_ALLS = (collectives.all_to_all, collectives.all_to_all_packed, collectives.exchange_loads)
+_EXPERT_ALL_TO_ALLS = (collectives.all_to_all, collectives.all_to_all_packed, collectives.exchange_loads,
+                       collectives.all_to_all_start, collectives.all_to_all_wait)
 """The collectives CAC keeps out of checkpointed regions (the packed layout's load exchange with its rows)."""
 
 

@@ -85,6 +85,11 @@ class Role(StrEnum):
     TP_REDUCE = "tp_reduce"
     EXPERTS_OUT = "experts_out"
     A2A_COMBINE = "a2a_combine"
+    # Inserted by chunk_all_to_all.
+    A2A_CHUNK = "a2a_chunk"
+    """A chunk of the capacity dim taken from the dispatch buffer, or the chunks joined for the combine."""
+    A2A_DISPATCH_WAIT = "a2a_dispatch_wait"
+    A2A_COMBINE_WAIT = "a2a_combine_wait"
     # Inserted by drop_duplicate_tokens.
     DTD_SLICE = "dtd_slice"
     DTD_GATHER = "dtd_gather"
