@@ -174,6 +174,10 @@ class Report:
                      numeric=(3, 4), anchor="collectives")
         for kind, axis, phase, calls, nbytes in self.comm_table:
             comm.rows.append([kind, Chips([axis]), phase, calls, _fmt_count(nbytes) + "B"])
+        chunks = self.parallel.get("a2a_chunks", 1)
+        if chunks > 1 and self.parallel.get("expert", 1) > 1:
+            comm.notes = [f"a2a_chunks={chunks}: each MoE block's all-to-alls run in {chunks} chunks of the capacity, "
+                          f"overlapped with expert compute ({chunks}x the calls, the same bytes)"]
         variants = Table("With and without DTD and CAC (rank 0, per step)",
                          ["variant", "all-to-all calls", "all-to-all bytes", "all bytes"], numeric=(1, 2, 3),
                          anchor="variants")

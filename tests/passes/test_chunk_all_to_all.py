@@ -16,6 +16,8 @@ from tedfx.moe import ops
 from tedfx.passes.chunk_all_to_all import chunk_all_to_all_pass
 from tedfx.passes.shard_experts import shard_experts_pass
 
+from models import tiny_gpt
+
 MOE = tedfx.MoEConfig(num_experts=4, top_k=2, expert_noise=0.1)
 """The rank graphs' default (tests/passes/conftest.py): 16 tokens of a step make C = 10."""
 DROPLESS = tedfx.MoEConfig(num_experts=4, top_k=2, drop_tokens=False)
@@ -97,3 +99,14 @@ def test_chunks_must_be_a_positive_int() -> None:
 def test_the_pass_alone_refuses_a_layout_with_nothing_to_overlap(rank_graph) -> None:
     with pytest.raises(RuntimeError, match=r"chunk_all_to_all needs a2a_chunks > 1 and X > 1, got a2a_chunks=2, X=1"):
         rank_graph("gpt", tensor=2, expert=1, passes=[shard_experts_pass, chunk_all_to_all_pass], a2a_chunks=2)
+
+
+def test_explain_counts_the_chunks_and_says_so() -> None:
+    model, (x,) = tiny_gpt()
+    reports = {n: tedfx.explain(model, (x,), moe=MOE, parallel=tedfx.ParallelConfig(tensor=2, expert=2, a2a_chunks=n),
+                                world_size=4) for n in (1, 2)}
+    a2a = {n: {row[2]: row[3:] for row in r.comm_table if row[0] == "all_to_all"} for n, r in reports.items()}
+    for phase, (calls, _) in a2a[1].items():
+        assert a2a[2][phase][0] == 2 * calls
+    assert "a2a_chunks=2: each MoE block's all-to-alls run in 2 chunks" in str(reports[2])
+    assert "a2a_chunks" not in str(reports[1])
