@@ -81,6 +81,8 @@ class StepConfig:
     rounds: int = 8
     lr: float = 1e-4
     seed: int = 0
+    modes: tuple[str, ...] = MODES
+    """Activation checkpointing modes to run."""
 
     def gpt(self) -> GPTConfig:
         return GPTConfig(block_size=self.seq, n_layer=self.n_layer, n_head=self.n_head, n_embd=self.n_embd,
@@ -156,7 +158,7 @@ def run_rank(spec: Spec) -> dict[str, Any] | None:
     model = GPT(cfg.gpt())
     tokens, targets = common._token_group(cfg, layout, rank)
     runners = {}
-    for mode in MODES:
+    for mode in cfg.modes:
         for variant, fields in TEDFX_VARIANTS.items():
             runners[_name(variant, mode)] = _tedfx_runner(model, cfg, mode, fields, tokens, targets)
         runners[_name(PEER, mode)] = _deepspeed_runner(model, cfg, mode, tokens, targets)
@@ -167,7 +169,7 @@ def run_rank(spec: Spec) -> dict[str, Any] | None:
 def _worker_main(spec_path: str) -> None:
     with open(spec_path) as fh:
         raw = json.load(fh)
-    spec = Spec(**{**raw, "config": StepConfig(**raw["config"])})
+    spec = Spec(**{**raw, "config": StepConfig(**{**raw["config"], "modes": tuple(raw["config"]["modes"])})})
     tedfx.init_distributed(timeout=common.LAUNCH_TIMEOUT_S, backend="gloo")
     try:
         result = run_rank(spec)
@@ -201,10 +203,10 @@ def _paired(a: list[float], b: list[float]) -> float:
     return statistics.median(x / y for x, y in zip(a, b))
 
 
-def summarize(raw: dict[str, Any], network: str) -> dict[str, Any]:
+def summarize(raw: dict[str, Any], network: str, cfg: StepConfig) -> dict[str, Any]:
     runs = raw["runs"]
     out: dict[str, Any] = {"network": network, "modes": {}}
-    for mode in MODES:
+    for mode in cfg.modes:
         ms = {v: runs[_name(v, mode)]["step_ms"] for v in (*TEDFX_VARIANTS, PEER)}
         row = {v: {"median_ms": statistics.median(t), "min_ms": min(t), "step_ms": t,
                    "losses": runs[_name(v, mode)]["loss"], "comm_per_step": runs[_name(v, mode)]["counts"][-1]}
@@ -240,6 +242,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--network", choices=("loopback", "emulated", "both"), default="both")
     p.add_argument("--rate", default=netem.DEFAULT_RATE)
     p.add_argument("--rounds", type=int, default=None)
+    p.add_argument("--hidden", type=int, default=None, help="n_embd (H)")
+    p.add_argument("--ffn-mult", type=int, default=None, help="F = ffn_mult * H")
+    p.add_argument("--batch", type=int, default=None, help="sequences per token group")
+    p.add_argument("--modes", default=None, help="comma-separated checkpointing modes from none,block")
     p.add_argument("--out", default=None)
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -248,19 +254,24 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     sys.stdout.reconfigure(line_buffering=True)
     cfg = QUICK if args.quick else FULL
-    if args.rounds:
-        cfg = replace(cfg, rounds=args.rounds)
+    for field, value in (("rounds", args.rounds), ("n_embd", args.hidden), ("ffn_mult", args.ffn_mult),
+                         ("batch", args.batch)):
+        if value:
+            cfg = replace(cfg, **{field: value})
+    if args.modes:
+        cfg = replace(cfg, modes=tuple(args.modes.split(",")))
     networks, skipped = common._networks("loopback" if args.quick else args.network)
     if skipped:
         print(f"emulated network skipped, running on loopback only: {skipped}")
-    print(f"model: nanoGPT n_embd={cfg.n_embd} n_layer={cfg.n_layer} (block 0 dense FFN, block 1 MoE: E="
+    print(f"model: nanoGPT n_embd={cfg.n_embd} ffn_mult={cfg.ffn_mult} n_layer={cfg.n_layer} (block 0 dense FFN, "
+          f"block 1 MoE: E="
           f"{cfg.num_experts} top-{cfg.top_k} capacity factor {cfg.capacity_factor}); {cfg.batch}x{cfg.seq} tokens "
           f"per token group; fp32; {cfg.rounds} timed rounds after {cfg.warmup_rounds} warm-up")
     summaries = []
     for network in networks:
         with (netem.emulated_cluster(args.rate) if network == "emulated" else contextlib.nullcontext()) as cluster:
             t0, load = time.perf_counter(), os.getloadavg()
-            s = summarize(_launch(Spec(cfg, network), cluster), network)
+            s = summarize(_launch(Spec(cfg, network), cluster), network, cfg)
             s["launch_s"], s["load_average_before_after"] = time.perf_counter() - t0, [load, os.getloadavg()]
             print_run(s, args.rate if cluster else None)
             summaries.append(s)
