@@ -151,8 +151,10 @@ class ParallelConfig:
     states over each parameter's data-parallel group ("dp" or "edp"). False/True are read as 0/1."""
     timeout: float = 300.0
     """Seconds a collective may wait before the run fails instead of hanging."""
-    bucket_mb: float = 25.0
-    """Gradient all-reduce bucket size in MiB."""
+    bucket_mb: float | None = None
+    """Gradient all-reduce bucket size in MiB. None: per data-parallel axis, 1/8 of its gradient bytes, kept
+    within 1-25 MiB, so that about 8 buckets overlap with the rest of the backward (docs/parallelism.md,
+    "Gradient sync")."""
     replicate: tuple[str, ...] = ()
     """Module paths (fnmatch globs, e.g. "layers.*.attn.*") of linears outside the MoE blocks that tensor
     parallelism keeps whole on every rank. With T > 1 every attention projection (q, k, v, o: a linear that
@@ -192,8 +194,8 @@ class ParallelConfig:
         object.__setattr__(self, "zero", int(self.zero))
         if not self.timeout > 0:
             _fail(cls, "timeout", self.timeout, "a number of seconds > 0")
-        if not self.bucket_mb > 0:
-            _fail(cls, "bucket_mb", self.bucket_mb, "a number of MiB > 0")
+        if self.bucket_mb is not None and not self.bucket_mb > 0:
+            _fail(cls, "bucket_mb", self.bucket_mb, "None (automatic) or a number of MiB > 0")
         if isinstance(self.replicate, str) or not all(isinstance(p, str) and p for p in self.replicate):
             _fail(cls, "replicate", self.replicate, 'a tuple of module paths or globs, e.g. ("layers.*.attn.*",)')
         object.__setattr__(self, "replicate", tuple(self.replicate))

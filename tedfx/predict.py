@@ -119,7 +119,7 @@ def simulate_step(
     *,
     layout: Layout,
     rank: int,
-    bucket_mb: float,
+    bucket_mb: float | None,
     example_inputs: tuple[Any, ...],
     example_kwargs: dict[str, Any] | None = None,
     restore: bool = False,

@@ -21,8 +21,28 @@ from torch.utils.checkpoint import checkpoint
 from tedfx import collectives as C
 from tedfx.config import ParallelConfig
 from tedfx.runtime import LaunchError, Layout, RankError, TedMesh, launch
+from tedfx.runtime.grad_sync import bucket_limit, plan_buckets
 from tedfx.runtime.input_check import check_same_inputs, different_inputs_message, input_signature, signature_digest
 from tedfx.runtime.mesh import GROUP_AXES
+
+# --- Gradient buckets (no processes) ---------------------------------------------------------
+
+
+def test_automatic_buckets_give_about_eight_per_axis_within_1_to_25_mib():
+    MiB = 2**20
+
+    def params(axis_bytes: dict[str, int]) -> list:
+        return [(f"{axis}.{i}", torch.nn.Parameter(torch.empty(n // 4 // 8, device="meta")), axis)
+                for axis, n in axis_bytes.items() for i in range(8)]
+
+    mid = params({"dp": 40 * MiB, "edp": 4 * MiB})
+    assert bucket_limit(mid, "dp", None) == 5 * MiB  # 1/8
+    assert bucket_limit(mid, "edp", None) == 1 * MiB  # at least 1 MiB
+    assert bucket_limit(params({"dp": 800 * MiB}), "dp", None) == 25 * MiB  # at most DDP's 25 MiB
+    assert bucket_limit(mid, "dp", 2.0) == 2 * MiB  # an explicit size wins
+    plans = plan_buckets(mid, {"dp": 2, "edp": 2}, None)
+    assert [p.axis for p in plans].count("dp") == 8 and [p.axis for p in plans].count("edp") == 4
+
 
 # --- Layout (no processes) -------------------------------------------------------------------
 

@@ -8,7 +8,8 @@ summed over "edp" and divided by X*D, like the rest. After `loss.backward()`
 returns, every `.grad` is final and any torch optimizer can step.
 
 In order (docs/parallelism.md, "Gradient sync"):
-1. Gradients live in flat buckets of about `bucket_mb` MiB, one dtype each, filled
+1. Gradients live in flat buckets of about `bucket_mb` MiB (by default 1/8 of an axis's
+   gradient bytes, within 1-25 MiB), one dtype each, filled
    in reverse registration order (roughly the order backward produces them). Each
    bucket is allocated once; every `.grad` is a view into its bucket, set just
    before autograd first accumulates into it, so autograd adds in place.
@@ -39,7 +40,7 @@ from torch import nn
 from .. import _compat
 from ..collectives import CommStats
 
-__all__ = ["BucketPlan", "GradSync", "plan_buckets"]
+__all__ = ["BucketPlan", "GradSync", "bucket_limit", "plan_buckets"]
 
 
 @dataclass(frozen=True)
@@ -69,17 +70,33 @@ def _fill(params: list[tuple[str, nn.Parameter, str]], axis: str, limit: int | N
     return plans
 
 
+AUTO_BUCKETS = 8
+"""bucket_mb=None aims at this many buckets per axis: the later ones overlap with the rest of the backward."""
+AUTO_BUCKET_MIB = (1.0, 25.0)
+"""bucket_mb=None keeps buckets within these sizes: latency per call below, DDP's default above."""
+
+
+def bucket_limit(params: list[tuple[str, nn.Parameter, str]], axis: str, bucket_mb: float | None) -> int:
+    """Bytes at which a bucket of `axis` closes: `bucket_mb`, or with None 1/AUTO_BUCKETS of the axis's gradient
+    bytes within AUTO_BUCKET_MIB."""
+    if bucket_mb is not None:
+        return int(bucket_mb * 2**20)
+    total = sum(p.numel() * p.element_size() for _, p, a in params if a == axis and p.requires_grad)
+    low, high = (int(m * 2**20) for m in AUTO_BUCKET_MIB)
+    return min(max(total // AUTO_BUCKETS, low), high)
+
+
 def plan_buckets(params: list[tuple[str, nn.Parameter, str]], sizes: dict[str, int],
-                 bucket_mb: float) -> list[BucketPlan]:
+                 bucket_mb: float | None) -> list[BucketPlan]:
     """The all-reduces GradSync issues per step, in issue order (pure: explain predicts with it).
 
     Args:
         params: (name, parameter, axis) triples in registration order, axis "dp" or "edp".
         sizes: {axis: group size}; axes of one rank issue nothing.
-        bucket_mb: bucket size in MiB.
+        bucket_mb: bucket size in MiB; None: automatic (`bucket_limit`).
     """
-    limit = int(bucket_mb * 2**20)
-    return [plan for axis in ("dp", "edp") if sizes[axis] > 1 for plan in _fill(params, axis, limit)]
+    return [plan for axis in ("dp", "edp") if sizes[axis] > 1
+            for plan in _fill(params, axis, bucket_limit(params, axis, bucket_mb))]
 
 
 @dataclass
