@@ -179,7 +179,8 @@ def _expert_matmul(x: torch.Tensor, w_EIO: torch.Tensor, loads: torch.Tensor | N
     the experts, each on its own rows."""
     if loads is None:
         return torch.bmm(x, w_EIO)
-    parts = [rows @ w_EIO[e] for e, rows in enumerate(torch.split(x, _splits(loads)))]
+    # unbind, not w[e]: the backward of each index would add a whole zero [E, I, O] gradient per expert.
+    parts = [rows @ w for rows, w in zip(torch.split(x, _splits(loads)), w_EIO.unbind(0))]
     return torch.cat(parts) if parts else x.new_zeros(0, w_EIO.shape[-1])
 
 
