@@ -49,7 +49,7 @@ LossFn = Callable[[nn.Module, Batch], torch.Tensor]
 class DemoConfig:
     """Everything one demo run depends on; the run is a function of this config."""
 
-    steps: int = 300
+    steps: int = 200
     """Optimizer steps."""
     batch_size: int = 32
     """Windows per step (B), over all data-parallel token groups."""
@@ -69,11 +69,11 @@ class DemoConfig:
     """Peak learning rate (after warmup; cosine decay to lr / 10)."""
     warmup: int = 20
     """Linear warmup steps."""
-    eval_batches: int = 8
-    """Fixed batches per split for the start and end losses."""
+    eval_batches: int = 4
+    """Fixed batches per split for each loss measured (4 x 32 windows of 64 bytes: about the validation split)."""
     eval_every: int = 50
     """Steps between two validation losses of the loss curve (0: only before and after training)."""
-    sample_bytes: int = 300
+    sample_bytes: int = 200
     """Length of the generated sample."""
     prompt: str = "And God said, "
     seed: int = 0
@@ -189,7 +189,7 @@ def train(model: nn.Module, cfg: DemoConfig, console: Console, loss_fn: LossFn =
     history: dict[str, list[float]] = {key: [] for key in ("train_loss", "aux_loss", "seconds",
                                                            "tokens_per_second", "comm_bytes")}
     val_curve: dict[str, list[float]] = {"step": [], "val_loss": []}
-    loss, aux, train_seconds = math.nan, math.nan, 0.0
+    loss, aux, train_seconds, eval_seconds = math.nan, math.nan, 0.0, 0.0
     with Progress(*_progress_columns(), console=console) as progress:
         task = progress.add_task("train", total=cfg.steps, loss=math.nan, aux=math.nan, speed="", comm="")
         for step in range(cfg.steps):
@@ -212,10 +212,13 @@ def train(model: nn.Module, cfg: DemoConfig, console: Console, loss_fn: LossFn =
                             speed=f"{history['tokens_per_second'][-1]:,.0f} tok/s",
                             comm=f"{_megabytes(sent)}/step sent" if stats is not None else "")
             if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:
+                t_eval = time.perf_counter()
                 val_curve["step"].append(step + 1)
                 val_curve["val_loss"].append(evaluate(model, "val", cfg, loss_fn))
+                eval_seconds += time.perf_counter() - t_eval
     out: dict[str, Any] = {"last_step_loss": loss, "last_step_aux_loss": aux, "train_seconds": train_seconds,
-                           "history": history, "val_curve": val_curve}
+                           "eval_seconds_during_training": eval_seconds, "history": history,
+                           "val_curve": val_curve}
     if stats is not None:
         out["comm_bytes_total"] = sum(history["comm_bytes"])
         out["last_step_collectives"] = [list(row) for row in stats.table()]
@@ -312,8 +315,10 @@ def _run_demo(cfg: DemoConfig, console: Console, json_path: str | Path | None) -
     curve["val_loss"] = [metrics["initial_val_loss"], *curve["val_loss"], metrics["final_val_loss"]]
     console.print(f"step {cfg.steps}: train loss {metrics['final_train_loss']:.4f}, "
                   f"val loss {metrics['final_val_loss']:.4f}")
+    t_sample = time.perf_counter()
     sample = generate(model, cfg.prompt, cfg.sample_bytes, block_size=cfg.block_size,
                       generator=torch.Generator().manual_seed(cfg.seed))
+    metrics["sample_seconds"] = time.perf_counter() - t_sample
     if cfg.sample_bytes:
         console.rule("sample")
         console.print(sample, markup=False, highlight=False)

@@ -144,6 +144,13 @@ def _smooth(values: list[float], weight: float = 0.9) -> list[float]:
     return out
 
 
+def _losses_from(metrics: dict[str, Any], start: int) -> list[float]:
+    """The train and validation losses of `metrics` from step `start` on."""
+    curve = metrics["val_curve"]
+    return [*metrics["history"]["train_loss"][start:],
+            *(loss for step, loss in zip(curve["step"], curve["val_loss"]) if step >= start)]
+
+
 def plot_loss_curves(path: str | Path, runs: dict[str, dict[str, Any]], title: str) -> Path:
     """Draw each run's train loss per step (smoothed over the raw one) and validation loss into a PNG.
 
@@ -155,27 +162,41 @@ def plot_loss_curves(path: str | Path, runs: dict[str, dict[str, Any]], title: s
     from matplotlib.backends.backend_agg import FigureCanvasAgg  # no pyplot: no global state, no display
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(8, 4.8), dpi=110)
+    fig = Figure(figsize=(11, 4.6), dpi=110)
     FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
+    whole, tail = fig.subplots(1, 2, gridspec_kw={"width_ratios": [3, 2]})
+    last = max(len(m["history"]["train_loss"]) for m in runs.values())
+    lowest = math.inf
     for name, metrics in runs.items():
         color = MOE_COLOR if name == "MoE" else DENSE_COLOR
         train = metrics["history"]["train_loss"]
         steps = list(range(len(train)))  # step i's loss is measured before its update: after i updates
-        ax.plot(steps, train, color=color, alpha=0.2, linewidth=0.8)
-        ax.plot(steps, _smooth(train), color=color, linewidth=1.6,
-                label=f"{name} train (smoothed; final {metrics['final_train_loss']:.3f})")
         curve = metrics["val_curve"]
-        ax.plot(curve["step"], curve["val_loss"], color=color, linestyle="--", marker="o", markersize=4,
-                linewidth=1.4, label=f"{name} validation (final {metrics['final_val_loss']:.3f})")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss (nats per byte)")
-    ax.set_title(title, fontsize=10)
-    ax.axhline(math.log(256), color="#9ca3af", linewidth=0.8, linestyle=":")
-    ax.text(1.0, math.log(256), "ln 256: uniform bytes ", transform=ax.get_yaxis_transform(), ha="right",
-            va="bottom", fontsize=8, color="#6b7280")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+        lowest = min(lowest, *train, *curve["val_loss"])
+        for ax in (whole, tail):
+            ax.plot(steps, train, color=color, alpha=0.2, linewidth=0.8)
+            ax.plot(steps, _smooth(train), color=color, linewidth=1.6,
+                    label=f"{name} train (smoothed; final {metrics['final_train_loss']:.3f})")
+            ax.plot(curve["step"], curve["val_loss"], color=color, linestyle="--", marker="o", markersize=4,
+                    linewidth=1.4, label=f"{name} validation (final {metrics['final_val_loss']:.3f})")
+    # A loss spike early in training would squash the curves: the whole run's axis stops just above ln 256.
+    whole.set_ylim(max(0.0, lowest - 0.2), math.log(256) + 0.4)
+    whole.axhline(math.log(256), color="#9ca3af", linewidth=0.8, linestyle=":")
+    whole.text(1.0, math.log(256), "ln 256: uniform bytes ", transform=whole.get_yaxis_transform(), ha="right",
+               va="bottom", fontsize=8, color="#6b7280")
+    whole.set_title("the whole run", fontsize=9)
+    whole.set_ylabel("loss (nats per byte)")
+    whole.legend(fontsize=8)
+    # The second half, zoomed: where the two models part.
+    start = last // 2
+    tail_values = [v for m in runs.values() for v in _losses_from(m, start)]
+    tail.set_xlim(start, last)
+    tail.set_ylim(min(tail_values) - 0.05, max(tail_values) + 0.05)
+    tail.set_title(f"steps {start} to {last}, zoomed", fontsize=9)
+    for ax in (whole, tail):
+        ax.set_xlabel("optimizer step")
+        ax.grid(alpha=0.3)
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, format="png")
@@ -268,7 +289,7 @@ def _print_summary(console: Console, metrics: dict[str, Any], files: list[Path],
             console.print(f"  {split:5} loss  MoE {row['moe']:.4f}  dense {row['dense']:.4f}  "
                           f"({row['moe_minus_dense']:+.4f}: {verdict})")
     folder = files[0].parent
-    console.print(f"run folder: {folder}{'/' if not str(folder).endswith('/') else ''} "
-                  f"({', '.join(p.name for p in files)}); {metrics['wall_seconds']['total']:.1f} s in all")
+    console.print(f"run folder: {folder} ({', '.join(p.name for p in files)}); "
+                  f"{metrics['wall_seconds']['total']:.1f} s in all", soft_wrap=True, highlight=False)
     if json_path is not None:
-        console.print(f"metrics written to {json_path}")
+        console.print(f"metrics written to {json_path}", soft_wrap=True, highlight=False)
