@@ -6,8 +6,13 @@ The run, in order:
      shards the model over 4 local CPU ranks, T=2 x X=2 (`--ranks 1`: one
      process, `tedfx.to_moe`);
   3. measure the train and validation loss on fixed batches;
-  4. train with AdamW (warmup, cosine decay), showing loss and MoE aux loss;
+  4. train with AdamW (warmup, cosine decay), showing loss, MoE aux loss,
+     tokens/s and the bytes rank 0 sent, and keeping them per step (with the
+     validation loss every `eval_every` steps) for the loss curves;
   5. measure the losses again and generate a text sample.
+
+`tedfx.demo_outputs` runs this, then compares with the dense model and writes
+the run folder (docs/demo.md).
 
 The training step is `lm_loss(model, batch) -> loss` and the data come from
 `tedfx.data.get_batch`; a parallel run swaps the model for the rank's
