@@ -31,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
                                       "parallelism on 4 local CPU ranks (tedfx.parallelize), on the "
                                       "public-domain corpus shipped with tedfx (a few minutes on two CPU "
                                       "cores).")
-    demo.add_argument("--steps", type=int, default=None, help="optimizer steps (default 200; 4 with --quick)")
+    demo.add_argument("--steps", type=int, default=None, help="optimizer steps (default 150; 4 with --quick)")
     demo.add_argument("--seed", type=int, default=0, help="seed of the model, the data and the sample")
     demo.add_argument("--quick", action="store_true", help="a few small steps: checks the pipeline in seconds")
     demo.add_argument("--out", metavar="DIR", default=None,

@@ -54,7 +54,7 @@ LossFn = Callable[[nn.Module, Batch], torch.Tensor]
 class DemoConfig:
     """Everything one demo run depends on; the run is a function of this config."""
 
-    steps: int = 200
+    steps: int = 150
     """Optimizer steps."""
     batch_size: int = 32
     """Windows per step (B), over all data-parallel token groups."""
@@ -76,7 +76,7 @@ class DemoConfig:
     """Linear warmup steps."""
     eval_batches: int = 4
     """Fixed batches per split for each loss measured (4 x 32 windows of 64 bytes: about the validation split)."""
-    eval_every: int = 50
+    eval_every: int = 30
     """Steps between two validation losses of the loss curve (0: only before and after training)."""
     sample_bytes: int = 200
     """Length of the generated sample."""
