@@ -13,13 +13,15 @@
 
 The dense run the cache holds was made by `tedfx demo --dense-baseline refresh`
 with the config it is keyed by; any change to a field the dense run depends on
-(steps, batch, model size, learning rate, data, seed, ...) changes the key, so
-a stale curve is never shown: the dense model is trained instead.
+(steps, batch, model size, learning rate, data, seed, ...) or to the code of the
+model, the data or the training loop changes the key, so a stale curve is never
+shown: the dense model is trained instead (docs/demo.md, "The dense baseline").
 """
 
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import math
 import time
@@ -33,7 +35,9 @@ import torch
 from rich.console import Console
 
 import tedfx
+from tedfx import data, demo
 from tedfx.demo import DemoConfig, build_model, run_demo
+from tedfx.models import nanogpt
 
 __all__ = ["BaselineMode", "BASELINE_MODES", "baseline_key", "cached_dense_run", "dense_baseline", "compare",
            "plot_loss_curves", "write_run_folder", "run_with_outputs", "default_run_dir"]
@@ -51,10 +55,14 @@ MOE_COLOR, DENSE_COLOR = "#7c3aed", "#4b5563"
 
 
 def baseline_key(cfg: DemoConfig) -> str:
-    """A hash of everything the dense run of `cfg` depends on: the config fields that matter and the corpus."""
+    """A hash of everything the dense run of `cfg` depends on: the config fields that matter, the corpus, and
+    the code of the model, the data and the training loop (a change to any of them makes the cached run stale)."""
     fields = {k: v for k, v in asdict(cfg).items() if k not in _NOT_IN_DENSE_RUN}
     corpus = resources.files("tedfx.data").joinpath("corpus.txt").read_bytes()
-    text = json.dumps({"config": fields, "corpus": hashlib.sha256(corpus).hexdigest()}, sort_keys=True)
+    code = "".join(inspect.getsource(obj) for obj in (
+        nanogpt, data, demo.build_model, demo.lm_loss, demo.evaluate, demo._lr_lambda, demo.train_step, demo.train))
+    text = json.dumps({"config": fields, "corpus": hashlib.sha256(corpus).hexdigest(),
+                       "code": hashlib.sha256(code.encode()).hexdigest()}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -108,8 +116,9 @@ def dense_baseline(cfg: DemoConfig, mode: BaselineMode, console: Console) -> dic
                           f"torch {cached.get('torch', '?')})")
             return cached
         if mode == "cached":
-            raise LookupError(f"no cached dense run for this config (key {baseline_key(cfg)}); tedfx ships "
-                              f"{len(_read_cache())} (the default config's): use --dense-baseline run")
+            raise LookupError(f"no cached dense run for this config (key {baseline_key(cfg)}); tedfx ships dense "
+                              f"runs for {len(_read_cache())} config(s), the default one among them: train the "
+                              f"dense model instead (mode 'run' or 'auto')")
         console.print(f"dense baseline: no cached run for this config (key {baseline_key(cfg)}); "
                       f"training the dense model now, in this process")
     dense_cfg = replace(cfg, dense=True, ranks=1, sample_bytes=0)
