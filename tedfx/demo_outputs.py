@@ -121,6 +121,8 @@ def dense_baseline(cfg: DemoConfig, mode: BaselineMode, console: Console) -> dic
                               f"dense model instead (mode 'run' or 'auto')")
         console.print(f"dense baseline: no cached run for this config (key {baseline_key(cfg)}); "
                       f"training the dense model now, in this process")
+    else:
+        console.print(f"dense baseline: training the dense model now, in this process (mode {mode!r})")
     dense_cfg = replace(cfg, dense=True, ranks=1, sample_bytes=0)
     metrics = _slim(run_demo(dense_cfg, console=console))
     metrics.update(source="run", key=baseline_key(cfg), torch=torch.__version__.split("+")[0],

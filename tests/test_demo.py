@@ -142,7 +142,7 @@ def test_the_dense_baseline_shipped_is_the_default_configs_and_keyed_by_what_it_
     # The MoE's, the layout's and the sample's fields do not change the dense run; the rest does.
     assert baseline_key(replace(cfg, num_experts=8, top_k=1, ranks=1, tensor=1, threads=2, sample_bytes=5)) == \
         baseline_key(cfg)
-    for change in ({"lr": 1e-3}, {"steps": 299}, {"seed": 1}, {"n_embd": 64}, {"eval_batches": 4}):
+    for change in ({"lr": 1e-3}, {"steps": 299}, {"seed": 1}, {"n_embd": 64}, {"eval_batches": 8}):
         assert baseline_key(replace(cfg, **change)) != baseline_key(cfg), change
 
 
