@@ -265,6 +265,16 @@ def run_with_outputs(cfg: DemoConfig, out_dir: str | Path, *, baseline: Baseline
         >>> metrics["comparison"]["val"]["moe_below_dense"]
     """
     console = console or Console()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(cfg.threads)  # the report and the dense run in this process: see DemoConfig.threads
+    try:
+        return _run_with_outputs(cfg, Path(out_dir), baseline, console, json_path)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run_with_outputs(cfg: DemoConfig, out_dir: Path, baseline: BaselineMode, console: Console,
+                      json_path: str | Path | None) -> dict[str, Any]:
     t0 = time.perf_counter()
     # The report is made while the ranks train: this process only waits for them, and the rewrite takes
     # seconds. A run in this process (--ranks 1, --dense) makes it afterwards instead.
@@ -290,7 +300,7 @@ def run_with_outputs(cfg: DemoConfig, out_dir: str | Path, *, baseline: Baseline
     wall["total"] = time.perf_counter() - t0
     metrics["wall_seconds"] = wall
     text = json.dumps(metrics, indent=1) + "\n"
-    files.append(_write(Path(out_dir) / "metrics.json", text))
+    files.append(_write(out_dir / "metrics.json", text))
     if json_path is not None:
         _write(Path(json_path), text)
     _print_summary(console, metrics, files, json_path)
