@@ -43,6 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
                            "this config, or trains the dense model when there is none; run always trains it; "
                            "cached only takes the shipped one; refresh trains it and stores it as the shipped one")
     demo.add_argument("--dense", action="store_true", help="train the dense model instead, as a baseline")
+    demo.add_argument("--no-report", action="store_true",
+                      help="skip the report (graph.svg, report.html, report.json): saves tedfx.explain's seconds")
     demo.add_argument("--ranks", type=int, default=4,
                       help="local CPU ranks (default 4, with --tensor 2 --expert 2); 1 runs in one process")
     demo.add_argument("--tensor", type=int, default=2, help="tensor-parallel degree T (default 2)")
@@ -134,7 +136,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     if args.dense_baseline == "cached" and not cfg.dense and cached_dense_run(cfg) is None:
         raise UsageError(f"--dense-baseline cached: tedfx ships no dense run for this config (key "
                          f"{baseline_key(cfg)}); use --dense-baseline run (or auto) to train the dense model too")
-    run_with_outputs(cfg, args.out or default_run_dir(), baseline=args.dense_baseline, json_path=args.json)
+    run_with_outputs(cfg, args.out or default_run_dir(), baseline=args.dense_baseline, json_path=args.json,
+                     report=not args.no_report)
     return 0
 
 

@@ -257,8 +257,11 @@ def _write(path: Path, text: str) -> Path:
 
 
 def run_with_outputs(cfg: DemoConfig, out_dir: str | Path, *, baseline: BaselineMode = "auto",
-                     console: Console | None = None, json_path: str | Path | None = None) -> dict[str, Any]:
+                     console: Console | None = None, json_path: str | Path | None = None, report: bool = True
+                     ) -> dict[str, Any]:
     """`tedfx demo`: run the demo, get the dense baseline, write the run folder; returns the metrics written.
+
+    `report=False` skips `tedfx.explain` and its files (graph.svg, report.html, report.json).
 
     Example:
         >>> metrics = run_with_outputs(QUICK, "runs/quick", baseline="run")
@@ -268,18 +271,18 @@ def run_with_outputs(cfg: DemoConfig, out_dir: str | Path, *, baseline: Baseline
     threads = torch.get_num_threads()
     torch.set_num_threads(cfg.threads)  # the report and the dense run in this process: see DemoConfig.threads
     try:
-        return _run_with_outputs(cfg, Path(out_dir), baseline, console, json_path)
+        return _run_with_outputs(cfg, Path(out_dir), baseline, console, json_path, report and not cfg.dense)
     finally:
         torch.set_num_threads(threads)
 
 
 def _run_with_outputs(cfg: DemoConfig, out_dir: Path, baseline: BaselineMode, console: Console,
-                      json_path: str | Path | None) -> dict[str, Any]:
+                      json_path: str | Path | None, want_report: bool) -> dict[str, Any]:
     t0 = time.perf_counter()
     # The report is made while the ranks train: this process only waits for them, and the rewrite takes
     # seconds. A run in this process (--ranks 1, --dense) makes it afterwards instead.
     with ThreadPoolExecutor(max_workers=1) as pool:
-        report_job = pool.submit(_explain, cfg) if cfg.ranks > 1 and not cfg.dense else None
+        report_job = pool.submit(_explain, cfg) if want_report and cfg.ranks > 1 else None
         metrics = run_demo(cfg, console=console)
         wall = {"demo": time.perf_counter() - t0}
         t1 = time.perf_counter()
@@ -293,7 +296,7 @@ def _run_with_outputs(cfg: DemoConfig, out_dir: Path, baseline: BaselineMode, co
     metrics["dense"] = dense
     metrics["comparison"] = compare(metrics, dense) if dense is not None else None
     t2 = time.perf_counter()
-    if report is None and not cfg.dense:
+    if report is None and want_report:
         report = _explain(cfg)
     files = write_run_folder(out_dir, metrics, report)
     wall["report_and_outputs"] = time.perf_counter() - t2

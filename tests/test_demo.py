@@ -7,7 +7,7 @@ import json
 import math
 import subprocess
 import sys
-from dataclasses import replace
+from dataclasses import asdict, replace
 
 import pytest
 import torch
@@ -66,8 +66,11 @@ def test_train_and_val_splits_partition_the_corpus() -> None:
 
 def test_demo_quick_runs_end_to_end_and_writes_the_run_folder(tmp_path) -> None:
     out, path = tmp_path / "run", tmp_path / "metrics.json"
+    # --no-report: tedfx.explain is tested by test_inspect_draws_the_rewritten_graph, its files in the run folder
+    # by test_the_run_folder_holds_the_report_and_the_graph_picture.
     proc = subprocess.run([sys.executable, "-m", "tedfx.cli", "demo", "--quick", "--out", str(out), "--json",
-                           str(path), "--dense-baseline", "run"], capture_output=True, text=True, timeout=300)
+                           str(path), "--dense-baseline", "run", "--no-report"], capture_output=True, text=True,
+                          timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "sample" in proc.stdout and "MoE GPT" in proc.stdout
     # By default the demo runs T=2 x X=2 on 4 local ranks and shows the last step's collectives.
@@ -121,12 +124,26 @@ def test_demo_quick_runs_end_to_end_and_writes_the_run_folder(tmp_path) -> None:
         rgb = torch.tensor([int(color[i:i + 2], 16) / 255 for i in (1, 3, 5)])
         near = (torch.from_numpy(pixels.copy()) - rgb).abs().amax(dim=-1) < 0.03
         assert int(near.sum()) > 200, color
-    # The rewritten graph, as a picture and in the report.
-    svg = (out / "graph.svg").read_text()
-    assert svg.lstrip().startswith("<svg") and "all_to_all" in svg
-    assert "<svg" in (out / "report.html").read_text()
-    report = json.loads((out / "report.json").read_text())
-    assert report["layout"] == "Layout(D=1 x X=2 x T=2 = 4 ranks)" and len(report["blocks"]) == 2
+    assert sorted(p.name for p in out.iterdir()) == ["loss.png", "metrics.json", "sample.txt"]
+
+
+def test_the_run_folder_holds_the_report_and_the_graph_picture(tmp_path) -> None:
+    import tedfx
+    from tedfx.demo_outputs import write_run_folder
+
+    from models import tiny_gpt
+
+    model, inputs = tiny_gpt(n_layer=2)
+    report = tedfx.explain(model, inputs, moe=tedfx.MoEConfig(num_experts=4, layers=[1]))
+    run = {"model": "moe", "steps": 2, "config": asdict(SMALL), "history": {"train_loss": [5.5, 5.0, 4.0]},
+           "val_curve": {"step": [0, 2], "val_loss": [5.5, 4.5]}, "final_train_loss": 4.0, "final_val_loss": 4.5,
+           "sample": "And God said, "}
+    files = write_run_folder(tmp_path, {**run, "dense": {**run, "model": "dense"}}, report)
+    assert [p.name for p in files] == ["loss.png", "graph.svg", "report.html", "report.json", "sample.txt"]
+    svg = (tmp_path / "graph.svg").read_text()
+    assert svg.lstrip().startswith("<svg") and "h.1.mlp" in svg
+    assert "<svg" in (tmp_path / "report.html").read_text()
+    assert [b["path"] for b in json.loads((tmp_path / "report.json").read_text())["blocks"]] == ["h.1.mlp"]
 
 
 def test_the_dense_baseline_shipped_is_the_default_configs_and_keyed_by_what_it_depends_on() -> None:
