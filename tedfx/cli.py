@@ -1,7 +1,7 @@
 """The `tedfx` command: `tedfx demo`, `tedfx inspect` and `tedfx export`.
 
-    tedfx demo                      # MoE GPT learns English on the CPU, a few minutes
-    tedfx demo --quick --json m.json
+    tedfx demo                      # MoE GPT learns English on the CPU; loss curves vs dense in runs/
+    tedfx demo --quick --out runs/quick --json m.json
     tedfx inspect tedfx.models.nanogpt:demo_model --experts 8 --top-k 2
     tedfx inspect tedfx.models.nanogpt:demo_model --tensor 2 --expert 2 --world-size 4 -o report.html
     tedfx inspect tedfx.models.nanogpt:demo_model --tensor 2 --expert 2 --world-size 8 --check
@@ -31,11 +31,20 @@ def build_parser() -> argparse.ArgumentParser:
                                       "parallelism on 4 local CPU ranks (tedfx.parallelize), on the "
                                       "public-domain corpus shipped with tedfx (a few minutes on two CPU "
                                       "cores).")
-    demo.add_argument("--steps", type=int, default=None, help="optimizer steps (default 300; 4 with --quick)")
+    demo.add_argument("--steps", type=int, default=None, help="optimizer steps (default 150; 4 with --quick)")
     demo.add_argument("--seed", type=int, default=0, help="seed of the model, the data and the sample")
     demo.add_argument("--quick", action="store_true", help="a few small steps: checks the pipeline in seconds")
-    demo.add_argument("--json", metavar="PATH", default=None, help="write the metrics to PATH as JSON")
+    demo.add_argument("--out", metavar="DIR", default=None,
+                      help="the run folder: loss.png, graph.svg, report.html, report.json, metrics.json, "
+                           "sample.txt (default runs/demo-<UTC time>)")
+    demo.add_argument("--json", metavar="PATH", default=None, help="write the metrics to PATH as JSON too")
+    demo.add_argument("--dense-baseline", choices=("auto", "run", "cached", "refresh", "off"), default="auto",
+                      help="the dense run the MoE is compared with: auto (default) takes the run tedfx ships for "
+                           "this config, or trains the dense model when there is none; run always trains it; "
+                           "cached only takes the shipped one; refresh trains it and stores it as the shipped one")
     demo.add_argument("--dense", action="store_true", help="train the dense model instead, as a baseline")
+    demo.add_argument("--no-report", action="store_true",
+                      help="skip the report (graph.svg, report.html, report.json): saves tedfx.explain's seconds")
     demo.add_argument("--ranks", type=int, default=4,
                       help="local CPU ranks (default 4, with --tensor 2 --expert 2); 1 runs in one process")
     demo.add_argument("--tensor", type=int, default=2, help="tensor-parallel degree T (default 2)")
@@ -106,7 +115,8 @@ class UsageError(Exception):
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from tedfx.demo import DemoConfig, quick_config, run_demo
+    from tedfx.demo import DemoConfig, quick_config
+    from tedfx.demo_outputs import baseline_key, cached_dense_run, default_run_dir, run_with_outputs
 
     if args.threads < 1:
         raise UsageError(f"--threads {args.threads}: expected at least 1")
@@ -123,7 +133,11 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         if args.steps < 1:
             raise UsageError(f"--steps {args.steps}: expected at least 1 step")
         cfg = replace(cfg, steps=args.steps, warmup=min(cfg.warmup, args.steps))
-    run_demo(cfg, json_path=args.json)
+    if args.dense_baseline == "cached" and not cfg.dense and cached_dense_run(cfg) is None:
+        raise UsageError(f"--dense-baseline cached: tedfx ships no dense run for this config (key "
+                         f"{baseline_key(cfg)}); use --dense-baseline run (or auto) to train the dense model too")
+    run_with_outputs(cfg, args.out or default_run_dir(), baseline=args.dense_baseline, json_path=args.json,
+                     report=not args.no_report)
     return 0
 
 

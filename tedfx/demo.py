@@ -6,8 +6,13 @@ The run, in order:
      shards the model over 4 local CPU ranks, T=2 x X=2 (`--ranks 1`: one
      process, `tedfx.to_moe`);
   3. measure the train and validation loss on fixed batches;
-  4. train with AdamW (warmup, cosine decay), showing loss and MoE aux loss;
+  4. train with AdamW (warmup, cosine decay), showing loss, MoE aux loss,
+     tokens/s and the bytes rank 0 sent, and keeping them per step (with the
+     validation loss every `eval_every` steps) for the loss curves;
   5. measure the losses again and generate a text sample.
+
+`tedfx.demo_outputs` runs this, then compares with the dense model and writes
+the run folder (docs/demo.md).
 
 The training step is `lm_loss(model, batch) -> loss` and the data come from
 `tedfx.data.get_batch`; a parallel run swaps the model for the rank's
@@ -49,7 +54,7 @@ LossFn = Callable[[nn.Module, Batch], torch.Tensor]
 class DemoConfig:
     """Everything one demo run depends on; the run is a function of this config."""
 
-    steps: int = 300
+    steps: int = 150
     """Optimizer steps."""
     batch_size: int = 32
     """Windows per step (B), over all data-parallel token groups."""
@@ -69,9 +74,11 @@ class DemoConfig:
     """Peak learning rate (after warmup; cosine decay to lr / 10)."""
     warmup: int = 20
     """Linear warmup steps."""
-    eval_batches: int = 8
-    """Fixed batches per split for the start and end losses."""
-    sample_bytes: int = 300
+    eval_batches: int = 4
+    """Fixed batches per split for each loss measured (4 x 32 windows of 64 bytes: about the validation split)."""
+    eval_every: int = 30
+    """Steps between two validation losses of the loss curve (0: only before and after training)."""
+    sample_bytes: int = 200
     """Length of the generated sample."""
     prompt: str = "And God said, "
     seed: int = 0
@@ -100,7 +107,7 @@ class DemoConfig:
                                expert_noise=self.expert_noise, seed=self.seed)
 
 
-QUICK = DemoConfig(steps=4, batch_size=8, eval_batches=1, sample_bytes=32, warmup=2)
+QUICK = DemoConfig(steps=4, batch_size=8, eval_batches=1, eval_every=2, sample_bytes=32, warmup=2)
 """A smoke run of the whole pipeline in seconds (`tedfx demo --quick`)."""
 
 
@@ -169,36 +176,71 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: Batch,
 
 def train(model: nn.Module, cfg: DemoConfig, console: Console, loss_fn: LossFn = lm_loss, *,
           token_group: int = 0, token_groups: int = 1) -> dict[str, Any]:
-    """`cfg.steps` AdamW steps on train batches, with a progress bar; returns the last losses and seconds.
+    """`cfg.steps` AdamW steps on train batches, with a progress bar; returns the losses, curves and seconds.
 
     Each of the `token_groups` data-parallel token groups trains on its own stream of
-    batch_size / token_groups windows (this rank's is `token_group`).
+    batch_size / token_groups windows (this rank's is `token_group`). Every
+    `cfg.eval_every` steps the validation loss is measured (not counted in the
+    training seconds). Returns the last step's loss and aux loss, `history`
+    (one entry per step: train_loss, aux_loss, seconds, tokens_per_second,
+    comm_bytes = bytes this rank sent into collectives), `val_curve` (the
+    validation losses measured during training) and train_seconds.
     """
     batch_size = cfg.batch_size // token_groups
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg))
     data_gen = torch.Generator().manual_seed(cfg.seed * 1000 + token_group)
-    loss, aux = math.nan, math.nan
-    columns = (TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
-               TextColumn("loss {task.fields[loss]:.4f}  aux {task.fields[aux]:.4f}"),
-               TimeElapsedColumn(), TimeRemainingColumn())
-    t0 = time.perf_counter()
-    with Progress(*columns, console=console) as progress:
-        task = progress.add_task("train", total=cfg.steps, loss=math.nan, aux=math.nan)
+    stats = model.comm_stats() if hasattr(model, "comm_stats") else None
+    history: dict[str, list[float]] = {key: [] for key in ("train_loss", "aux_loss", "seconds",
+                                                           "tokens_per_second", "comm_bytes")}
+    val_curve: dict[str, list[float]] = {"step": [], "val_loss": []}
+    loss, aux, train_seconds, eval_seconds = math.nan, math.nan, 0.0, 0.0
+    with Progress(*_progress_columns(), console=console) as progress:
+        task = progress.add_task("train", total=cfg.steps, loss=math.nan, aux=math.nan, speed="", comm="")
         for step in range(cfg.steps):
-            if step == cfg.steps - 1 and hasattr(model, "comm_stats"):
-                model.comm_stats().reset()  # count the collectives of one (the last) step
+            if step == cfg.steps - 1 and stats is not None:
+                stats.reset()  # the table printed at the end counts the collectives of one (the last) step
+            sent_before = stats.nbytes() if stats is not None else 0
+            t0 = time.perf_counter()
             batch = get_batch("train", batch_size, cfg.block_size, data_gen)
             loss = train_step(model, optimizer, batch, loss_fn)
             schedule.step()
+            seconds = time.perf_counter() - t0
+            train_seconds += seconds
             aux = aux_loss_per_block(model)
-            progress.update(task, advance=1, loss=loss, aux=aux)
-    out: dict[str, Any] = {"last_step_loss": loss, "last_step_aux_loss": aux,
-                           "train_seconds": time.perf_counter() - t0}
-    if hasattr(model, "comm_stats"):
-        out["last_step_collectives"] = [list(row) for row in model.comm_stats().table()]
-        out["last_step_collectives_table"] = str(model.comm_stats())
+            sent = stats.nbytes() - sent_before if stats is not None else 0
+            for key, value in (("train_loss", loss), ("aux_loss", aux), ("seconds", seconds),
+                               ("tokens_per_second", cfg.batch_size * cfg.block_size / seconds),
+                               ("comm_bytes", sent)):
+                history[key].append(value)
+            progress.update(task, advance=1, loss=loss, aux=aux,
+                            speed=f"{history['tokens_per_second'][-1]:,.0f} tok/s",
+                            comm=f"{_megabytes(sent)}/step sent" if stats is not None else "")
+            if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:
+                t_eval = time.perf_counter()
+                val_curve["step"].append(step + 1)
+                val_curve["val_loss"].append(evaluate(model, "val", cfg, loss_fn))
+                eval_seconds += time.perf_counter() - t_eval
+    out: dict[str, Any] = {"last_step_loss": loss, "last_step_aux_loss": aux, "train_seconds": train_seconds,
+                           "eval_seconds_during_training": eval_seconds, "history": history,
+                           "val_curve": val_curve}
+    if stats is not None:
+        out["comm_bytes_total"] = sum(history["comm_bytes"])
+        out["last_step_collectives"] = [list(row) for row in stats.table()]
+        out["last_step_collectives_table"] = str(stats)
     return out
+
+
+def _progress_columns() -> tuple[Any, ...]:
+    """The training bar: steps, loss, aux loss, tokens/s and the bytes this rank sent in the last step."""
+    return (TextColumn("[bold]train"), BarColumn(bar_width=12), MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]:.3f} aux {task.fields[aux]:.2f} {task.fields[speed]} "
+                       "{task.fields[comm]}"),
+            TimeElapsedColumn(), TimeRemainingColumn())
+
+
+def _megabytes(nbytes: float) -> str:
+    return f"{nbytes / 1e6:.2f} MB"
 
 
 def aux_loss_per_block(model: nn.Module) -> float:
@@ -273,16 +315,23 @@ def _run_demo(cfg: DemoConfig, console: Console, json_path: str | Path | None) -
     # 5. Losses after training, and a sample.
     metrics["final_train_loss"] = evaluate(model, "train", cfg)
     metrics["final_val_loss"] = evaluate(model, "val", cfg)
+    curve = metrics["val_curve"]
+    curve["step"] = [0, *curve["step"], cfg.steps]
+    curve["val_loss"] = [metrics["initial_val_loss"], *curve["val_loss"], metrics["final_val_loss"]]
     console.print(f"step {cfg.steps}: train loss {metrics['final_train_loss']:.4f}, "
                   f"val loss {metrics['final_val_loss']:.4f}")
+    t_sample = time.perf_counter()
     sample = generate(model, cfg.prompt, cfg.sample_bytes, block_size=cfg.block_size,
                       generator=torch.Generator().manual_seed(cfg.seed))
-    console.rule("sample")
-    console.print(sample, markup=False, highlight=False)
-    console.rule()
+    metrics["sample_seconds"] = time.perf_counter() - t_sample
+    if cfg.sample_bytes:
+        console.rule("sample")
+        console.print(sample, markup=False, highlight=False)
+        console.rule()
 
     train_seconds = metrics["train_seconds"]
     metrics.update(
+        model="dense" if cfg.dense else "moe",
         steps=cfg.steps,
         seconds=time.perf_counter() - t_start,
         tokens_per_second=cfg.steps * cfg.batch_size * cfg.block_size / train_seconds if train_seconds else 0.0,
@@ -310,4 +359,4 @@ def _count(model: nn.Module) -> str:
 def quick_config(cfg: DemoConfig) -> DemoConfig:
     """`cfg` cut down to QUICK's sizes, keeping its seed and model."""
     return replace(cfg, steps=QUICK.steps, batch_size=QUICK.batch_size, eval_batches=QUICK.eval_batches,
-                   sample_bytes=QUICK.sample_bytes, warmup=QUICK.warmup)
+                   eval_every=QUICK.eval_every, sample_bytes=QUICK.sample_bytes, warmup=QUICK.warmup)

@@ -259,11 +259,25 @@ def test_inspect_check_rows():
     (["--ranks", "0"], "--ranks 0: expected at least 1"),
     (["--ranks", "3", "--tensor", "2"], "--ranks 3 is not a multiple of --tensor 2 x --expert "),
     (["--steps", "0"], "--steps 0: expected at least 1 step"),
-], ids=["threads", "ranks", "ranks-multiple", "steps"])
+    (["--seed", "7", "--dense-baseline", "cached"], "--dense-baseline cached: tedfx ships no dense run for this "
+                                                    "config (key "),
+], ids=["threads", "ranks", "ranks-multiple", "steps", "baseline-not-shipped"])
 def test_demo_arguments(argv, message):
     args = cli.build_parser().parse_args(["demo", *argv])
     with pytest.raises(cli.UsageError, match=f"^{re.escape(message)}"):
         args.func(args)
+
+
+def test_demo_baseline_rows():
+    from rich.console import Console
+
+    from tedfx.demo import DemoConfig
+    from tedfx.demo_outputs import compare, dense_baseline
+
+    with pytest.raises(LookupError, match=re.escape("no cached dense run for this config (key ")):
+        dense_baseline(DemoConfig(seed=7), "cached", Console(quiet=True))
+    with pytest.raises(ValueError, match=re.escape("the runs differ in steps: MoE 4, dense 300; ")):
+        compare({"steps": 4}, {"steps": 300})
 
 
 def test_demo_data_rows():

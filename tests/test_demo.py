@@ -7,7 +7,7 @@ import json
 import math
 import subprocess
 import sys
-from dataclasses import replace
+from dataclasses import asdict, replace
 
 import pytest
 import torch
@@ -64,16 +64,24 @@ def test_train_and_val_splits_partition_the_corpus() -> None:
 # --- demo -------------------------------------------------------------------------------------------
 
 
-def test_demo_quick_runs_end_to_end_and_writes_metrics(tmp_path) -> None:
-    path = tmp_path / "metrics.json"
-    proc = subprocess.run([sys.executable, "-m", "tedfx.cli", "demo", "--quick", "--json", str(path)],
-                          capture_output=True, text=True, timeout=300)
+def test_demo_quick_runs_end_to_end_and_writes_the_run_folder(tmp_path) -> None:
+    out, path = tmp_path / "run", tmp_path / "metrics.json"
+    # --no-report: tedfx.explain is tested by test_inspect_draws_the_rewritten_graph, its files in the run folder
+    # by test_the_run_folder_holds_the_report_and_the_graph_picture.
+    proc = subprocess.run([sys.executable, "-m", "tedfx.cli", "demo", "--quick", "--out", str(out), "--json",
+                           str(path), "--dense-baseline", "run", "--no-report"], capture_output=True, text=True,
+                          timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "sample" in proc.stdout and "MoE GPT" in proc.stdout
     # By default the demo runs T=2 x X=2 on 4 local ranks and shows the last step's collectives.
     assert "Layout(D=1 x X=2 x T=2 = 4 ranks)" in proc.stdout
     assert "all_to_all" in proc.stdout and "reduce_scatter" in proc.stdout
+    # The bar shows tokens/s and the bytes rank 0 sent; the dense model trains in the same command.
+    assert "tok/s" in proc.stdout and "MB/step sent" in proc.stdout
+    assert "training the dense model now" in proc.stdout and "MoE vs dense (run now) after 4 equal steps" in proc.stdout
+    assert f"run folder: {out}" in proc.stdout
     metrics = json.loads(path.read_text())
+    assert json.loads((out / "metrics.json").read_text()) == metrics
     assert metrics["steps"] == 4
     for key in ("initial_train_loss", "initial_val_loss", "final_train_loss", "final_val_loss",
                 "seconds", "tokens_per_second"):
@@ -85,6 +93,74 @@ def test_demo_quick_runs_end_to_end_and_writes_metrics(tmp_path) -> None:
     kinds = {(kind, axis) for kind, axis, *_ in metrics["last_step_collectives"]}
     assert {("all_to_all", "ep"), ("all_gather", "tp"), ("all_reduce", "dp")} <= kinds
     assert metrics["sample"].startswith(metrics["config"]["prompt"])
+    assert (out / "sample.txt").read_text() == metrics["sample"] + "\n"
+
+    # Per step: losses, tokens/s and bytes sent; the last step's bytes are the collectives' table.
+    moe, dense = metrics, metrics["dense"]
+    assert {len(v) for v in moe["history"].values()} == {4}
+    assert moe["history"]["comm_bytes"][-1] == sum(row[4] for row in moe["last_step_collectives"]) > 0
+    assert moe["comm_bytes_total"] == sum(moe["history"]["comm_bytes"])
+    # Both models' curves, at equal steps, and their comparison.
+    assert dense["model"] == "dense" and dense["source"] == "run" and dense["steps"] == 4
+    assert len(dense["history"]["train_loss"]) == len(moe["history"]["train_loss"]) == 4
+    assert dense["val_curve"]["step"] == moe["val_curve"]["step"] == [0, 2, 4]
+    assert len(moe["val_curve"]["val_loss"]) == len(dense["val_curve"]["val_loss"]) == 3
+    assert moe["val_curve"]["val_loss"][-1] == moe["final_val_loss"]
+    for split in ("train", "val"):
+        row = metrics["comparison"][split]
+        assert row["moe"] == moe[f"final_{split}_loss"] and row["dense"] == dense[f"final_{split}_loss"]
+        assert row["moe_below_dense"] == (row["moe"] < row["dense"])
+    assert set(metrics["wall_seconds"]) >= {"demo", "dense_baseline", "report_and_outputs", "total"}
+
+    # The picture holds both curves: pixels of the MoE's and of the dense model's colour.
+    from matplotlib.image import imread
+
+    from tedfx.demo_outputs import DENSE_COLOR, MOE_COLOR
+
+    png = (out / "loss.png").read_bytes()
+    assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 20_000
+    pixels = imread(out / "loss.png")[..., :3]
+    for color in (MOE_COLOR, DENSE_COLOR):
+        rgb = torch.tensor([int(color[i:i + 2], 16) / 255 for i in (1, 3, 5)])
+        near = (torch.from_numpy(pixels.copy()) - rgb).abs().amax(dim=-1) < 0.03
+        assert int(near.sum()) > 200, color
+    assert sorted(p.name for p in out.iterdir()) == ["loss.png", "metrics.json", "sample.txt"]
+
+
+def test_the_run_folder_holds_the_report_and_the_graph_picture(tmp_path) -> None:
+    import tedfx
+    from tedfx.demo_outputs import write_run_folder
+
+    from models import tiny_gpt
+
+    model, inputs = tiny_gpt(n_layer=2)
+    report = tedfx.explain(model, inputs, moe=tedfx.MoEConfig(num_experts=4, layers=[1]))
+    run = {"model": "moe", "steps": 2, "config": asdict(SMALL), "history": {"train_loss": [5.5, 5.0, 4.0]},
+           "val_curve": {"step": [0, 2], "val_loss": [5.5, 4.5]}, "final_train_loss": 4.0, "final_val_loss": 4.5,
+           "sample": "And God said, "}
+    files = write_run_folder(tmp_path, {**run, "dense": {**run, "model": "dense"}}, report)
+    assert [p.name for p in files] == ["loss.png", "graph.svg", "report.html", "report.json", "sample.txt"]
+    svg = (tmp_path / "graph.svg").read_text()
+    assert svg.lstrip().startswith("<svg") and "h.1.mlp" in svg
+    assert "<svg" in (tmp_path / "report.html").read_text()
+    assert [b["path"] for b in json.loads((tmp_path / "report.json").read_text())["blocks"]] == ["h.1.mlp"]
+
+
+def test_the_dense_baseline_shipped_is_the_default_configs_and_keyed_by_what_it_depends_on() -> None:
+    from tedfx.demo_outputs import baseline_key, cached_dense_run
+
+    cfg = DemoConfig()
+    cached = cached_dense_run(cfg)
+    assert cached is not None, "no dense run shipped for DemoConfig(): run tedfx demo --dense-baseline refresh"
+    assert cached["source"] == "cached" and cached["steps"] == cfg.steps and cached["model"] == "dense"
+    assert len(cached["history"]["train_loss"]) == cfg.steps
+    assert cached["val_curve"]["step"] == [0, *range(cfg.eval_every, cfg.steps, cfg.eval_every), cfg.steps]
+    assert cached["val_curve"]["val_loss"][-1] == cached["final_val_loss"]
+    # The MoE's, the layout's and the sample's fields do not change the dense run; the rest does.
+    assert baseline_key(replace(cfg, num_experts=8, top_k=1, ranks=1, tensor=1, threads=2, sample_bytes=5)) == \
+        baseline_key(cfg)
+    for change in ({"lr": 1e-3}, {"steps": 299}, {"seed": 1}, {"n_embd": 64}, {"eval_batches": 8}):
+        assert baseline_key(replace(cfg, **change)) != baseline_key(cfg), change
 
 
 def test_demo_is_deterministic_for_a_seed() -> None:
