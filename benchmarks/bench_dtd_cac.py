@@ -153,11 +153,11 @@ def _token_group(cfg: BenchConfig, layout: Layout, rank: int) -> tuple[torch.Ten
     return tokens, targets
 
 
-def _tedfx_runner(model: GPT, spec: RunSpec, variant: str, tokens, targets) -> tuple[_Runner, Any]:
-    cfg = spec.config
-    pm = tedfx.parallelize(model, (tokens,), moe=cfg.moe(), parallel=cfg.parallel(spec.tensor, spec.expert, variant),
-                           check_inputs=False)  # the per-call shape check is an extra collective
-    opt = torch.optim.AdamW(pm.parameters(), lr=cfg.lr)
+def tedfx_runner(model: GPT, tokens, targets, *, moe: tedfx.MoEConfig, parallel: tedfx.ParallelConfig, lr: float,
+                 **parallelize_kwargs: Any) -> tuple[_Runner, Any]:
+    """A training step of `tedfx.parallelize(model, ...)` with AdamW, and its ParallelModule."""
+    pm = tedfx.parallelize(model, (tokens,), moe=moe, parallel=parallel, **parallelize_kwargs)
+    opt = torch.optim.AdamW(pm.parameters(), lr=lr)
 
     def step() -> float:
         opt.zero_grad(set_to_none=True)
@@ -170,14 +170,15 @@ def _tedfx_runner(model: GPT, spec: RunSpec, variant: str, tokens, targets) -> t
     return _Runner(step, stats.reset, lambda: [list(row) for row in stats.table()]), pm
 
 
-def _deepspeed_runner(model: GPT, spec: RunSpec, tokens, targets) -> _Runner:
+def deepspeed_runner(model: GPT, tokens, targets, *, moe: tedfx.MoEConfig, tensor: int, expert: int,
+                     checkpoint_blocks: bool, lr: float) -> _Runner:
+    """A training step of the same GPT on DeepSpeed-MoE (peers.py), gradients averaged as its engine does."""
     import peers
 
-    cfg = spec.config
     with contextlib.redirect_stdout(io.StringIO()):  # DeepSpeed prints its group creation on every rank
-        ds = peers.build_deepspeed_moe(model, moe=cfg.moe(), tensor=spec.tensor, expert=spec.expert,
-                                       checkpoint_blocks=True)
-    opt = torch.optim.AdamW(ds.parameters(), lr=cfg.lr)
+        ds = peers.build_deepspeed_moe(model, moe=moe, tensor=tensor, expert=expert,
+                                       checkpoint_blocks=checkpoint_blocks)
+    opt = torch.optim.AdamW(ds.parameters(), lr=lr)
 
     def step() -> float:
         opt.zero_grad(set_to_none=True)
@@ -249,24 +250,27 @@ def run_rank(spec: RunSpec) -> dict[str, Any] | None:
     pm = None
     for variant in VARIANTS:
         t0 = time.perf_counter()
-        runners[variant], pm = _tedfx_runner(model, spec, variant, tokens, targets)
+        runners[variant], pm = tedfx_runner(model, tokens, targets, moe=cfg.moe(), lr=cfg.lr,
+                                            parallel=cfg.parallel(spec.tensor, spec.expert, variant),
+                                            check_inputs=False)  # the per-call shape check is an extra collective
         build_s[variant] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    runners[PEER] = _deepspeed_runner(model, spec, tokens, targets)
+    runners[PEER] = deepspeed_runner(model, tokens, targets, moe=cfg.moe(), tensor=spec.tensor, expert=spec.expert,
+                                     checkpoint_blocks=True, lr=cfg.lr)
     build_s[PEER] = time.perf_counter() - t0
     probe = _probe_links(pm.mesh.groups())
     rec = _time_rounds(runners, cfg)
     return {"rank": rank, "build_s": build_s, "probe": probe, "runs": rec} if rank == 0 else None
 
 
-def _worker_main(spec_path: str) -> None:
-    """Entry of a rank started by hand in an emulated node: RANK, WORLD_SIZE, ... come from the environment."""
+def worker_main(spec_path: str, load_spec: Callable[[dict], Any], run: Callable[[Any], Any]) -> None:
+    """Entry of a rank started by hand in an emulated node (RANK, WORLD_SIZE, ... from the environment): runs
+    `run(spec)` and writes rank 0's result where the spec's `result_path` says."""
     with open(spec_path) as fh:
-        raw = json.load(fh)
-    spec = RunSpec(**{**raw, "config": BenchConfig(**raw["config"])})
+        spec = load_spec(json.load(fh))
     tedfx.init_distributed(timeout=LAUNCH_TIMEOUT_S, backend="gloo")
     try:
-        result = run_rank(spec)
+        result = run(spec)
         if result is not None:
             tmp = spec.result_path + ".tmp"
             with open(tmp, "w") as fh:
@@ -274,6 +278,10 @@ def _worker_main(spec_path: str) -> None:
             os.replace(tmp, spec.result_path)
     finally:
         dist.destroy_process_group()
+
+
+def _worker_main(spec_path: str) -> None:
+    worker_main(spec_path, lambda raw: RunSpec(**{**raw, "config": BenchConfig(**raw["config"])}), run_rank)
 
 
 # --- Launching ---------------------------------------------------------------------------------
@@ -293,21 +301,27 @@ def _launch_loopback(spec: RunSpec) -> dict[str, Any]:
     return results[0]
 
 
-def _launch_emulated(spec: RunSpec, cluster: netem.Cluster) -> dict[str, Any]:
-    """Start each rank in its node's namespace (torchrun's environment) and read rank 0's result."""
-    layout = Layout.build(spec.world, spec.config.parallel(spec.tensor, spec.expert, "baseline"))
-    if layout.expert % 2:
-        raise ValueError(f"X={layout.expert} is odd: the emulated cluster splits every expert group over 2 nodes.")
-    with tempfile.TemporaryDirectory(prefix="bench-dtd-cac-") as tmp:
+def launch_emulated(script: str, spec: Any, nodes: list[int], cluster: netem.Cluster, master_port: int,
+                    prefix: str) -> dict[str, Any]:
+    """Start rank r of `script --worker SPEC` in node `nodes[r]`'s namespace (torchrun's environment) and return
+    rank 0's result. `spec` is a dataclass with a `result_path` field."""
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
         spec = replace(spec, result_path=os.path.join(tmp, "result.json"))
         spec_path = os.path.join(tmp, "spec.json")
         with open(spec_path, "w") as fh:
             json.dump(asdict(spec), fh)
-        netem.run_ranks(cluster, [sys.executable, str(Path(__file__).resolve()), "--worker", spec_path],
-                        [node_of_rank(r, layout) for r in range(spec.world)], master_port=MASTER_PORT,
+        netem.run_ranks(cluster, [sys.executable, script, "--worker", spec_path], nodes, master_port=master_port,
                         timeout_s=LAUNCH_TIMEOUT_S, log_dir=tmp)
         with open(spec.result_path) as fh:
             return json.load(fh)
+
+
+def _launch_emulated(spec: RunSpec, cluster: netem.Cluster) -> dict[str, Any]:
+    layout = Layout.build(spec.world, spec.config.parallel(spec.tensor, spec.expert, "baseline"))
+    if layout.expert % 2:
+        raise ValueError(f"X={layout.expert} is odd: the emulated cluster splits every expert group over 2 nodes.")
+    return launch_emulated(str(Path(__file__).resolve()), spec, [node_of_rank(r, layout) for r in range(spec.world)],
+                           cluster, MASTER_PORT, "bench-dtd-cac-")
 
 
 # --- Prediction and summary ------------------------------------------------------------------------

@@ -29,13 +29,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import io
 import json
 import os
 import platform
 import statistics
 import sys
-import tempfile
 import time
 import warnings
 from dataclasses import asdict, dataclass, replace
@@ -44,10 +42,9 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 import tedfx
-from tedfx.models.nanogpt import GPT, GPTConfig
+from tedfx.models.nanogpt import GPT
 from tedfx.runtime.mesh import Layout
 
 HERE = Path(__file__).resolve().parent
@@ -66,33 +63,21 @@ MASTER_PORT = 29533
 
 
 @dataclass(frozen=True, kw_only=True)
-class StepConfig:
+class StepConfig(common.BenchConfig):
+    """bench_dtd_cac's config with this benchmark's sizes: block 0 keeps its dense FFN, block 1's becomes the
+    MoE block (MoEConfig.layers="every_other")."""
+
     n_embd: int = 256
     n_head: int = 4
-    n_layer: int = 2
-    """Block 0 keeps its dense FFN, block 1's becomes the MoE block (MoEConfig.layers="every_other")."""
-    ffn_mult: int = 4
     num_experts: int = 4
-    top_k: int = 2
     capacity_factor: float = 1.0
-    batch: int = 4
-    seq: int = 128
-    warmup_rounds: int = 2
-    rounds: int = 8
-    lr: float = 1e-4
-    seed: int = 0
     modes: tuple[str, ...] = MODES
     """Activation checkpointing modes to run."""
 
-    def gpt(self) -> GPTConfig:
-        return GPTConfig(block_size=self.seq, n_layer=self.n_layer, n_head=self.n_head, n_embd=self.n_embd,
-                         ffn_mult=self.ffn_mult)
-
     def moe(self) -> tedfx.MoEConfig:
-        return tedfx.MoEConfig(num_experts=self.num_experts, top_k=self.top_k, capacity_factor=self.capacity_factor,
-                               layers="every_other", seed=self.seed)
+        return replace(super().moe(), layers="every_other")
 
-    def parallel(self, mode: str, **fields: Any) -> tedfx.ParallelConfig:
+    def parallel(self, mode: str, **fields: Any) -> tedfx.ParallelConfig:  # type: ignore[override]
         return tedfx.ParallelConfig(tensor=TENSOR, expert=EXPERT, activation_checkpointing=mode,
                                     timeout=common.LAUNCH_TIMEOUT_S, **fields)
 
@@ -112,42 +97,6 @@ def _name(variant: str, mode: str) -> str:
     return f"{variant}/{mode}"
 
 
-def _tedfx_runner(model: GPT, cfg: StepConfig, mode: str, fields: dict, tokens, targets) -> common._Runner:
-    pm = tedfx.parallelize(model, (tokens,), moe=cfg.moe(), parallel=cfg.parallel(mode, **fields))
-    opt = torch.optim.AdamW(pm.parameters(), lr=cfg.lr)
-
-    def step() -> float:
-        opt.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(pm(tokens).flatten(0, 1), targets.flatten())
-        loss.backward()
-        opt.step()
-        return loss.item()
-
-    stats = pm.comm_stats()
-    return common._Runner(step, stats.reset, lambda: [list(row) for row in stats.table()])
-
-
-def _deepspeed_runner(model: GPT, cfg: StepConfig, mode: str, tokens, targets) -> common._Runner:
-    import peers
-
-    with contextlib.redirect_stdout(io.StringIO()):
-        ds = peers.build_deepspeed_moe(model, moe=cfg.moe(), tensor=TENSOR, expert=EXPERT,
-                                       checkpoint_blocks=mode == "block")
-    opt = torch.optim.AdamW(ds.parameters(), lr=cfg.lr)
-
-    def step() -> float:
-        opt.zero_grad(set_to_none=True)
-        logits, aux = ds(tokens)
-        loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten())
-        (loss + aux).backward()
-        peers.sync_gradients(ds)
-        opt.step()
-        return loss.item()
-
-    counts = peers.all_to_all_counts
-    return common._Runner(step, counts.reset, lambda: {"calls": counts.calls, "bytes": counts.nbytes})
-
-
 def run_rank(spec: Spec) -> dict[str, Any] | None:
     warnings.filterwarnings("ignore", category=FutureWarning)
     torch.set_num_threads(1)
@@ -159,43 +108,27 @@ def run_rank(spec: Spec) -> dict[str, Any] | None:
     tokens, targets = common._token_group(cfg, layout, rank)
     runners = {}
     for mode in cfg.modes:
-        for variant, fields in TEDFX_VARIANTS.items():
-            runners[_name(variant, mode)] = _tedfx_runner(model, cfg, mode, fields, tokens, targets)
-        runners[_name(PEER, mode)] = _deepspeed_runner(model, cfg, mode, tokens, targets)
+        for variant, fields in TEDFX_VARIANTS.items():  # everything else at tedfx's defaults, check_inputs too
+            runners[_name(variant, mode)], _ = common.tedfx_runner(model, tokens, targets, moe=cfg.moe(), lr=cfg.lr,
+                                                                   parallel=cfg.parallel(mode, **fields))
+        runners[_name(PEER, mode)] = common.deepspeed_runner(model, tokens, targets, moe=cfg.moe(), tensor=TENSOR,
+                                                             expert=EXPERT, checkpoint_blocks=mode == "block",
+                                                             lr=cfg.lr)
     rec = common._time_rounds(runners, cfg)
     return {"rank": rank, "runs": rec} if rank == 0 else None
 
 
-def _worker_main(spec_path: str) -> None:
-    with open(spec_path) as fh:
-        raw = json.load(fh)
-    spec = Spec(**{**raw, "config": StepConfig(**{**raw["config"], "modes": tuple(raw["config"]["modes"])})})
-    tedfx.init_distributed(timeout=common.LAUNCH_TIMEOUT_S, backend="gloo")
-    try:
-        result = run_rank(spec)
-        if result is not None:
-            tmp = spec.result_path + ".tmp"
-            with open(tmp, "w") as fh:
-                json.dump(result, fh)
-            os.replace(tmp, spec.result_path)
-    finally:
-        dist.destroy_process_group()
+def _load_spec(raw: dict) -> Spec:
+    return Spec(**{**raw, "config": StepConfig(**{**raw["config"], "modes": tuple(raw["config"]["modes"])})})
 
 
 def _launch(spec: Spec, cluster: netem.Cluster | None) -> dict[str, Any]:
     if cluster is None:
         return tedfx.launch(run_rank, WORLD, spec, timeout=common.LAUNCH_TIMEOUT_S)[0]
     layout = Layout.build(WORLD, spec.config.parallel("none"))
-    with tempfile.TemporaryDirectory(prefix="bench-step-") as tmp:
-        spec = replace(spec, result_path=os.path.join(tmp, "result.json"))
-        spec_path = os.path.join(tmp, "spec.json")
-        with open(spec_path, "w") as fh:
-            json.dump(asdict(spec), fh)
-        netem.run_ranks(cluster, [sys.executable, str(Path(__file__).resolve()), "--worker", spec_path],
-                        [common.node_of_rank(r, layout) for r in range(WORLD)], master_port=MASTER_PORT,
-                        timeout_s=common.LAUNCH_TIMEOUT_S, log_dir=tmp)
-        with open(spec.result_path) as fh:
-            return json.load(fh)
+    return common.launch_emulated(str(Path(__file__).resolve()), spec,
+                                  [common.node_of_rank(r, layout) for r in range(WORLD)], cluster, MASTER_PORT,
+                                  "bench-step-")
 
 
 def _paired(a: list[float], b: list[float]) -> float:
@@ -250,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
-        _worker_main(args.worker)
+        common.worker_main(args.worker, _load_spec, run_rank)
         return 0
     sys.stdout.reconfigure(line_buffering=True)
     cfg = QUICK if args.quick else FULL
