@@ -82,7 +82,7 @@ def shard_experts_pass(gm: fx.GraphModule, *, ctx: PassContext) -> fx.GraphModul
 
 def dtd_applies(parallel) -> bool:
     """Whether drop_duplicate_tokens runs for this layout (tedfx.pipeline.parallel_passes asks the same)."""
-    return bool(parallel.dtd) and parallel.tensor > 1 and parallel.expert > 1
+    return parallel.dtd is True and parallel.tensor > 1 and parallel.expert > 1
 
 
 def _unpack(graph: fx.Graph, roles: dict[str, fx.Node]) -> None:
