@@ -54,6 +54,9 @@ def moe_passes(moe: MoEConfig, *, materialize_experts: bool = True) -> list[Pass
 def parallel_passes(parallel: ParallelConfig) -> list[Pass]:
     """MoE graph -> one rank's TED graph, for this layout and these options."""
     T, X = parallel.tensor, parallel.expert
+    if parallel.dtd == "auto":
+        raise ValueError('ParallelConfig(dtd="auto") reached the pipeline unresolved: call '
+                         "parallel.resolve_dtd(world_size, ranks_per_node) first (the doors do).")
     passes: list[Pass] = []
     if T > 1:
         passes.append(shard_tensor_parallel_pass)
