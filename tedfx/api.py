@@ -166,7 +166,7 @@ def build_parallel_module(
     fetch = _dense_reader(model, dense_state)
     if fetch is None:
         check_same_weights(model, mesh)
-    model, example_inputs, example_kwargs = _at_precision(model, example_inputs, example_kwargs, parallel)
+    model, example_inputs, example_kwargs = at_precision(model, example_inputs, example_kwargs, parallel)
     moe_gm, moe_ctx = pipeline.build_moe_graph(model, example_inputs, moe=moe, example_kwargs=example_kwargs,
                                                lazy=True, fetch_dense=fetch)
     gm, ctx = pipeline.shard_for_rank(moe_gm, moe_ctx, parallel=parallel, coords=mesh.coords)
@@ -242,7 +242,7 @@ def explain(
         parallel.check_supported()
         Layout.build(world_size, parallel)  # a layout that does not fit the world fails before any work
         parallel, dtd_reason = parallel.resolve_dtd(world_size, local_world_size())
-        model, example_inputs, example_kwargs = _at_precision(model, example_inputs, example_kwargs, parallel)
+        model, example_inputs, example_kwargs = at_precision(model, example_inputs, example_kwargs, parallel)
     # One capture: the dense graph is summarised before the MoE passes rewrite it in place.
     dense_gm = pipeline.capture_dense(model, example_inputs, example_kwargs)
     dense_graph = summarize_graph(dense_gm, example_inputs, example_kwargs)
@@ -255,7 +255,7 @@ def explain(
     return report
 
 
-def _at_precision(model: nn.Module, example_inputs: tuple[Any, ...], example_kwargs: dict[str, Any] | None,
+def at_precision(model: nn.Module, example_inputs: tuple[Any, ...], example_kwargs: dict[str, Any] | None,
                   parallel: ParallelConfig) -> tuple[nn.Module, tuple[Any, ...], dict[str, Any] | None]:
     """What to capture: the model itself in fp32, else a 16-bit copy and 16-bit floating example inputs,
     so the graph computes as the model's own code does in 16 bits.
