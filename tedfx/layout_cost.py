@@ -28,6 +28,7 @@ is extrapolated the same way (docs/planner.md, "Layer scaling").
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
@@ -50,6 +51,10 @@ __all__ = ["MEMORY_KEYS", "LayoutCost", "ModelSource", "layout_cost", "scaled"]
 
 MEMORY_KEYS = ("weights", "grads", "master", "optimizer_states", "step_transient", "activations")
 """Bytes per rank, as `LayoutCost.memory` holds them."""
+
+
+Params = list[tuple[str, nn.Parameter, str]]
+"""(name, parameter, data-parallel axis) of a rank, as `grad_sync_params` lists them."""
 
 
 @dataclass
@@ -83,6 +88,8 @@ class ModelSource:
     """The model's depth when `build` can vary it (layer scaling), else None."""
     _graphs: dict[tuple[int | None, str], tuple[fx.GraphModule, PassContext, tuple[Any, ...]]] = \
         field(default_factory=dict)
+    _steps: dict[tuple[Any, ...], tuple[LayoutCost, Params]] = field(default_factory=dict)
+    """Simulated steps by (depth, config without zero, layout): ZeRO changes the optimizer, not the graph."""
 
     def graph(self, depth: int | None, precision: str) -> tuple[fx.GraphModule, PassContext, tuple[Any, ...]]:
         """The MoE graph (experts unbuilt), its context and example inputs at `depth`, captured once."""
@@ -154,9 +161,6 @@ def _no_gc() -> Iterator[None]:
         gc.collect()
 
 
-Params = list[tuple[str, nn.Parameter, str]]
-
-
 def _deepen(params_l0: Params, params_l1: Params, k: int) -> Params:
     """The rank's parameter list at depth L0 + k * (L1 - L0): L1's, with the parameters L1 adds (one period of
     layers) repeated k times where they stand, as shapes on the meta device (the optimizer's grouping, ZeRO
@@ -192,6 +196,16 @@ def _add_training_state(cost: LayoutCost, params: Params, parallel: ParallelConf
 def _simulate(source: ModelSource, depth: int | None, parallel: ParallelConfig,
               layout: Layout) -> tuple[LayoutCost, Params]:
     """One simulated step of rank 0 at `depth`: its collectives, activation peak and FLOPs, and its parameters."""
+    key = (depth, dataclasses.replace(parallel, zero=0), layout)
+    if key not in source._steps:
+        source._steps[key] = _simulate_step(source, depth, parallel, layout)
+    cost, params = source._steps[key]
+    return LayoutCost(comm={k: list(v) for k, v in cost.comm.items()}, memory=dict(cost.memory),
+                      flops=cost.flops), params
+
+
+def _simulate_step(source: ModelSource, depth: int | None, parallel: ParallelConfig,
+                   layout: Layout) -> tuple[LayoutCost, Params]:
     moe_gm, ctx, inputs = source.graph(depth, parallel.precision)
     gm, _ = shard_for_rank(moe_gm, ctx, parallel=parallel, coords=layout.coords(0), materialize=False)
     run = FakeRun(gm, device_of(inputs, moe_gm))
