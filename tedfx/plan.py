@@ -216,8 +216,9 @@ class Plan:
         return json.dumps(self.to_dict(), indent=indent)
 
     def __str__(self) -> str:
-        from rich.console import Console
         import io
+
+        from rich.console import Console
 
         buf = io.StringIO()
         console = Console(file=buf, width=160, force_terminal=False, color_system=None)
@@ -316,7 +317,7 @@ def plan(
     """Rank the layouts (T, X, D) and options of a model on a cluster by predicted step time.
 
     Args:
-        model: a preset name (`tedfx.plan.PRESETS`), a `DecoderConfig`, or (dense model, example inputs)
+        model: a preset name (`PRESETS` of tedfx/plan.py), a `DecoderConfig`, or (dense model, example inputs)
             for a real model (simulated at its own depth; build it on the meta device when it is large).
         cluster: ranks, ranks per node, device memory, link bandwidths, device throughput.
         moe: the MoE conversion (a preset has its own).
