@@ -40,6 +40,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .config import MoEConfig, ParallelConfig
 from .fake import FakeRun, FakeUnsupported, device_of
+from .moe.routing import set_moe_loss_scale
 from .passes.context import PassContext
 from .pipeline import build_moe_graph, grad_sync_params, shard_for_rank
 from .predict import simulate_step
@@ -210,6 +211,7 @@ def _simulate_step(source: ModelSource, depth: int | None, parallel: ParallelCon
     gm, _ = shard_for_rank(moe_gm, ctx, parallel=parallel, coords=layout.coords(0), materialize=False)
     run = FakeRun(gm, device_of(inputs, moe_gm))
     params = grad_sync_params(gm)
+    set_moe_loss_scale(gm, 1.0)  # gradients start at zero, as in the gradient sync's buckets: not an accumulation
     try:
         with run.active():
             for _, p, _ in params:  # gradients live in buckets allocated before the first step (gradient sync)

@@ -1,0 +1,212 @@
+"""The layout planner (docs/planner.md) and dtd="auto" (docs/parallelism.md, "DTD"), without processes.
+
+The planner's communication is the explain simulation's (tedfx.predict.predict_rank), which the
+multi-process parity tests compare with `pm.comm_stats()` on every rank of every layout they run
+(tests/parallel_cases.py, `predicted_comm`): here the planner is compared with predict_rank on
+those layouts, and its memory with what a real step of the rank's graph allocates.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+import tedfx
+from tedfx import collectives, pipeline
+from tedfx.layout_cost import ModelSource, layout_cost
+from tedfx.models.decoder import Decoder, DecoderConfig
+from tedfx.plan import PRESETS, Cluster, Options, collective_seconds, plan
+from tedfx.predict import predict_rank, simulated_axes
+from tedfx.runtime.memory import AllocationTracker, tensor_bytes
+from tedfx.runtime.mesh import Layout
+
+from models import tiny_gpt, tiny_gqa
+
+SMALL = DecoderConfig(layers=3, hidden=32, heads=4, ffn=128, vocab=64, seq=16)
+MOE = tedfx.MoEConfig(num_experts=4, top_k=2, capacity_factor=1.0, min_capacity=1)
+
+
+def _decoder_source(cfg: DecoderConfig = SMALL, batch: int = 2, meta: bool = True) -> ModelSource:
+    def build(depth):
+        torch.manual_seed(0)
+        shape = dataclasses.replace(cfg, layers=depth or cfg.layers)
+        tokens = torch.randint(0, cfg.vocab, (batch, cfg.seq))
+        if meta:
+            with torch.device("meta"):
+                return Decoder(shape), (tokens,)
+        return Decoder(shape), (tokens,)
+
+    return ModelSource(build=build, moe=MOE, layers=cfg.layers)
+
+
+SOURCE = _decoder_source()
+"""Shared by the tests below: a source captures each depth once."""
+
+
+# The layouts of the parity matrix (tests/parallel_cases.py) whose comm_stats() the launches compare with predict_rank.
+PARITY_LAYOUTS = {
+    "gpt": [(4, dict(tensor=2, expert=2)), (4, dict(tensor=2, expert=2, activation_checkpointing="block", cac=False)),
+            (8, dict(tensor=2, expert=4, activation_checkpointing="moe"))],
+    "gqa": [(4, dict(tensor=2, expert=2, activation_checkpointing="block"))],
+}
+
+
+@pytest.mark.parametrize("model", ["gpt", "gqa"])
+def test_the_planner_predicts_the_collectives_explain_predicts_on_the_parity_layouts(model):
+    dense, inputs = tiny_gpt() if model == "gpt" else tiny_gqa()
+    moe = tedfx.MoEConfig(num_experts=4, top_k=1, capacity_factor=1.0, min_capacity=1)
+    source = ModelSource(build=lambda depth: (dense, inputs), moe=moe)
+    moe_gm, ctx = pipeline.build_moe_graph(dense, inputs, moe=moe, lazy=True)
+    for world, fields in PARITY_LAYOUTS[model]:
+        parallel = tedfx.ParallelConfig(**fields)
+        cost = layout_cost(source, parallel, world, tile_numel=None)
+        explained = predict_rank(moe_gm, ctx, parallel=parallel, layout=Layout.build(world, parallel), rank=0,
+                                 example_inputs=inputs).comm.table()
+        assert [(*key, *value) for key, value in sorted(cost.comm.items())] == sorted(explained), fields
+
+
+def test_zero_adds_the_optimizer_all_gathers_of_tedfx_optimizer():
+    plain = layout_cost(SOURCE, tedfx.ParallelConfig(tensor=2, expert=2), 8, tile_numel=None)
+    zero = layout_cost(SOURCE, tedfx.ParallelConfig(tensor=2, expert=2, zero=1), 8, tile_numel=None)
+    added = {k: v for k, v in zero.comm.items() if k not in plain.comm}
+    # One in-place all-gather per (axis, dtype) group: "dp" (X*D = 4 ranks) and "edp" (D = 2), all fp32.
+    assert sorted(added) == [("all_gather", "dp", "optimizer"), ("all_gather", "edp", "optimizer")]
+    (dp_calls, dp_bytes), (edp_calls, edp_bytes) = added[("all_gather", "dp", "optimizer")], \
+        added[("all_gather", "edp", "optimizer")]
+    # Each rank sends its chunk; the chunks of a group make up its padded flat buffer, the weights the rank holds.
+    assert (dp_calls, edp_calls) == (1, 1) and dp_bytes * 4 + edp_bytes * 2 == zero.memory["weights"]
+    assert zero.memory["optimizer_states"] < plain.memory["optimizer_states"] / 1.9
+
+
+@pytest.mark.parametrize("fields", [dict(), dict(activation_checkpointing="block", zero=1)])
+def test_layer_scaling_equals_the_full_simulation(fields):
+    """Three identical layers simulated at depths 1 and 2 and extrapolated: the numbers of simulating all three."""
+    parallel = tedfx.ParallelConfig(tensor=2, expert=2, **fields)
+    scaled = layout_cost(SOURCE, parallel, 8, tile_numel=4096)
+    full = layout_cost(SOURCE, parallel, 8, tile_numel=4096, scale_layers=False)
+    assert (scaled.comm, scaled.memory, scaled.flops) == (full.comm, full.memory, full.flops)
+    assert scaled.flops > 0 and scaled.memory["activations"] > 0
+
+
+@pytest.mark.parametrize("checkpointing", ["none", "block"])
+def test_predicted_memory_is_within_10_percent_of_a_measured_step(checkpointing):
+    """Rank 0's real shards train one step (forward, backward, AdamW) against simulated groups: the tensor
+    bytes it then holds and the peak of its allocations match the planner's prediction within 10 %."""
+    parallel = tedfx.ParallelConfig(tensor=2, expert=2, activation_checkpointing=checkpointing)
+    predicted = layout_cost(SOURCE, parallel, 4, tile_numel=None, scale_layers=False)
+    dense, inputs = _decoder_source(meta=False).build(None)
+    moe_gm, ctx = pipeline.build_moe_graph(dense, inputs, moe=MOE, lazy=True)
+    layout = Layout.build(4, parallel)
+    gm, _ = pipeline.shard_for_rank(moe_gm, ctx, parallel=parallel, coords=layout.coords(0))
+    del moe_gm, dense
+    tedfx.set_moe_loss_scale(gm, 1.0)  # the gradients below start at zero, as the gradient sync's buckets do
+    params = [p for p in gm.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-3, foreach=False)
+
+    def step():
+        with collectives.bind_axes(simulated_axes(layout, 0), collectives.CommStats()):
+            loss = gm(*inputs).float().sum()
+        loss.backward()
+        del loss
+        opt.step()
+        opt.zero_grad(set_to_none=False)  # gradients stay allocated, as in the gradient sync's buckets
+
+    step()  # the first step creates the optimizer's states; the second is the steady state
+    held = tensor_bytes([list(gm.parameters()), [p.grad for p in params], list(opt.state.values())])
+    with AllocationTracker() as mem:
+        step()
+    measured_bytes, measured_peak = held, held + mem.peak
+    m = predicted.memory
+    assert m["weights"] + m["grads"] + m["master"] + m["optimizer_states"] == pytest.approx(measured_bytes, rel=0.10)
+    assert predicted.total_memory == pytest.approx(measured_peak, rel=0.10)
+
+
+def test_the_time_model_prices_each_collective_by_the_link_its_group_crosses():
+    cluster = Cluster(world_size=8, gpus_per_node=4, intra_node_gbps=100, inter_node_gbps=10)
+    assert collective_seconds("all_to_all", 10**9, [0, 1], cluster) == ("intra", pytest.approx(0.5 / 100))
+    assert collective_seconds("all_to_all", 10**9, [0, 4], cluster) == ("inter", pytest.approx(0.5 / 10))
+    assert collective_seconds("all_reduce", 10**9, [0, 1, 2, 3], cluster) == ("intra", pytest.approx(1.5 / 100))
+    assert collective_seconds("all_gather", 10**9, [0, 1], cluster) == ("intra", pytest.approx(1 / 100))
+    assert collective_seconds("all_reduce", 10**9, [0], cluster) == ("intra", 0.0)
+
+
+def test_plan_ranks_fitting_layouts_by_time_and_says_what_does_not_fit():
+    cluster = Cluster(world_size=4, gpus_per_node=2, memory_gib=1, reserve_gib=0, intra_node_gbps=100,
+                      inter_node_gbps=1, tflops=1)
+    result = plan(dataclasses.replace(SMALL, layers=1), cluster=cluster, moe=MOE, micro_batch=2,
+                  options=Options(activation_checkpointing=("none",), zero=(0,), tile_numel=(None,),
+                                  precision=("fp32",)))
+    layouts = {(r.tensor, r.expert, r.data, r.parallel.dtd) for r in result.rows}
+    assert layouts == {(1, 1, 4, False), (1, 2, 2, False), (1, 4, 1, False), (2, 1, 2, False), (2, 2, 1, False),
+                       (2, 2, 1, True), (2, 4, 0, False)} - {(2, 4, 0, False)}
+    speeds = [r.tokens_per_s for r in result.feasible]
+    assert speeds == sorted(speeds, reverse=True) and result.best() is result.rows[0]
+    # The expert all-to-all of X=2 at T=2 crosses nodes (2 ranks per node): DTD sends 1/T of its bytes there.
+    dtd = {r.parallel.dtd: r for r in result.rows if (r.tensor, r.expert) == (2, 2)}
+    a2a = {on: sum(c["bytes"] for c in r.comm if c["kind"] == "all_to_all") for on, r in dtd.items()}
+    assert a2a[True] * 2 == a2a[False]
+    assert all(c["link"] == "inter" for c in dtd[True].comm if c["axis"] == "ep")
+    assert '"rows"' in result.to_json() and "T" in str(result)
+    tight = dataclasses.replace(cluster, memory_gib=1e-4)
+    with pytest.raises(ValueError, match="no layout of .* fits"):
+        plan(dataclasses.replace(SMALL, layers=1), cluster=tight, moe=MOE, layouts=[(2, 2)], options=Options(
+            dtd=(True,), activation_checkpointing=("none",), zero=(0,), tile_numel=(None,))).best()
+
+
+def test_plan_refuses_what_it_cannot_plan():
+    cluster = Cluster(world_size=4, gpus_per_node=2)
+    with pytest.raises(ValueError, match="unknown preset"):
+        plan("no-such-model", cluster=cluster)
+    with pytest.raises(ValueError, match="needs moe="):
+        plan(SMALL, cluster=cluster)
+    with pytest.raises(ValueError, match="Cluster.memory_gib"):
+        Cluster(world_size=4, memory_gib=0)
+
+
+def test_presets_have_the_advertised_sizes():
+    sizes = {}
+    for name in ("ted-6.7b", "mixtral-8x7b"):
+        with torch.device("meta"):
+            sizes[name] = sum(p.numel() for p in Decoder(PRESETS[name].model).parameters())
+    assert sizes["ted-6.7b"] == pytest.approx(6.7e9, rel=0.02)
+    assert sizes["mixtral-8x7b"] == pytest.approx(7.24e9, rel=0.02)  # Mistral-7B's base shape
+
+
+# --- dtd="auto" -------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("world, per_node, expected", [
+    (4, 2, True),      # T=2 inside a node, the expert group across the two nodes: the emulated 2-node cluster
+    (8, 2, True),
+    (4, 4, False),     # one node (loopback): everything in-node
+    (4, None, False),  # nothing said about nodes: one node assumed
+    (4, 1, False),     # the tensor group crosses nodes too
+])
+def test_dtd_auto_is_on_exactly_where_the_all_to_all_crosses_nodes(world, per_node, expected):
+    parallel = tedfx.ParallelConfig(tensor=2, expert=2, dtd="auto")
+    resolved, reason = parallel.resolve_dtd(world, per_node)
+    assert resolved.dtd is expected and reason.startswith(f"dtd=auto -> {'on' if expected else 'off'}")
+    names = [getattr(p, "func", p).__name__ for p in pipeline.parallel_passes(resolved)]
+    assert ("drop_duplicate_tokens_pass" in names) is expected
+
+
+def test_dtd_auto_follows_ranks_per_node_and_leaves_explicit_choices_alone():
+    assert tedfx.ParallelConfig(tensor=2, expert=2, dtd="auto", ranks_per_node=2).resolve_dtd(4, 4)[0].dtd is True
+    assert tedfx.ParallelConfig(tensor=2, expert=2, dtd=True).resolve_dtd(4, 4)[0].dtd is True
+    assert tedfx.ParallelConfig(tensor=1, expert=4, dtd="auto").resolve_dtd(4, 1)[0].dtd is False
+    with pytest.raises(ValueError, match="unresolved"):
+        pipeline.parallel_passes(tedfx.ParallelConfig(tensor=2, expert=2, dtd="auto"))
+    with pytest.raises(ValueError, match="ParallelConfig.dtd"):
+        tedfx.ParallelConfig(dtd="sometimes")
+
+
+def test_explain_shows_what_dtd_auto_chose_and_why():
+    model, inputs = tiny_gpt()
+    moe = tedfx.MoEConfig(num_experts=4, top_k=1, capacity_factor=1.0, min_capacity=1)
+    report = tedfx.explain(model, inputs, moe=moe, world_size=4,
+                           parallel=tedfx.ParallelConfig(tensor=2, expert=2, dtd="auto", ranks_per_node=2))
+    assert report.parallel["dtd"] is True and "dtd=auto -> on" in report.dtd_choice
+    assert any(row[0] == "all_gather" and row[1] == "tp" for row in report.comm_table)
+    assert "dtd=auto -> on" in str(report)
