@@ -129,8 +129,9 @@ def measure_step(parallel: tedfx.ParallelConfig, world: int) -> dict[str, int]:
 def memory_table() -> list[dict]:
     source = _small_source(meta=True)
     rows = []
-    for world, fields in [(4, dict(tensor=2, expert=2)), (4, dict(tensor=2, expert=2, activation_checkpointing="block")),
-                          (4, dict(tensor=1, expert=4)), (8, dict(tensor=2, expert=4, activation_checkpointing="block"))]:
+    layouts = [(4, dict(tensor=2, expert=2)), (4, dict(tensor=2, expert=2, activation_checkpointing="block")),
+               (4, dict(tensor=1, expert=4)), (8, dict(tensor=2, expert=4, activation_checkpointing="block"))]
+    for world, fields in layouts:
         parallel = tedfx.ParallelConfig(**fields)
         predicted = layout_cost(source, parallel, world, tile_numel=None)
         m = predicted.memory
@@ -139,10 +140,10 @@ def memory_table() -> list[dict]:
         rows.append({"world": world, **fields, "predicted_held": held, "measured_held": measured["held"],
                      "predicted_peak": predicted.total_memory, "measured_peak": measured["peak"],
                      "rss_growth": measured["rss_growth"]})
+        peak = predicted.total_memory
         print(f"world {world} {fields}: held {held / 2**20:.2f} MiB predicted, {measured['held'] / 2**20:.2f} "
-              f"measured ({held / measured['held'] - 1:+.1%}); peak {predicted.total_memory / 2**20:.2f} MiB "
-              f"predicted, {measured['peak'] / 2**20:.2f} measured ({predicted.total_memory / measured['peak'] - 1:+.1%})",
-              flush=True)
+              f"measured ({held / measured['held'] - 1:+.1%}); peak {peak / 2**20:.2f} MiB predicted, "
+              f"{measured['peak'] / 2**20:.2f} measured ({peak / measured['peak'] - 1:+.1%})", flush=True)
     return rows
 
 
