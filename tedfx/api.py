@@ -36,7 +36,6 @@ from .report import Report
 from .runtime.executor import ParallelModule, check_same_weights
 from .runtime.launch import local_world_size
 from .runtime.mesh import Layout, TedMesh
-from .runtime.precision import compute_dtype, low_precision_copy
 
 __all__ = ["MoELossScaleWarning", "check_collective_order", "compiled_module", "explain", "moe_losses", "parallelize",
            "set_moe_loss_scale", "to_moe"]
@@ -166,7 +165,7 @@ def build_parallel_module(
     fetch = _dense_reader(model, dense_state)
     if fetch is None:
         check_same_weights(model, mesh)
-    model, example_inputs, example_kwargs = at_precision(model, example_inputs, example_kwargs, parallel)
+    model, example_inputs, example_kwargs = pipeline.at_precision(model, example_inputs, example_kwargs, parallel)
     moe_gm, moe_ctx = pipeline.build_moe_graph(model, example_inputs, moe=moe, example_kwargs=example_kwargs,
                                                lazy=True, fetch_dense=fetch)
     gm, ctx = pipeline.shard_for_rank(moe_gm, moe_ctx, parallel=parallel, coords=mesh.coords)
@@ -242,7 +241,7 @@ def explain(
         parallel.check_supported()
         Layout.build(world_size, parallel)  # a layout that does not fit the world fails before any work
         parallel, dtd_reason = parallel.resolve_dtd(world_size, local_world_size())
-        model, example_inputs, example_kwargs = at_precision(model, example_inputs, example_kwargs, parallel)
+        model, example_inputs, example_kwargs = pipeline.at_precision(model, example_inputs, example_kwargs, parallel)
     # One capture: the dense graph is summarised before the MoE passes rewrite it in place.
     dense_gm = pipeline.capture_dense(model, example_inputs, example_kwargs)
     dense_graph = summarize_graph(dense_gm, example_inputs, example_kwargs)
@@ -253,24 +252,6 @@ def explain(
                           tile_numel=tile_numel)
     report.dtd_choice = dtd_reason
     return report
-
-
-def at_precision(model: nn.Module, example_inputs: tuple[Any, ...], example_kwargs: dict[str, Any] | None,
-                  parallel: ParallelConfig) -> tuple[nn.Module, tuple[Any, ...], dict[str, Any] | None]:
-    """What to capture: the model itself in fp32, else a 16-bit copy and 16-bit floating example inputs,
-    so the graph computes as the model's own code does in 16 bits.
-
-    Routers are created in fp32 by the MoE rewrite whatever the precision (docs/parallelism.md, "Mixed precision").
-    """
-    dtype = compute_dtype(parallel.precision)
-    if dtype == torch.float32:
-        return model, example_inputs, example_kwargs
-
-    def cast(x: Any) -> Any:
-        return x.to(dtype) if isinstance(x, torch.Tensor) and torch.is_floating_point(x) else x
-
-    return (low_precision_copy(model, dtype), _compat.pytree.tree_map(cast, example_inputs),
-            _compat.pytree.tree_map(cast, example_kwargs))
 
 
 def check_collective_order(

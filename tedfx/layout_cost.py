@@ -42,7 +42,7 @@ from .config import MoEConfig, ParallelConfig
 from .fake import FakeRun, FakeUnsupported, device_of
 from .moe.routing import set_moe_loss_scale
 from .passes.context import PassContext
-from .pipeline import build_moe_graph, grad_sync_params, shard_for_rank
+from .pipeline import at_precision, build_moe_graph, grad_sync_params, shard_for_rank
 from .predict import simulate_step
 from .runtime.memory import AllocationTracker, predict_training_memory
 from .runtime.mesh import Layout
@@ -96,8 +96,6 @@ class ModelSource:
         """The MoE graph (experts unbuilt), its context and example inputs at `depth`, captured once."""
         key = (depth, precision)
         if key not in self._graphs:
-            from .api import at_precision  # the doors' precision rule, the one explain captures with
-
             model, inputs = self.build(depth)
             model, inputs, _ = at_precision(model, inputs, None, ParallelConfig(precision=precision))
             gm, ctx = build_moe_graph(model, inputs, moe=self.moe, lazy=True)
