@@ -29,7 +29,7 @@ from .models.decoder import Decoder, DecoderConfig
 from .report import Table, _fmt_count
 from .runtime.mesh import Layout
 
-__all__ = ["PRESETS", "Cluster", "LayoutPlan", "Options", "Plan", "Preset", "collective_seconds", "plan"]
+__all__ = ["PRESETS", "Cluster", "LayoutPlan", "Options", "Plan", "Preset", "collective_seconds", "layouts_for", "plan"]
 
 GiB = 2**30
 
