@@ -212,6 +212,8 @@ def test_dtd_auto_follows_ranks_per_node_and_leaves_explicit_choices_alone():
         pipeline.parallel_passes(tedfx.ParallelConfig(tensor=2, expert=2, dtd="auto"))
     with pytest.raises(ValueError, match="ParallelConfig.dtd"):
         tedfx.ParallelConfig(dtd="sometimes")
+    with pytest.raises(ValueError, match="ParallelConfig.ranks_per_node"):
+        tedfx.ParallelConfig(ranks_per_node=0)
 
 
 def test_explain_shows_what_dtd_auto_chose_and_why():
