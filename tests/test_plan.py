@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 
 import pytest
 import torch
@@ -253,3 +254,17 @@ def test_ted_fits_a_4_to_8x_larger_base_model_than_expert_and_data_parallelism_o
     (ted_fits, ted_base), (ted_next, _) = fits("18B", 8), fits("30B", 8)
     assert (xd_fits, xd_next, ted_fits, ted_next) == (True, False, True, False)
     assert 4 <= ted_base / xd_base <= 8
+
+
+def test_the_plan_command_prints_the_ranking_and_json(capsys):
+    from tedfx import cli
+
+    args = ["plan", "--shape", "1,32,4,4,128,gelu,64", "--seq", "16", "--experts", "4", "--world-size", "2",
+            "--gpus-per-node", "2", "--checkpointing", "none", "--precision", "fp32"]
+    assert cli.main([*args, "--format", "json"]) == 0
+    rows = json.loads(capsys.readouterr().out)["rows"]
+    assert {(r["tensor"], r["expert"], r["data"]) for r in rows} == {(1, 1, 2), (1, 2, 1), (2, 1, 1)}
+    assert cli.main([*args, "--memory", "0.0001", "--reserve", "0"]) == 1
+    assert "no layout fits" in capsys.readouterr().out
+    assert cli.main(["plan", "--shape", "1,32", "--world-size", "2"]) == 2
+    assert "expected 7 comma-separated values" in capsys.readouterr().err
