@@ -338,11 +338,16 @@ def plan(
     options = options or Options()
     name, source, batch, moe = _source(model, moe, micro_batch, seq)
     dense, inputs = source.build(source.layers)
-    heads = getattr(getattr(dense, "config", None), "heads", None)
+    config = getattr(dense, "config", None)
+    heads = getattr(config, "heads", None) or getattr(config, "num_attention_heads", None)
     pairs = layouts or [(t, x) for t, x, _ in layouts_for(cluster, heads=heads, experts=moe.num_experts)]
     tokens_per_group = inputs[0].numel() if inputs and isinstance(inputs[0], torch.Tensor) else 0
     usable = (cluster.memory_gib - cluster.reserve_gib) * GiB
-    result = Plan(model=name, params=_moe_params(dense, moe), base_params=sum(p.numel() for p in dense.parameters()),
+    if source.layers is None:  # a real model: count the converted graph (its experts unbuilt, on the meta device)
+        params = sum(p.numel() for p in source.graph(None, options.precision[0])[0].parameters())
+    else:
+        params = _moe_params(dense, moe)
+    result = Plan(model=name, params=params, base_params=sum(p.numel() for p in dense.parameters()),
                   cluster=cluster, assumptions=assumptions(cluster, scale_layers and source.layers is not None))
     for t, x in pairs:
         for parallel, tile in _configs(t, x, options):
