@@ -101,6 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--precision", default="bf16", help="precisions to try, comma-separated (default bf16)")
     plan.add_argument("--checkpointing", default="none,block",
                       help="activation checkpointing modes to try, comma-separated (default none,block)")
+    plan.add_argument("--layouts", default=None, metavar="TxX,...",
+                      help="only these layouts, e.g. 2x8,4x8 (default: every T of a node and X of the experts)")
     plan.add_argument("--limit", type=int, default=20, help="rows of the table (default 20)")
     plan.add_argument("--format", choices=("table", "json"), default="table", help="output format")
     plan.set_defaults(func=_cmd_plan)
@@ -303,7 +305,8 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         else:
             model = args.preset
         result = tedfx.plan(model, cluster=cluster, moe=moe, micro_batch=args.micro_batch,
-                            seq=args.seq if args.preset else None, options=options)
+                            seq=args.seq if args.preset else None, options=options,
+                            layouts=_parse_layouts(args.layouts) if args.layouts else None)
     except ValueError as e:
         raise UsageError(str(e)) from e
     if args.format == "json":
@@ -332,6 +335,13 @@ def _no_fit(result: Any) -> str:
     except ValueError as e:
         return str(e)
     return ""
+
+
+def _parse_layouts(text: str) -> list[tuple[int, int]]:
+    try:
+        return [(int(t), int(x)) for t, x in (part.lower().split("x") for part in text.split(",") if part.strip())]
+    except ValueError:
+        raise UsageError(f"--layouts {text!r}: expected TxX pairs like 2x8,4x8") from None
 
 
 def _parse_shape(text: str, seq: int) -> Any:
