@@ -7,6 +7,10 @@ the peer, all with block activation checkpointing (so that CAC has work to save)
     baseline   dtd=False, cac=False   all-to-alls carry the T-fold duplicated tokens, 6 per MoE layer
     dtd        dtd=True,  cac=False   each tensor rank sends 1/T of the capacity: all-to-all bytes / T
     dtd+cac    dtd=True,  cac=True    recomputation reuses the saved all-to-all outputs: 4 per MoE layer
+    cac        dtd=False, cac=True    CAC alone
+    auto+cac   dtd="auto", cac=True   DTD decided from the nodes (LOCAL_WORLD_SIZE, as torchrun sets it): on
+               the emulated cluster the expert groups cross nodes (on), on loopback all is one node (off);
+               it should never be slower than the better of dtd+cac and cac
     deepspeed  DeepSpeed-MoE in TED mode (Megatron mpu, expert tensor parallelism); it always
                drops duplicate tokens with T > 1 and has no CAC
 
@@ -65,10 +69,12 @@ sys.path.insert(0, str(HERE))  # peers and netem sit next to this script, also i
 
 import netem  # noqa: E402 - after the sys.path line above
 
-VARIANTS: dict[str, dict[str, bool]] = {
+VARIANTS: dict[str, dict[str, bool | str]] = {
     "baseline": {"dtd": False, "cac": False},
     "dtd": {"dtd": True, "cac": False},
     "dtd+cac": {"dtd": True, "cac": True},
+    "cac": {"dtd": False, "cac": True},
+    "auto+cac": {"dtd": "auto", "cac": True},
 }
 PEER = "deepspeed"
 LAYOUTS: dict[int, tuple[int, int]] = {4: (2, 2), 8: (2, 4)}
@@ -247,6 +253,7 @@ def run_rank(spec: RunSpec) -> dict[str, Any] | None:
     model = GPT(cfg.gpt())  # same weights on every rank
     tokens, targets = _token_group(cfg, layout, rank)
     runners, build_s = {}, {}
+    dtd_auto = None
     pm = None
     for variant in VARIANTS:
         t0 = time.perf_counter()
@@ -254,13 +261,15 @@ def run_rank(spec: RunSpec) -> dict[str, Any] | None:
                                             parallel=cfg.parallel(spec.tensor, spec.expert, variant),
                                             check_inputs=False)  # the per-call shape check is an extra collective
         build_s[variant] = time.perf_counter() - t0
+        if VARIANTS[variant]["dtd"] == "auto":
+            dtd_auto = pm.dtd_reason
     t0 = time.perf_counter()
     runners[PEER] = deepspeed_runner(model, tokens, targets, moe=cfg.moe(), tensor=spec.tensor, expert=spec.expert,
                                      checkpoint_blocks=True, lr=cfg.lr)
     build_s[PEER] = time.perf_counter() - t0
     probe = _probe_links(pm.mesh.groups())
     rec = _time_rounds(runners, cfg)
-    return {"rank": rank, "build_s": build_s, "probe": probe, "runs": rec} if rank == 0 else None
+    return {"rank": rank, "build_s": build_s, "probe": probe, "runs": rec, "dtd_auto": dtd_auto} if rank == 0 else None
 
 
 def worker_main(spec_path: str, load_spec: Callable[[dict], Any], run: Callable[[Any], Any]) -> None:
@@ -327,8 +336,9 @@ def _launch_emulated(spec: RunSpec, cluster: netem.Cluster) -> dict[str, Any]:
 # --- Prediction and summary ------------------------------------------------------------------------
 
 
-def predict(cfg: BenchConfig, world: int, tensor: int, expert: int) -> dict[str, list[list]]:
-    """Rank 0's collectives per step for each variant, as `tedfx.explain` predicts them without processes."""
+def predict(cfg: BenchConfig, world: int, tensor: int, expert: int, ranks_per_node: int) -> dict[str, list[list]]:
+    """Rank 0's collectives per step for each variant, as `tedfx.explain` predicts them without processes
+    (dtd="auto" resolved for nodes of `ranks_per_node` ranks, as the launched ranks resolve it)."""
     torch.manual_seed(cfg.seed)
     model = GPT(cfg.gpt())
     tokens = torch.zeros(cfg.batch, cfg.seq, dtype=torch.long)
@@ -336,8 +346,8 @@ def predict(cfg: BenchConfig, world: int, tensor: int, expert: int) -> dict[str,
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         for variant in VARIANTS:
-            report = tedfx.explain(model, (tokens,), moe=cfg.moe(), parallel=cfg.parallel(tensor, expert, variant),
-                                   world_size=world)
+            parallel = replace(cfg.parallel(tensor, expert, variant), ranks_per_node=ranks_per_node)
+            report = tedfx.explain(model, (tokens,), moe=cfg.moe(), parallel=parallel, world_size=world)
             out[variant] = [list(row) for row in report.comm_table]
     return out
 
@@ -392,6 +402,9 @@ def summarize(raw: dict[str, Any], predicted: dict[str, list[list]], spec: RunSp
                   if spec.network == "emulated" else None),
         "probe": raw["probe"], "build_s": raw["build_s"], "variants": variants,
         "dtd_speedup": variants["dtd"]["speedup_vs_baseline"],
+        "dtd_auto": raw.get("dtd_auto"),
+        "auto_over_best_of_on_off": variants["auto+cac"]["median_ms"] / min(variants["dtd+cac"]["median_ms"],
+                                                                             variants["cac"]["median_ms"]),
         "dtd_cac_speedup": variants["dtd+cac"]["speedup_vs_baseline"],
         "deepspeed_over_dtd_cac": variants[PEER]["median_ms"] / variants["dtd+cac"]["median_ms"],
         "tedfx_variants_loss_max_diff": max(abs(a - b) for ls in zip(*tedfx_losses) for a in ls for b in ls),
@@ -428,6 +441,7 @@ def print_run(s: dict[str, Any], rate: str | None) -> None:
           "   disturbed by other load. a2a calls and MiB: rank 0's all-to-alls, bytes it feeds into them)")
     print(f"   deepspeed: {s['variants'][PEER]['mode']}; its step / tedfx dtd+cac step = "
           f"{s['deepspeed_over_dtd_cac']:.2f}")
+    print(f"   {s['dtd_auto']}; auto+cac step / best of dtd+cac and cac = {s['auto_over_best_of_on_off']:.2f}")
     print(f"   tedfx variants' losses agree to {s['tedfx_variants_loss_max_diff']:.1e} (DTD and CAC change no numbers)")
     for name, v in s["variants"].items():
         if name in VARIANTS and not v["matches_explain"]:
@@ -451,15 +465,16 @@ def _print_why(s: dict[str, Any]) -> None:
 
 def print_summary(summaries: list[dict[str, Any]]) -> None:
     print("\n== Summary: median step ms (speedup vs baseline of medians / of minima)")
-    print(f"   {'network':<9} {'world':>5} {'layout':<10} {'baseline':>9} {'dtd':>21} {'dtd+cac':>21} "
-          f"{'deepspeed':>21}")
+    names = ("dtd", "dtd+cac", "cac", "auto+cac", PEER)
+    print(f"   {'network':<9} {'world':>5} {'layout':<10} {'baseline':>9} " + " ".join(f"{n:>21}" for n in names)
+          + "  auto / best of on, off")
     for s in summaries:
         v = s["variants"]
         cells = [f"{v[n]['median_ms']:.0f} ({v[n]['speedup_vs_baseline']:.2f}x/{v[n]['speedup_vs_baseline_min']:.2f}x)"
-                 for n in ("dtd", "dtd+cac", PEER)]
+                 for n in names]
         layout = f"T{s['tensor']} X{s['expert']} D{s['data']}"
         print(f"   {s['network']:<9} {s['world']:>5} {layout:<10} {v['baseline']['median_ms']:>9.0f} "
-              f"{cells[0]:>21} {cells[1]:>21} {cells[2]:>21}")
+              + " ".join(f"{c:>21}" for c in cells) + f"  {s['auto_over_best_of_on_off']:.2f}")
 
 
 # --- Main -----------------------------------------------------------------------------------------
@@ -498,7 +513,6 @@ def _wait_for_quiet(threshold: float, max_wait_s: float) -> None:
 
 def run_all(cfg: BenchConfig, worlds: list[int], networks: list[str], rate: str,
             quiet_load: float | None = None, max_wait_s: float = 600.0) -> list[dict[str, Any]]:
-    predictions = {w: predict(cfg, w, *LAYOUTS[w]) for w in worlds}
     summaries = []
     for network in networks:
         with (netem.emulated_cluster(rate) if network == "emulated" else contextlib.nullcontext()) as cluster:
@@ -510,7 +524,8 @@ def run_all(cfg: BenchConfig, worlds: list[int], networks: list[str], rate: str,
                     _wait_for_quiet(quiet_load, max_wait_s)
                 t0, load_before = time.perf_counter(), os.getloadavg()
                 raw = _launch_emulated(spec, cluster) if cluster else _launch_loopback(spec)
-                s = summarize(raw, predictions[world], spec, _rate_mbit(rate) if cluster else None)
+                predicted = predict(cfg, world, *LAYOUTS[world], ranks_per_node=world // 2 if cluster else world)
+                s = summarize(raw, predicted, spec, _rate_mbit(rate) if cluster else None)
                 s["launch_s"] = time.perf_counter() - t0
                 s["load_average_before_after"] = [load_before, os.getloadavg()]
                 print_run(s, rate if cluster else None)

@@ -29,6 +29,7 @@ from .check import CollectiveOrderError
 from .checkpoint_io import CheckpointError, load, save
 from .config import LossScaleConfig, MoEConfig, ParallelConfig
 from .export import ExportError, export_hf
+from .plan import Cluster, Plan, plan
 from .released import ReleasedParameterError
 from .report import Report
 from .runtime.executor import ParallelModule
@@ -39,6 +40,7 @@ from .runtime.replicas import ReplicaDivergenceError
 __all__ = [
     "CaptureError",
     "CheckpointError",
+    "Cluster",
     "CollectiveOrderError",
     "ExportError",
     "LaunchError",
@@ -47,6 +49,7 @@ __all__ = [
     "MoELossScaleWarning",
     "ParallelConfig",
     "ParallelModule",
+    "Plan",
     "RankError",
     "ReleasedParameterError",
     "ReplicaDivergenceError",
@@ -65,6 +68,7 @@ __all__ = [
     "moe_losses",
     "optimizer",
     "parallelize",
+    "plan",
     "save",
     "set_moe_loss_scale",
     "to_moe",

@@ -34,8 +34,8 @@ from .moe.routing import MoELossScaleWarning, moe_losses, set_moe_loss_scale
 from .predict import build_report
 from .report import Report
 from .runtime.executor import ParallelModule, check_same_weights
+from .runtime.launch import local_world_size
 from .runtime.mesh import Layout, TedMesh
-from .runtime.precision import compute_dtype, low_precision_copy
 
 __all__ = ["MoELossScaleWarning", "check_collective_order", "compiled_module", "explain", "moe_losses", "parallelize",
            "set_moe_loss_scale", "to_moe"]
@@ -159,12 +159,13 @@ def build_parallel_module(
         raise RuntimeError("tedfx.parallelize needs torch.distributed: run it inside tedfx.launch(...) or "
                            "under torchrun after tedfx.init_distributed().")
     parallel.check_supported()
+    parallel, dtd_reason = parallel.resolve_dtd(dist.get_world_size(), local_world_size())
     mesh = TedMesh.build(parallel)
     _compat.set_group_timeouts([None, *mesh.groups().values()], parallel.timeout)
     fetch = _dense_reader(model, dense_state)
     if fetch is None:
         check_same_weights(model, mesh)
-    model, example_inputs, example_kwargs = _at_precision(model, example_inputs, example_kwargs, parallel)
+    model, example_inputs, example_kwargs = pipeline.at_precision(model, example_inputs, example_kwargs, parallel)
     moe_gm, moe_ctx = pipeline.build_moe_graph(model, example_inputs, moe=moe, example_kwargs=example_kwargs,
                                                lazy=True, fetch_dense=fetch)
     gm, ctx = pipeline.shard_for_rank(moe_gm, moe_ctx, parallel=parallel, coords=mesh.coords)
@@ -175,8 +176,10 @@ def build_parallel_module(
     if share_model_tensors:
         pipeline.adopt_model_tensors(gm, model)
     record_dense_config(gm, model)
-    return ParallelModule(gm, mesh, pipeline.param_shards(gm, ctx), parallel, pipeline.grad_sync_params(gm),
-                          check_inputs)
+    pm = ParallelModule(gm, mesh, pipeline.param_shards(gm, ctx), parallel, pipeline.grad_sync_params(gm),
+                        check_inputs)
+    pm.dtd_reason = dtd_reason
+    return pm
 
 
 def _dense_reader(model: nn.Module, dense_state: Mapping[str, torch.Tensor] | Callable[[str], torch.Tensor] | None
@@ -233,37 +236,22 @@ def explain(
         >>> print(tedfx.explain(model, (tokens,), moe=moe, parallel=tedfx.ParallelConfig(tensor=2, expert=2),
         ...                     world_size=8))
     """
+    dtd_reason = None
     if parallel is not None:
         parallel.check_supported()
         Layout.build(world_size, parallel)  # a layout that does not fit the world fails before any work
-    if parallel is not None:
-        model, example_inputs, example_kwargs = _at_precision(model, example_inputs, example_kwargs, parallel)
+        parallel, dtd_reason = parallel.resolve_dtd(world_size, local_world_size())
+        model, example_inputs, example_kwargs = pipeline.at_precision(model, example_inputs, example_kwargs, parallel)
     # One capture: the dense graph is summarised before the MoE passes rewrite it in place.
     dense_gm = pipeline.capture_dense(model, example_inputs, example_kwargs)
     dense_graph = summarize_graph(dense_gm, example_inputs, example_kwargs)
     # With a layout, each predicted rank materialises only its own shards, one rank at a time.
     moe_gm, ctx = pipeline.convert_to_moe(dense_gm, model, moe=moe, lazy=parallel is not None)
-    return build_report(model, moe_gm, ctx, moe=moe, parallel=parallel, world_size=world_size,
-                        example_inputs=example_inputs, example_kwargs=example_kwargs, dense_graph=dense_graph,
-                        tile_numel=tile_numel)
-
-
-def _at_precision(model: nn.Module, example_inputs: tuple[Any, ...], example_kwargs: dict[str, Any] | None,
-                  parallel: ParallelConfig) -> tuple[nn.Module, tuple[Any, ...], dict[str, Any] | None]:
-    """What to capture: the model itself in fp32, else a 16-bit copy and 16-bit floating example inputs,
-    so the graph computes as the model's own code does in 16 bits.
-
-    Routers are created in fp32 by the MoE rewrite whatever the precision (docs/parallelism.md, "Mixed precision").
-    """
-    dtype = compute_dtype(parallel.precision)
-    if dtype == torch.float32:
-        return model, example_inputs, example_kwargs
-
-    def cast(x: Any) -> Any:
-        return x.to(dtype) if isinstance(x, torch.Tensor) and torch.is_floating_point(x) else x
-
-    return (low_precision_copy(model, dtype), _compat.pytree.tree_map(cast, example_inputs),
-            _compat.pytree.tree_map(cast, example_kwargs))
+    report = build_report(model, moe_gm, ctx, moe=moe, parallel=parallel, world_size=world_size,
+                          example_inputs=example_inputs, example_kwargs=example_kwargs, dense_graph=dense_graph,
+                          tile_numel=tile_numel)
+    report.dtd_choice = dtd_reason
+    return report
 
 
 def check_collective_order(
@@ -287,6 +275,7 @@ def check_collective_order(
         >>> tedfx.check_collective_order(model, (tokens,), moe=moe, parallel=par, world_size=8)
     """
     layout = Layout.build(world_size, parallel)
+    parallel, _ = parallel.resolve_dtd(world_size, local_world_size())
     moe_gm, moe_ctx = pipeline.build_moe_graph(model, example_inputs, moe=moe, example_kwargs=example_kwargs,
                                                lazy=True)
     return check_layout(moe_gm, moe_ctx, parallel=parallel, layout=layout, example_inputs=example_inputs,

@@ -47,6 +47,7 @@ from .config import MoEConfig, ParallelConfig
 from .moe.routing import Router
 from .released import mark_replaced
 from .runtime.executor import ParallelModule
+from .runtime.launch import local_world_size
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +77,8 @@ class _Options:
             raise ValueError('torch.compile(backend="tedfx") was given options["parallel"] but torch.distributed '
                              "is not initialised: run the script under tedfx.launch(...) or torchrun (after "
                              "tedfx.init_distributed()), or leave out \"parallel\" for one process.")
+        if parallel is not None:  # every graph of the model is sharded with the same choice
+            parallel, _ = parallel.resolve_dtd(dist.get_world_size(), local_world_size())
         return cls(moe, parallel, bool(options.get("inductor", False)), bool(options.get("release_dense", True)))
 
 

@@ -1,10 +1,11 @@
-"""The `tedfx` command: `tedfx demo`, `tedfx inspect` and `tedfx export`.
+"""The `tedfx` command: `tedfx demo`, `tedfx inspect`, `tedfx plan` and `tedfx export`.
 
     tedfx demo                      # MoE GPT learns English on the CPU; loss curves vs dense in runs/
     tedfx demo --quick --out runs/quick --json m.json
     tedfx inspect tedfx.models.nanogpt:demo_model --experts 8 --top-k 2
     tedfx inspect tedfx.models.nanogpt:demo_model --tensor 2 --expert 2 --world-size 4 -o report.html
     tedfx inspect tedfx.models.nanogpt:demo_model --tensor 2 --expert 2 --world-size 8 --check
+    tedfx plan --preset ted-6.7b --world-size 128 --gpus-per-node 8 --memory 32 --precision fp16
     tedfx export ckpt --to hf mixtral-out
 """
 
@@ -78,6 +79,42 @@ def build_parser() -> argparse.ArgumentParser:
                          help="build every rank's graph of the layout and check that each process group's "
                               "members issue the same collectives in the same order (no processes started)")
     inspect.set_defaults(func=_cmd_inspect)
+
+    plan = sub.add_parser(
+        "plan", help="rank layouts (T, X, D) and options of a model on a cluster by predicted memory and time",
+        description="Enumerate layouts (T, X, D) and options (DTD, checkpointing, ZeRO, tiled step, precision) "
+                    "for a model on a cluster, predict each rank's memory and collectives by simulating a step "
+                    "without processes (as tedfx inspect does), and rank the ones that fit by predicted step "
+                    "time. Example: tedfx plan --preset ted-6.7b --world-size 128 --gpus-per-node 8 --memory 32")
+    what = plan.add_mutually_exclusive_group(required=True)
+    what.add_argument("--preset", default=None, help="a named model shape: " + ", ".join(_preset_names()))
+    what.add_argument("--model", default=None, metavar="MODULE:FACTORY",
+                      help="a function returning (model, example_inputs), simulated at its own depth")
+    what.add_argument("--shape", default=None, metavar="L,H,HEADS,KV,F,KIND,VOCAB",
+                      help="a decoder: layers, hidden, heads, kv heads, FFN width, gelu|swiglu, vocab "
+                           "(e.g. 32,4096,32,8,14336,swiglu,32000); give --seq and --micro-batch")
+    plan.add_argument("--seq", type=int, default=None, help="sequence length (default: the preset's; 2048 for --shape)")
+    plan.add_argument("--micro-batch", type=int, default=None, help="sequences per token group (default 1)")
+    plan.add_argument("--experts", type=int, default=None, help="experts per MoE block (default: the preset's, or 8)")
+    plan.add_argument("--top-k", type=int, default=None, help="experts per token (default: the preset's, or 2)")
+    plan.add_argument("--layers", default=None, help='FFNs to convert: "all", "every_other" or indices')
+    plan.add_argument("--capacity-factor", type=float, default=None, help="capacity factor (default 1.25)")
+    plan.add_argument("--world-size", type=int, required=True, help="ranks (devices) in all")
+    plan.add_argument("--gpus-per-node", type=int, default=8, help="ranks per node (default 8)")
+    plan.add_argument("--memory", type=float, default=80.0, help="device memory in GiB (default 80)")
+    plan.add_argument("--reserve", type=float, default=2.0, help="GiB per device not usable by tensors (default 2)")
+    plan.add_argument("--intra-gbps", type=float, default=150.0, help="in-node bandwidth per rank, GB/s (default 150)")
+    plan.add_argument("--inter-gbps", type=float, default=12.5,
+                      help="cross-node bandwidth per rank, GB/s (default 12.5)")
+    plan.add_argument("--tflops", type=float, default=100.0, help="sustained TFLOP/s per device (default 100)")
+    plan.add_argument("--precision", default="bf16", help="precisions to try, comma-separated (default bf16)")
+    plan.add_argument("--checkpointing", default="none,block",
+                      help="activation checkpointing modes to try, comma-separated (default none,block)")
+    plan.add_argument("--layouts", default=None, metavar="TxX,...",
+                      help="only these layouts, e.g. 2x8,4x8 (default: every T of a node and X of the experts)")
+    plan.add_argument("--limit", type=int, default=20, help="rows of the table (default 20)")
+    plan.add_argument("--format", choices=("table", "json"), default="table", help="output format")
+    plan.set_defaults(func=_cmd_plan)
 
     export = sub.add_parser(
         "export", help="write a checkpoint's model for other tools (Hugging Face Mixtral, or a state dict)",
@@ -251,6 +288,90 @@ def _parse_layers(text: str) -> Any:
         raise UsageError(f'--layers {text!r}: expected "all", "every_other" or FFN indices like 1,3') from None
 
 
+
+
+def _preset_names() -> list[str]:
+    from tedfx.plan import PRESETS
+
+    return sorted(PRESETS)
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    import tedfx
+    from tedfx.plan import PRESETS, Cluster, Options
+
+    try:
+        cluster = Cluster(world_size=args.world_size, gpus_per_node=args.gpus_per_node, memory_gib=args.memory,
+                          reserve_gib=args.reserve, intra_node_gbps=args.intra_gbps, inter_node_gbps=args.inter_gbps,
+                          tflops=args.tflops)
+        options = Options(precision=tuple(args.precision.split(",")),
+                          activation_checkpointing=tuple(args.checkpointing.split(",")))
+        base = PRESETS[args.preset].moe if args.preset in PRESETS else tedfx.MoEConfig()
+        changes = {k: v for k, v in (("num_experts", args.experts), ("top_k", args.top_k),
+                                     ("capacity_factor", args.capacity_factor)) if v is not None}
+        if args.layers is not None:
+            changes["layers"] = _parse_layers(args.layers)
+        moe = replace(base, **changes) if changes or not args.preset else None
+        if args.shape:
+            model: Any = _parse_shape(args.shape, args.seq or 2048)
+        elif args.model:
+            model = _call_factory(args.model)
+        else:
+            model = args.preset
+        result = tedfx.plan(model, cluster=cluster, moe=moe, micro_batch=args.micro_batch,
+                            seq=args.seq if args.preset else None, options=options,
+                            layouts=_parse_layouts(args.layouts) if args.layouts else None)
+    except ValueError as e:
+        raise UsageError(str(e)) from e
+    if args.format == "json":
+        print(result.to_json())
+    else:
+        from rich.console import Console
+
+        console = Console(width=160, color_system=None)
+        table = result.table(limit=args.limit)
+        for note in table.notes:
+            console.print(note)
+        console.print(table.to_rich())
+        if result.feasible:
+            best = result.best()
+            console.print(f"best: T={best.tensor} X={best.expert} D={best.data} {best.options()}: "
+                          f"{best.step_s:.3f} s per step, {best.cost.total_memory / 2**30:.2f} GiB per rank")
+        else:
+            console.print("no layout fits: " + _no_fit(result))
+            return 1
+    return 0
+
+
+def _no_fit(result: Any) -> str:
+    try:
+        result.best()
+    except ValueError as e:
+        return str(e)
+    return ""
+
+
+def _parse_layouts(text: str) -> list[tuple[int, int]]:
+    try:
+        return [(int(t), int(x)) for t, x in (part.lower().split("x") for part in text.split(",") if part.strip())]
+    except ValueError:
+        raise UsageError(f"--layouts {text!r}: expected TxX pairs like 2x8,4x8") from None
+
+
+def _parse_shape(text: str, seq: int) -> Any:
+    from tedfx.models.decoder import DecoderConfig
+
+    parts = text.split(",")
+    if len(parts) != 7:
+        raise UsageError(f"--shape {text!r}: expected 7 comma-separated values L,H,HEADS,KV,F,KIND,VOCAB, e.g. "
+                         f"32,4096,32,8,14336,swiglu,32000")
+    try:
+        layers, hidden, heads, kv, ffn = (int(p) for p in parts[:5])
+        vocab = int(parts[6])
+    except ValueError:
+        raise UsageError(f"--shape {text!r}: L, H, HEADS, KV, F and VOCAB must be integers") from None
+    return DecoderConfig(layers=layers, hidden=hidden, heads=heads, kv_heads=kv, ffn=ffn, ffn_kind=parts[5],
+                         vocab=vocab, seq=seq)
 
 
 def _cmd_export(args: argparse.Namespace) -> int:

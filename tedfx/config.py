@@ -6,7 +6,7 @@ tensor — so they can be hashed, printed, compared and sent between ranks.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from fractions import Fraction
 from typing import Callable, Literal, Sequence, Union
 
@@ -128,8 +128,10 @@ class ParallelConfig:
     """X: expert-parallel degree (mesh axis "ep")."""
     data: int | None = None
     """D: expert-data-parallel degree (mesh axis "edp"); None = world_size // (T * X)."""
-    dtd: bool = True
-    """Duplicate token dropping: all-to-all bytes fall by T."""
+    dtd: bool | Literal["auto"] = True
+    """Duplicate token dropping: all-to-all bytes fall by T. "auto": on where an expert group's all-to-all crosses
+    nodes while tensor groups stay inside one, off otherwise (decided by `resolve_dtd` from `ranks_per_node`;
+    docs/parallelism.md, "DTD")."""
     cac: bool = True
     """Communication-aware activation checkpointing: recomputation reuses saved all-to-all outputs."""
     a2a_chunks: int = 1
@@ -162,6 +164,10 @@ class ParallelConfig:
     and every projection of a dense FFN must be split, or parallelize raises naming it; k/v projections whose
     KV heads do not divide by T are exempt (each rank narrows them to its query heads). List here what you
     accept replicated instead; a pattern that matches no linear raises."""
+    ranks_per_node: int | None = None
+    """Ranks that share a node (fast links), the node holding consecutive ranks; what `dtd="auto"` decides from.
+    None: LOCAL_WORLD_SIZE (set by torchrun and tedfx.launch) where the ranks run; one node for `tedfx.explain`
+    without it."""
     token_group_inputs: Literal["broadcast", "verify"] = "broadcast"
     """How the T tensor ranks of a token group get one micro-batch: "broadcast" sends the first tensor rank's
     inputs to the others before each forward; "verify" compares checksums and raises, naming the ranks, when
@@ -177,6 +183,10 @@ class ParallelConfig:
             _fail(cls, "data", self.data, "None or an int >= 1")
         if not isinstance(self.a2a_chunks, int) or isinstance(self.a2a_chunks, bool) or self.a2a_chunks < 1:
             _fail(cls, "a2a_chunks", self.a2a_chunks, "an int >= 1 (1: no chunking)")
+        if self.dtd not in (True, False, "auto") or not isinstance(self.dtd, (bool, str)):
+            _fail(cls, "dtd", self.dtd, 'True, False or "auto"')
+        if self.ranks_per_node is not None and (not isinstance(self.ranks_per_node, int) or self.ranks_per_node < 1):
+            _fail(cls, "ranks_per_node", self.ranks_per_node, "None or an int >= 1")
         if self.activation_checkpointing not in ("none", "block", "moe"):
             _fail(cls, "activation_checkpointing", self.activation_checkpointing, '"none", "block" or "moe"')
         blocks = self.checkpoint_blocks
@@ -207,6 +217,46 @@ class ParallelConfig:
 
         Every declared option runs today; the check stays as the one place a new option would be refused.
         """
+
+    def resolve_dtd(self, world_size: int, ranks_per_node: int | None = None) -> tuple["ParallelConfig", str]:
+        """This config with `dtd` a bool, and why (docs/parallelism.md, "DTD": "Choosing DTD").
+
+        DTD trades 1/T of the all-to-all bytes over the expert group for all-gathers and a reduce-scatter over
+        the tensor group. It pays where the all-to-all crosses nodes and the tensor group stays in one node; it
+        costs where everything is in one node (the extra in-node collectives buy nothing over links that are
+        as fast). Nodes hold consecutive ranks, `ranks_per_node` of them (`self.ranks_per_node` first).
+
+        Returns:
+            (config with dtd True or False, the reason in words).
+        """
+        if self.dtd != "auto":
+            return self, f"dtd={self.dtd} as configured"
+        T, X = self.tensor, self.expert
+        d = self.data_degree(world_size)
+        if T == 1 or X == 1:
+            return replace(self, dtd=False), f"dtd=auto -> off: DTD needs T > 1 and X > 1 (T={T}, X={X})"
+        per_node = self.ranks_per_node or ranks_per_node
+        if per_node is None:
+            per_node = world_size
+            where = f"all {world_size} ranks assumed on one node (neither ranks_per_node nor LOCAL_WORLD_SIZE set)"
+        else:
+            where = f"{per_node} ranks per node"
+
+        def crosses(groups: list[list[int]]) -> bool:
+            return any(len({r // per_node for r in group}) > 1 for group in groups)
+
+        ep_groups = [[(g * X + x) * T + t for x in range(X)] for g in range(d) for t in range(T)]
+        tp_groups = [[(g * X + x) * T + t for t in range(T)] for g in range(d) for x in range(X)]
+        ep_crosses, tp_crosses = crosses(ep_groups), crosses(tp_groups)
+        if ep_crosses and not tp_crosses:
+            return replace(self, dtd=True), (f"dtd=auto -> on: {where}; expert groups (all-to-all) cross nodes, "
+                                             f"tensor groups (DTD's all-gathers) stay inside one")
+        if not ep_crosses:
+            return replace(self, dtd=False), (f"dtd=auto -> off: {where}; expert groups stay inside a node, so "
+                                              f"DTD's extra all-gathers would cost more than the all-to-all bytes "
+                                              f"they save")
+        return replace(self, dtd=False), (f"dtd=auto -> off: {where}; tensor groups cross nodes too, so DTD's "
+                                          f"all-gathers would cross the same slow links as the bytes they save")
 
     def data_degree(self, world_size: int) -> int:
         """D for `world_size` ranks; raises when T * X * D != world_size."""

@@ -22,6 +22,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from ._compat import pytree
 from .capture import TedGraphModule, capture, own_tensors
 from .config import MoEConfig, ParallelConfig
 from .module_tree import module_tree
@@ -37,11 +38,13 @@ from .passes.runner import Pass, run_passes
 from .passes.shard_dropout import shard_dropout_pass
 from .passes.shard_experts import dtd_applies, shard_experts_pass
 from .passes.shard_tensor_parallel import shard_tensor_parallel_pass
+from .runtime.precision import compute_dtype, low_precision_copy
 from .sharding import ParamShard, shard_tensor
 
 __all__ = [
-    "adopt_model_tensors", "build_moe_graph", "capture_dense", "convert_piece", "convert_to_moe", "grad_sync_params",
-    "moe_passes", "named_tensors", "parallel_passes", "param_shards", "replace_in_tree", "shard_for_rank",
+    "adopt_model_tensors", "at_precision", "build_moe_graph", "capture_dense", "convert_piece", "convert_to_moe",
+    "grad_sync_params", "moe_passes", "named_tensors", "parallel_passes", "param_shards", "replace_in_tree",
+    "shard_for_rank",
 ]
 
 
@@ -55,6 +58,9 @@ def moe_passes(moe: MoEConfig, *, materialize_experts: bool = True) -> list[Pass
 def parallel_passes(parallel: ParallelConfig) -> list[Pass]:
     """MoE graph -> one rank's TED graph, for this layout and these options."""
     T, X = parallel.tensor, parallel.expert
+    if parallel.dtd == "auto":
+        raise ValueError('ParallelConfig(dtd="auto") reached the pipeline unresolved: call '
+                         "parallel.resolve_dtd(world_size, ranks_per_node) first (the doors do).")
     passes: list[Pass] = []
     if T > 1:
         passes.append(shard_tensor_parallel_pass)
@@ -305,3 +311,21 @@ def named_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
     """Every parameter and buffer by name, each alias of a tied tensor included."""
     return {**dict(module.named_buffers(remove_duplicate=False)),
             **dict(module.named_parameters(remove_duplicate=False))}
+
+
+def at_precision(model: nn.Module, example_inputs: tuple[Any, ...], example_kwargs: dict[str, Any] | None,
+                  parallel: ParallelConfig) -> tuple[nn.Module, tuple[Any, ...], dict[str, Any] | None]:
+    """What to capture: the model itself in fp32, else a 16-bit copy and 16-bit floating example inputs,
+    so the graph computes as the model's own code does in 16 bits.
+
+    Routers are created in fp32 by the MoE rewrite whatever the precision (docs/parallelism.md, "Mixed precision").
+    """
+    dtype = compute_dtype(parallel.precision)
+    if dtype == torch.float32:
+        return model, example_inputs, example_kwargs
+
+    def cast(x: Any) -> Any:
+        return x.to(dtype) if isinstance(x, torch.Tensor) and torch.is_floating_point(x) else x
+
+    return (low_precision_copy(model, dtype), pytree.tree_map(cast, example_inputs),
+            pytree.tree_map(cast, example_kwargs))

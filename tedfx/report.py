@@ -61,6 +61,8 @@ class Report:
     comm_variants: dict[str, dict[str, list[int]]] = field(default_factory=dict)
     """Rank 0's step totals with and without each optimization: {"baseline"|"dtd"|"cac"|"dtd+cac":
     {"kind/axis/phase": [calls, bytes]}}."""
+    dtd_choice: str | None = None
+    """With a layout: whether DTD runs and why (`ParallelConfig.resolve_dtd`; "auto" decides from the nodes)."""
     graphs: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     """Node lists (`tedfx.graph_summary.summarize_graph`) of the "dense" captured graph and of "rank0"'s
     rewritten graph (the MoE graph for a single process): what `to_dot`, `to_svg` and `to_html` draw."""
@@ -168,7 +170,7 @@ class Report:
             sharding.rows.append([p["name"], str(tuple(p["full_shape"])), Chips(p["splits"], chunks),
                                   str(tuple(p["local_shape"]))])
         sharding.notes = [
-            f"layout: {self.layout}",
+            f"layout: {self.layout}" + (f"; {self.dtd_choice}" if self.dtd_choice else ""),
             "parameter bytes per rank: " + ", ".join(_fmt_count(b) + "B" for b in sizes)]
         comm = Table("Collectives per training step (rank 0)", ["kind", "axis", "phase", "calls", "bytes"],
                      numeric=(3, 4), anchor="collectives")

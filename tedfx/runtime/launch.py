@@ -35,7 +35,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-__all__ = ["LaunchError", "RankError", "default_backend", "init_distributed", "launch", "launched_externally"]
+__all__ = ["LaunchError", "RankError", "default_backend", "init_distributed", "launch", "launched_externally",
+           "local_world_size"]
 
 DEFAULT_TIMEOUT_S = 300.0
 """Seconds a collective may block before it fails (and a finished launch waits for stragglers)."""
@@ -387,3 +388,9 @@ def _read_result(spec: _WorkerSpec, rank: int) -> Any:
         raise LaunchError(f"rank {rank} of {spec.nprocs} exited cleanly but left no result; "
                           f"this is a bug in tedfx.launch.")
     return torch.load(path, weights_only=False)["result"]
+
+
+def local_world_size() -> int | None:
+    """Ranks on this node as the launcher says (LOCAL_WORLD_SIZE, set by torchrun and tedfx.launch), else None."""
+    value = os.environ.get("LOCAL_WORLD_SIZE")
+    return int(value) if value else None
