@@ -49,7 +49,12 @@ SOURCE = _decoder_source()
 
 # The layouts of the parity matrix (tests/parallel_cases.py) whose comm_stats() the launches compare with predict_rank.
 PARITY_LAYOUTS = {
-    "gpt": [(4, dict(tensor=2, expert=2)), (8, dict(tensor=2, expert=2, activation_checkpointing="block", cac=False))],
+    "gpt": [(2, dict(tensor=2, expert=1)), (2, dict(tensor=1, expert=2)),
+            (4, dict(tensor=2, expert=2)), (4, dict(tensor=1, expert=4)), (4, dict(tensor=2, expert=2, dtd=False)),
+            (4, dict(tensor=2, expert=2, activation_checkpointing="block", cac=True)),
+            (4, dict(tensor=2, expert=2, activation_checkpointing="moe", cac=False, dtd=False)),
+            (8, dict(tensor=2, expert=2)), (8, dict(tensor=2, expert=4)), (8, dict(tensor=1, expert=2)),
+            (8, dict(tensor=2, expert=2, activation_checkpointing="block", cac=False))],
 }
 
 
