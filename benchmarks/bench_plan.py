@@ -33,13 +33,10 @@ from pathlib import Path
 import torch
 
 import tedfx
-from tedfx import collectives, pipeline
-from tedfx.layout_cost import ModelSource, layout_cost
+from tedfx import pipeline
+from tedfx.layout_cost import ModelSource, layout_cost, measure_rank_step
 from tedfx.models.decoder import Decoder, DecoderConfig
 from tedfx.plan import PRESETS, Cluster, Options, plan
-from tedfx.predict import simulated_axes
-from tedfx.runtime.memory import AllocationTracker, tensor_bytes
-from tedfx.runtime.mesh import Layout
 
 GiB = 2**30
 V100_CLUSTER = Cluster(world_size=128, gpus_per_node=8, memory_gib=32, reserve_gib=2, intra_node_gbps=150,
@@ -102,28 +99,10 @@ def measure_step(parallel: tedfx.ParallelConfig, world: int) -> dict[str, int]:
     source = _small_source(meta=False)
     dense, inputs = source.build(None)
     moe_gm, ctx = pipeline.build_moe_graph(dense, inputs, moe=source.moe, lazy=True)
-    layout = Layout.build(world, parallel)
-    gm, _ = pipeline.shard_for_rank(moe_gm, ctx, parallel=parallel, coords=layout.coords(0))
-    del moe_gm, dense
-    tedfx.set_moe_loss_scale(gm, 1.0)
-    params = [p for p in gm.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4, foreach=False)
-
-    def step():
-        with collectives.bind_axes(simulated_axes(layout, 0), collectives.CommStats()):
-            loss = gm(*inputs).float().sum()
-        loss.backward()
-        del loss
-        opt.step()
-        opt.zero_grad(set_to_none=False)
-
-    step()
-    held = tensor_bytes([list(gm.parameters()), [p.grad for p in params], list(opt.state.values())])
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    with AllocationTracker() as mem:
-        step()
+    held, peak = measure_rank_step(moe_gm, ctx, inputs, parallel, world)
     rss1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return {"held": held, "peak": held + mem.peak, "rss_growth": rss1 - rss0}
+    return {"held": held, "peak": peak, "rss_growth": rss1 - rss0}
 
 
 def memory_table() -> list[dict]:

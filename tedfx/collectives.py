@@ -268,11 +268,7 @@ def _issue_all_reduce(x: torch.Tensor, g: _AxisGroup, phase: str) -> torch.Tenso
 
 
 def _issue_all_to_all(x: torch.Tensor, g: _AxisGroup, phase: str) -> torch.Tensor:
-    x = x.contiguous()
-    _count(g, "all_to_all", x, phase)
-    if _simulated(g):
-        return x.clone()
-    return _compat.wait_collective(_compat.funcol.all_to_all_single(x, None, None, g.group))
+    return _compat.wait_collective(_start_all_to_all(x, g, phase))
 
 
 def _issue_all_to_all_packed(x: torch.Tensor, send: list[int], recv: list[int], g: _AxisGroup,

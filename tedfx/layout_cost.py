@@ -48,7 +48,7 @@ from .runtime.memory import AllocationTracker, predict_training_memory
 from .runtime.mesh import Layout
 from .runtime.zero import plan_groups
 
-__all__ = ["MEMORY_KEYS", "LayoutCost", "ModelSource", "layout_cost", "scaled"]
+__all__ = ["MEMORY_KEYS", "LayoutCost", "ModelSource", "layout_cost", "measure_rank_step", "scaled"]
 
 MEMORY_KEYS = ("weights", "grads", "master", "optimizer_states", "step_transient", "activations")
 """Bytes per rank, as `LayoutCost.memory` holds them."""
@@ -225,3 +225,37 @@ def _simulate_step(source: ModelSource, depth: int | None, parallel: ParallelCon
     cost = LayoutCost(comm={row[:3]: list(row[3:]) for row in stats.table()}, memory={"activations": mem.peak},
                       flops=int(counter.get_total_flops()))
     return cost, params
+
+
+def measure_rank_step(moe_gm: fx.GraphModule, ctx: PassContext, inputs: tuple[Any, ...], parallel: ParallelConfig,
+                      world_size: int, *, rank: int = 0, lr: float = 1e-4) -> tuple[int, int]:
+    """What the planner's memory prediction is checked against: the rank's real shards train two steps (forward,
+    backward of the summed output, AdamW) against simulated process groups.
+
+    Returns:
+        (tensor bytes held after the first step: weights, gradients kept allocated as in the gradient sync's
+        buckets, optimizer states; the held bytes plus the peak of the second, steady-state step's allocations).
+    """
+    from . import collectives
+    from .predict import simulated_axes
+    from .runtime.memory import tensor_bytes
+
+    layout = Layout.build(world_size, parallel)
+    gm, _ = shard_for_rank(moe_gm, ctx, parallel=parallel, coords=layout.coords(rank))
+    set_moe_loss_scale(gm, 1.0)  # the gradients start at zero, as the gradient sync's buckets do
+    params = [p for p in gm.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, foreach=False)
+
+    def step() -> None:
+        with collectives.bind_axes(simulated_axes(layout, rank), collectives.CommStats()):
+            loss = gm(*inputs).float().sum()
+        loss.backward()
+        del loss
+        opt.step()
+        opt.zero_grad(set_to_none=False)  # gradients stay allocated, as in the gradient sync's buckets
+
+    step()  # creates the optimizer's states; the second step is the steady state
+    held = tensor_bytes([list(gm.parameters()), [p.grad for p in params], list(opt.state.values())])
+    with AllocationTracker() as mem:
+        step()
+    return held, held + mem.peak

@@ -16,12 +16,11 @@ import pytest
 import torch
 
 import tedfx
-from tedfx import collectives, pipeline
-from tedfx.layout_cost import ModelSource, layout_cost
+from tedfx import pipeline
+from tedfx.layout_cost import ModelSource, layout_cost, measure_rank_step
 from tedfx.models.decoder import Decoder, DecoderConfig
 from tedfx.plan import PRESETS, Cluster, Options, collective_seconds, layouts_for, plan
-from tedfx.predict import predict_rank, simulated_axes
-from tedfx.runtime.memory import AllocationTracker, tensor_bytes
+from tedfx.predict import predict_rank
 from tedfx.runtime.mesh import Layout
 
 from models import tiny_gpt
@@ -106,25 +105,7 @@ def test_predicted_memory_is_within_10_percent_of_a_measured_step(checkpointing)
     parallel = tedfx.ParallelConfig(tensor=2, expert=2, activation_checkpointing=checkpointing)
     predicted = layout_cost(SOURCE, parallel, 4, tile_numel=None, scale_layers=False)
     moe_gm, ctx, inputs = _real_moe_graph()
-    layout = Layout.build(4, parallel)
-    gm, _ = pipeline.shard_for_rank(moe_gm, ctx, parallel=parallel, coords=layout.coords(0))
-    tedfx.set_moe_loss_scale(gm, 1.0)  # the gradients below start at zero, as the gradient sync's buckets do
-    params = [p for p in gm.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-3, foreach=False)
-
-    def step():
-        with collectives.bind_axes(simulated_axes(layout, 0), collectives.CommStats()):
-            loss = gm(*inputs).float().sum()
-        loss.backward()
-        del loss
-        opt.step()
-        opt.zero_grad(set_to_none=False)  # gradients stay allocated, as in the gradient sync's buckets
-
-    step()  # the first step creates the optimizer's states; the second is the steady state
-    held = tensor_bytes([list(gm.parameters()), [p.grad for p in params], list(opt.state.values())])
-    with AllocationTracker() as mem:
-        step()
-    measured_bytes, measured_peak = held, held + mem.peak
+    measured_bytes, measured_peak = measure_rank_step(moe_gm, ctx, inputs, parallel, 4, lr=1e-3)
     m = predicted.memory
     assert m["weights"] + m["grads"] + m["master"] + m["optimizer_states"] == pytest.approx(measured_bytes, rel=0.10)
     assert predicted.total_memory == pytest.approx(measured_peak, rel=0.10)

@@ -35,6 +35,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from .routing import expert_counts
+
 __all__ = [
     "ACTIVATIONS",
     "attach_aux_loss",
@@ -85,9 +87,7 @@ def _flat_slots(expert_SK: torch.Tensor, slot_SK: torch.Tensor, capacity: int) -
 
 def expert_loads(expert_SK: torch.Tensor, *, num_experts: int) -> torch.Tensor:
     """Rows per expert of the packed layout: how many (token, choice) pairs chose each expert, [E] int64."""
-    counts = torch.zeros(num_experts, dtype=torch.int64, device=expert_SK.device)
-    flat = expert_SK.reshape(-1)
-    return counts.scatter_add_(0, flat, torch.ones_like(flat))
+    return expert_counts(expert_SK.reshape(-1), num_experts)
 
 
 def local_loads(loads_GE: torch.Tensor) -> torch.Tensor:
