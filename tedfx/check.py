@@ -23,7 +23,9 @@ from .collectives import CommCall
 from .config import ParallelConfig
 from .passes.context import PassContext
 from .predict import predict_rank, simulate_step
+from .pipeline import param_shards
 from .runtime.mesh import Layout, TedMesh
+from .sharding import tensor_whole
 
 __all__ = ["CollectiveOrderError", "OrderMismatch", "check_layout", "check_live_ranks", "compare_traces"]
 
@@ -138,7 +140,8 @@ def check_live_ranks(
         CollectiveOrderError: on every rank alike, before any rank can hang.
     """
     mine = simulate_step(gm, layout=mesh.layout, rank=mesh.rank, bucket_mb=parallel.bucket_mb,
-                         example_inputs=example_inputs, example_kwargs=example_kwargs, restore=True).trace
+                         tensor_whole=tensor_whole(param_shards(gm, ctx)), example_inputs=example_inputs,
+                         example_kwargs=example_kwargs, restore=True).trace
     traces: list[Any] = [None] * mesh.layout.world_size
     dist.all_gather_object(traces, mine)
     mismatches = compare_traces(dict(enumerate(traces)), mesh.layout, exact_shapes=ctx.moe.drop_tokens)

@@ -42,11 +42,12 @@ from .config import MoEConfig, ParallelConfig
 from .fake import FakeRun, FakeUnsupported, device_of
 from .moe.routing import set_moe_loss_scale
 from .passes.context import PassContext
-from .pipeline import at_precision, build_moe_graph, grad_sync_params, shard_for_rank
+from .pipeline import at_precision, build_moe_graph, grad_sync_params, param_shards, shard_for_rank
 from .predict import simulate_step
 from .runtime.memory import AllocationTracker, predict_training_memory
 from .runtime.mesh import Layout
 from .runtime.zero import plan_groups
+from .sharding import tensor_whole
 
 __all__ = ["MEMORY_KEYS", "LayoutCost", "ModelSource", "layout_cost", "measure_rank_step", "scaled"]
 
@@ -206,7 +207,7 @@ def _simulate(source: ModelSource, depth: int | None, parallel: ParallelConfig,
 def _simulate_step(source: ModelSource, depth: int | None, parallel: ParallelConfig,
                    layout: Layout) -> tuple[LayoutCost, Params]:
     moe_gm, ctx, inputs = source.graph(depth, parallel.precision)
-    gm, _ = shard_for_rank(moe_gm, ctx, parallel=parallel, coords=layout.coords(0), materialize=False)
+    gm, rank_ctx = shard_for_rank(moe_gm, ctx, parallel=parallel, coords=layout.coords(0), materialize=False)
     run = FakeRun(gm, device_of(inputs, moe_gm))
     params = grad_sync_params(gm)
     set_moe_loss_scale(gm, 1.0)  # gradients start at zero, as in the gradient sync's buckets: not an accumulation
@@ -217,6 +218,7 @@ def _simulate_step(source: ModelSource, depth: int | None, parallel: ParallelCon
                     p.grad = torch.zeros_like(p)
             with FlopCounterMode(display=False) as counter, AllocationTracker() as mem, _no_gc():
                 stats = simulate_step(gm, layout=layout, rank=0, bucket_mb=parallel.bucket_mb,
+                                      tensor_whole=tensor_whole(param_shards(gm, rank_ctx)),
                                       example_inputs=run.inputs(inputs))
     except FakeUnsupported as e:
         raise ValueError(f"the planner simulates steps on fake tensors, and this model's graph cannot run on them "

@@ -33,10 +33,10 @@ from .moe.routing import Router
 from .passes.context import PassContext
 from .pipeline import grad_sync_params, param_shards, shard_for_rank
 from .report import Report
-from .runtime.grad_sync import plan_buckets
+from .runtime.grad_sync import plan_buckets, record_plan
 from .runtime.memory import predict_training_memory
 from .runtime.mesh import Layout
-from .sharding import ParamShard
+from .sharding import ParamShard, tensor_whole
 
 __all__ = ["RankPrediction", "build_report", "predict_rank", "simulate_step", "simulated_axes"]
 
@@ -91,6 +91,7 @@ def predict_rank(
         try:
             with run.active():
                 stats = simulate_step(gm, layout=layout, rank=rank, bucket_mb=parallel.bucket_mb,
+                                      tensor_whole=tensor_whole(param_shards(gm, ctx)),
                                       example_inputs=run.inputs(example_inputs),
                                       example_kwargs=run.inputs(example_kwargs))
         except FakeUnsupported as e:
@@ -104,6 +105,7 @@ def predict_rank(
     if run is None:
         gm, ctx = shard_for_rank(moe_gm, moe_ctx, parallel=parallel, coords=coords)
         stats = simulate_step(gm, layout=layout, rank=rank, bucket_mb=parallel.bucket_mb,
+                              tensor_whole=tensor_whole(param_shards(gm, ctx)),
                               example_inputs=example_inputs, example_kwargs=example_kwargs)
     params = dict(gm.named_parameters())
     return RankPrediction(
@@ -120,6 +122,7 @@ def simulate_step(
     layout: Layout,
     rank: int,
     bucket_mb: float | None,
+    tensor_whole: frozenset[str],
     example_inputs: tuple[Any, ...],
     example_kwargs: dict[str, Any] | None = None,
     restore: bool = False,
@@ -143,10 +146,9 @@ def simulate_step(
     del out, leaves
     if state is not None:
         state.restore()
-    sizes = {axis: layout.size(axis) for axis in ("dp", "edp")}
-    for plan in plan_buckets(grad_sync_params(gm), sizes, bucket_mb):
-        item = torch.empty((), dtype=plan.dtype).element_size()
-        stats.record("all_reduce", plan.axis, "backward", plan.nbytes, (plan.nbytes // item,), plan.dtype)
+    sizes = {axis: layout.size(axis) for axis in ("dp", "edp", "tp")}
+    for plan in plan_buckets(grad_sync_params(gm), sizes, bucket_mb, tensor_whole):
+        record_plan(stats, plan)
     return stats
 
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["ParamShard", "shard_tensor", "unshard_tensor"]
+__all__ = ["ParamShard", "shard_tensor", "tensor_whole", "unshard_tensor"]
 
 
 @dataclass(frozen=True)
@@ -76,3 +76,9 @@ def unshard_tensor(shards: dict[tuple[int, ...], torch.Tensor], spec: ParamShard
         return torch.cat(parts, dim=dim)
 
     return build(0, ())
+
+
+def tensor_whole(shards: dict[str, ParamShard]) -> frozenset[str]:
+    """Names of the tensors no "tp" split divides: their gradient is the same on the T ranks of a tensor group, so
+    the gradient sync splits their reduction over those ranks (docs/parallelism.md, "Gradient sync")."""
+    return frozenset(name for name, spec in shards.items() if all(axis != "tp" for axis, _ in spec.splits))

@@ -9,9 +9,10 @@ import tedfx
 from tedfx import collectives
 from tedfx.api import check_collective_order
 from tedfx.check import CollectiveOrderError, compare_traces
-from tedfx.pipeline import build_moe_graph, shard_for_rank
+from tedfx.pipeline import build_moe_graph, param_shards, shard_for_rank
 from tedfx.predict import simulate_step
 from tedfx.runtime.mesh import Layout
+from tedfx.sharding import tensor_whole
 
 from models import tiny_gpt
 
@@ -40,11 +41,12 @@ def _traces(gpt, tamper_rank: int | None, tamper) -> tuple[dict, Layout]:
     moe_gm, moe_ctx = build_moe_graph(model, inputs, moe=MOE)
     traces = {}
     for rank in range(4):
-        gm, _ = shard_for_rank(moe_gm, moe_ctx, parallel=parallel, coords=layout.coords(rank))
+        gm, ctx = shard_for_rank(moe_gm, moe_ctx, parallel=parallel, coords=layout.coords(rank))
         if rank == tamper_rank:
             tamper(gm)
             gm.recompile()
-        traces[rank] = simulate_step(gm, layout=layout, rank=rank, bucket_mb=25.0, example_inputs=inputs).trace
+        traces[rank] = simulate_step(gm, layout=layout, rank=rank, bucket_mb=25.0,
+                                     tensor_whole=tensor_whole(param_shards(gm, ctx)), example_inputs=inputs).trace
     return traces, layout
 
 

@@ -18,12 +18,16 @@ import torch
 import torch.distributed as dist
 from torch.utils.checkpoint import checkpoint
 
+import tedfx
 from tedfx import collectives as C
 from tedfx.config import ParallelConfig
+from tedfx.models.nanogpt import GPT, GPTConfig
+from tedfx.pipeline import build_moe_graph, grad_sync_params, param_shards, shard_for_rank
 from tedfx.runtime import LaunchError, Layout, RankError, TedMesh, launch
 from tedfx.runtime.grad_sync import bucket_limit, plan_buckets
 from tedfx.runtime.input_check import check_same_inputs, different_inputs_message, input_signature, signature_digest
 from tedfx.runtime.mesh import GROUP_AXES
+from tedfx.sharding import tensor_whole
 
 # --- Gradient buckets (no processes) ---------------------------------------------------------
 
@@ -43,6 +47,47 @@ def test_automatic_buckets_give_about_eight_per_axis_within_1_to_25_mib():
     plans = plan_buckets(mid, {"dp": 2, "edp": 2}, None)
     assert [p.axis for p in plans].count("dp") == 8 and [p.axis for p in plans].count("edp") == 4
 
+
+
+def test_parameters_tensor_parallelism_leaves_whole_get_split_buckets():
+    """Gradients equal on the T tensor ranks are reduced a T-th per rank: their own buckets, split T ways."""
+    params = [(name, torch.nn.Parameter(torch.empty(n, device="meta")), axis)
+              for name, n, axis in (("ln.weight", 5, "dp"), ("attn.weight", 64, "dp"), ("wte.weight", 99, "dp"),
+                                    ("experts.b2", 6, "edp"), ("experts.w1", 48, "edp"))]
+    whole = frozenset({"ln.weight", "wte.weight", "experts.b2"})
+    plans = plan_buckets(params, {"dp": 2, "edp": 2, "tp": 4}, None, whole)
+    by_names = {p.names: p for p in plans}
+    assert set(by_names) == {("wte.weight", "ln.weight"), ("attn.weight",), ("experts.w1",), ("experts.b2",)}
+    assert by_names[("wte.weight", "ln.weight")].split == 4 and by_names[("experts.b2",)].split == 4
+    assert by_names[("attn.weight",)].split == 1 and by_names[("experts.w1",)].split == 1
+    assert by_names[("wte.weight", "ln.weight")].slice_numel == 26  # 104 / 4
+    assert by_names[("experts.b2",)].slice_numel == 2  # 6 / 4, rounded up
+    # Without tensor parallelism nothing is split.
+    assert all(p.split == 1 for p in plan_buckets(params, {"dp": 2, "edp": 2, "tp": 1}, None, whole))
+
+
+def test_explain_counts_a_tth_of_the_whole_parameters_gradients_over_dp():
+    """T=2, X=2 on 8 ranks: "dp" carries the sharded gradients and half of the whole ones, "tp" gathers the other
+    half; the per-rank bytes follow from the rank's parameters and their splits."""
+    model = GPT(GPTConfig(n_layer=2, n_embd=64, n_head=4))
+    moe = tedfx.MoEConfig(num_experts=4, top_k=2)
+    parallel = ParallelConfig(tensor=2, expert=2)
+    report = tedfx.explain(model, (torch.zeros(2, 16, dtype=torch.long),), moe=moe, parallel=parallel, world_size=8)
+    table = {tuple(row[:3]): tuple(row[3:]) for row in report.comm_table}
+    gm, ctx = shard_for_rank(*build_moe_graph(model, (torch.zeros(2, 16, dtype=torch.long),), moe=moe),
+                             parallel=parallel, coords=Layout.build(8, parallel).coords(0))
+    whole = tensor_whole(param_shards(gm, ctx))
+    sizes = {"dp": 4, "edp": 2, "tp": 2}
+    plans = plan_buckets(grad_sync_params(gm), sizes, parallel.bucket_mb, whole)
+    assert any(p.split == 2 for p in plans) and any(p.split == 1 for p in plans)
+    params = dict(gm.named_parameters())
+    for axis in ("dp", "edp"):
+        sharded = sum(params[n].numel() for p in plans if p.axis == axis and p.split == 1 for n in p.names)
+        halves = sum(-(-sum(params[n].numel() for n in p.names) // 2) for p in plans if p.axis == axis and p.split == 2)
+        assert table[("all_reduce", axis, "backward")][1] == 4 * (sharded + halves)
+    gathered = sum(p.slice_numel for p in plans if p.split == 2)
+    backward_gathers = table[("all_gather", "tp", "backward")][1]
+    assert backward_gathers >= 4 * gathered  # the graph's own backward all-gathers come on top
 
 # --- Layout (no processes) -------------------------------------------------------------------
 

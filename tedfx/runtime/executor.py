@@ -21,7 +21,7 @@ from .. import collectives, rng
 from ..capture import DROPOUT_P_META
 from ..config import ParallelConfig
 from ..moe.routing import moe_losses
-from ..sharding import ParamShard, unshard_tensor
+from ..sharding import ParamShard, tensor_whole, unshard_tensor
 from ..signature import bind_call
 from .grad_norm import clip_coefficient, global_grad_norm
 from .grad_sync import GradSync
@@ -86,7 +86,7 @@ class ParallelModule(nn.Module):
             if dist.get_backend() == "nccl" else torch.device("cpu")
         world = mesh.layout.world_size
         self._grad_sync = GradSync(sync_params, mesh.groups(), world // parallel.tensor,
-                                   parallel.bucket_mb, self._stats)
+                                   parallel.bucket_mb, self._stats, tensor_whole(shards))
         self.sync_params = [(name, p, axis) for name, p, axis in sync_params if p.requires_grad]
         """(name, parameter, data-parallel axis) of every trained parameter: what tedfx.optimizer steps."""
         self.compute_dtype = compute_dtype(parallel.precision)

@@ -9,7 +9,7 @@ returns, every `.grad` is final and any torch optimizer can step.
 
 In order (docs/parallelism.md, "Gradient sync"):
 1. Gradients live in flat buckets of about `bucket_mb` MiB (by default 1/8 of an axis's
-   gradient bytes, within 1-25 MiB), one dtype each, filled
+   gradient bytes, within 1-25 MiB), one dtype and one kind each (split or whole, below), filled
    in reverse registration order (roughly the order backward produces them). Each
    bucket is allocated once; every `.grad` is a view into its bucket, set just
    before autograd first accumulates into it, so autograd adds in place.
@@ -19,6 +19,13 @@ In order (docs/parallelism.md, "Gradient sync"):
 3. The end of backward waits for every bucket and divides it in place. Nothing is
    copied: the averages are already in `.grad`. On a group of one rank nothing is
    sent; the bucket is only divided.
+
+Split buckets: a parameter that tensor parallelism leaves whole has the same gradient
+on the T ranks of a tensor group (Megatron's f and g make it so), so reducing all of it
+over "dp" on every tensor rank would send the same bytes T times across the data-parallel
+links. Such parameters get buckets of their own, and tensor rank t all-reduces only the
+t-th of T slices of each; after the wait an all-gather over "tp" (inside a node) gives
+every tensor rank the whole average. The data-parallel bytes of those gradients drop to 1/T.
 
 Gradient accumulation: inside `no_sync()` nothing is communicated and gradients add
 up locally; the next synced backward reduces the sum. A backward outside `no_sync()`
@@ -31,7 +38,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -50,23 +57,36 @@ class BucketPlan:
     axis: str
     names: tuple[str, ...]
     nbytes: int
+    """Bytes of the gradients in the bucket."""
     dtype: torch.dtype = torch.float32
+    split: int = 1
+    """T for a bucket of parameters that tensor parallelism leaves whole: each tensor rank all-reduces one of T
+    slices over `axis`, then an all-gather over "tp" joins them. 1: the whole bucket is all-reduced."""
+
+    @property
+    def slice_numel(self) -> int:
+        """Elements each rank all-reduces: the bucket's, or with a split a T-th of them rounded up."""
+        numel = self.nbytes // torch.empty((), dtype=self.dtype).element_size()
+        return -(-numel // self.split)
 
 
-def _fill(params: list[tuple[str, nn.Parameter, str]], axis: str, limit: int | None) -> list[BucketPlan]:
-    """Buckets of one axis: parameters in reverse order, one open bucket per dtype, closed at `limit` bytes."""
+def _fill(params: list[tuple[str, nn.Parameter, str]], axis: str, limit: int | None,
+          split_of: Callable[[str], int] = lambda name: 1) -> list[BucketPlan]:
+    """Buckets of one axis: parameters in reverse order, one open bucket per (dtype, split), closed at `limit`
+    bytes."""
     plans = []
-    open_buckets: dict[torch.dtype, tuple[list[str], list[int]]] = {}
+    open_buckets: dict[tuple[torch.dtype, int], tuple[list[str], list[int]]] = {}
     for name, p, a in reversed(params):
         if a != axis or not p.requires_grad:
             continue
-        names, size = open_buckets.setdefault(p.dtype, ([], [0]))
+        key = (p.dtype, split_of(name))
+        names, size = open_buckets.setdefault(key, ([], [0]))
         names.append(name)
         size[0] += p.numel() * p.element_size()
         if limit is not None and size[0] >= limit:
-            plans.append(BucketPlan(axis, tuple(names), size[0], p.dtype))
-            del open_buckets[p.dtype]
-    plans += [BucketPlan(axis, tuple(names), size[0], dtype) for dtype, (names, size) in open_buckets.items()]
+            plans.append(BucketPlan(axis, tuple(names), size[0], *key))
+            del open_buckets[key]
+    plans += [BucketPlan(axis, tuple(names), size[0], *key) for key, (names, size) in open_buckets.items()]
     return plans
 
 
@@ -87,16 +107,32 @@ def bucket_limit(params: list[tuple[str, nn.Parameter, str]], axis: str, bucket_
 
 
 def plan_buckets(params: list[tuple[str, nn.Parameter, str]], sizes: dict[str, int],
-                 bucket_mb: float | None) -> list[BucketPlan]:
+                 bucket_mb: float | None, tensor_whole: frozenset[str] = frozenset()) -> list[BucketPlan]:
     """The all-reduces GradSync issues per step, in issue order (pure: explain predicts with it).
 
     Args:
         params: (name, parameter, axis) triples in registration order, axis "dp" or "edp".
-        sizes: {axis: group size}; axes of one rank issue nothing.
+        sizes: {axis: group size}; axes of one rank issue nothing. "tp" (default 1) splits the buckets of
+            `tensor_whole` parameters.
         bucket_mb: bucket size in MiB; None: automatic (`bucket_limit`).
+        tensor_whole: names of the parameters tensor parallelism leaves whole (`pipeline.tensor_whole`).
     """
+    tensor = sizes.get("tp", 1)
+
+    def split_of(name: str) -> int:
+        return tensor if name in tensor_whole else 1
+
     return [plan for axis in ("dp", "edp") if sizes[axis] > 1
-            for plan in _fill(params, axis, bucket_limit(params, axis, bucket_mb))]
+            for plan in _fill(params, axis, bucket_limit(params, axis, bucket_mb), split_of)]
+
+
+def record_plan(stats: CommStats, plan: BucketPlan) -> None:
+    """Count what one bucket sends per step: its all-reduce over its axis, and with a split the all-gather over
+    "tp" that joins the slices (phase "backward")."""
+    shape, item = (plan.slice_numel,), torch.empty((), dtype=plan.dtype).element_size()
+    stats.record("all_reduce", plan.axis, "backward", plan.slice_numel * item, shape, plan.dtype)
+    if plan.split > 1:
+        stats.record("all_gather", "tp", "backward", plan.slice_numel * item, shape, plan.dtype)
 
 
 @dataclass
@@ -107,7 +143,10 @@ class _Bucket:
     group_size: int
     params: list[nn.Parameter]
     flat: torch.Tensor
+    """The gradients, padded to a multiple of the split."""
     views: list[torch.Tensor]
+    part: torch.Tensor
+    """What this rank all-reduces: the whole flat, or its slice of a split bucket."""
     ready: set[int] = field(default_factory=set)
     work: object = None
     synced: bool = False
@@ -124,20 +163,24 @@ class GradSync:
 
     Args:
         params: (name, parameter, axis) triples, axis "dp" or "edp".
-        groups: {axis: process group}.
+        groups: {axis: process group}; "tp" is needed for split buckets.
         divisor: X*D, the token groups averaged over.
         bucket_mb: bucket size in MiB.
-        stats: where the all-reduces are counted (phase "backward").
+        stats: where the all-reduces (and the split buckets' all-gathers) are counted (phase "backward").
+        tensor_whole: names of the parameters tensor parallelism leaves whole: their buckets are split.
     """
 
     def __init__(self, params: list[tuple[str, nn.Parameter, str]], groups: dict[str, dist.ProcessGroup],
-                 divisor: int, bucket_mb: float, stats: CommStats | None) -> None:
+                 divisor: int, bucket_mb: float, stats: CommStats | None,
+                 tensor_whole: frozenset[str] = frozenset()) -> None:
         self.divisor = divisor
         self.stats = stats
         self.enabled = True
+        self.tp_group = groups.get("tp")
         by_name = {name: p for name, p, _ in params}
         sizes = {axis: dist.get_world_size(groups[axis]) for axis in ("dp", "edp")}
-        plans = [(plan, groups[plan.axis]) for plan in plan_buckets(params, sizes, bucket_mb)]
+        sizes["tp"] = dist.get_world_size(self.tp_group) if self.tp_group is not None else 1
+        plans = [(plan, groups[plan.axis]) for plan in plan_buckets(params, sizes, bucket_mb, tensor_whole)]
         if divisor > 1:
             # Parameters on a one-rank group: nothing to send, only the average to take (experts with D = 1).
             plans += [(plan, None) for axis in ("dp", "edp") if sizes[axis] == 1
@@ -153,15 +196,17 @@ class GradSync:
         self._handles += [p.register_post_accumulate_grad_hook(self._on_grad)
                           for p in by_name.values() if p.requires_grad]
 
-    @staticmethod
-    def _allocate(plan: BucketPlan, group: dist.ProcessGroup | None, params: list[nn.Parameter]) -> _Bucket:
-        flat = torch.zeros(sum(p.numel() for p in params), dtype=plan.dtype, device=params[0].device)
+    def _allocate(self, plan: BucketPlan, group: dist.ProcessGroup | None, params: list[nn.Parameter]) -> _Bucket:
+        flat = torch.zeros(plan.slice_numel * plan.split, dtype=plan.dtype, device=params[0].device)
         views, offset = [], 0
         for p in params:
             views.append(flat[offset:offset + p.numel()].view_as(p))
             offset += p.numel()
         size = 1 if group is None else dist.get_world_size(group)
-        return _Bucket(plan, group, size, params, flat, views)
+        part = flat
+        if plan.split > 1:
+            part = flat.narrow(0, dist.get_rank(self.tp_group) * plan.slice_numel, plan.slice_numel)
+        return _Bucket(plan, group, size, params, flat, views, part)
 
     @contextlib.contextmanager
     def no_sync(self) -> Iterator[None]:
@@ -229,21 +274,26 @@ class GradSync:
         if b.group is None:
             return
         if self.stats is not None:
-            self.stats.record("all_reduce", b.plan.axis, "backward", b.flat.numel() * b.flat.element_size(),
-                              tuple(b.flat.shape), b.flat.dtype)
-        b.work = dist.all_reduce(b.flat, group=b.group, async_op=True)
+            record_plan(self.stats, b.plan)
+        b.work = dist.all_reduce(b.part, group=b.group, async_op=True)
 
     def _finish(self) -> None:
         while self._next < len(self.buckets):
             self._launch(self.buckets[self._next])
             self._next += 1
+        gathers = []
         for b in self.buckets:
             if b.work is not None:
                 b.work.wait()
-            b.flat.div_(self.divisor)
+            b.part.div_(self.divisor)
+            if b.part is not b.flat and b.group is not None:
+                # This rank's averaged slice to the other tensor ranks, theirs into the rest of the bucket.
+                gathers.append(_compat.all_gather_into(b.flat, b.part.clone(), group=self.tp_group, async_op=True))
             b.ready.clear()
             b.work = None
             b.synced = True
+        for work in gathers:
+            work.wait()
         self._next = 0
         self._callback_queued = False
         self.finished += 1
