@@ -116,8 +116,9 @@ class BenchConfig:
                                capacity_factor=self.capacity_factor, layers="all", seed=self.seed)
 
     def parallel(self, tensor: int, expert: int, variant: str) -> tedfx.ParallelConfig:
+        # a2a_chunks=1: the variants differ in DTD and CAC alone (a2a_chunks="auto" would chunk across nodes).
         return tedfx.ParallelConfig(tensor=tensor, expert=expert, activation_checkpointing="block",
-                                    timeout=LAUNCH_TIMEOUT_S, **VARIANTS[variant])
+                                    timeout=LAUNCH_TIMEOUT_S, a2a_chunks=1, **VARIANTS[variant])
 
 
 FULL = BenchConfig()

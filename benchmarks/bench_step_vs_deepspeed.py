@@ -6,16 +6,16 @@ capacity factor 1.0, 4 x 128 = 512 tokens per token group, fp32), with and witho
 checkpointing:
 
     tedfx           tedfx.parallelize(model, ..., ParallelConfig(tensor=2, expert=2)) as a user gets it:
-                    DTD on, CAC on, `check_inputs` at its default (on), a2a_chunks=1
-    tedfx_chunks2   the same with ParallelConfig(a2a_chunks=2): the expert all-to-alls pipelined with expert
-                    compute in 2 chunks of the capacity
+                    DTD on, CAC on, `check_inputs` at its default (on), a2a_chunks="auto" (2 chunks where the
+                    expert all-to-all crosses nodes: on the emulated cluster; 1 on loopback)
+    tedfx_chunks1   the same with ParallelConfig(a2a_chunks=1): no pipelining of the expert all-to-alls
     deepspeed       deepspeed.moe.layer.MoE in TED mode (benchmarks/peers.py: Megatron mpu, expert tensor
                     parallelism, Megatron attention and MLP, DeepSpeed's own DTD, no CAC), gradients averaged
                     as DeepSpeed's engine does
 
 A step is zero_grad, forward, backward with the gradient sync, AdamW step, between barriers; the six
 variants take turns step by step in a rotating order. Reported per checkpointing mode: median step ms,
-the paired ratio tedfx / deepspeed (per round, then the median), and tedfx_chunks2 / tedfx.
+the paired ratio tedfx / deepspeed (per round, then the median), and tedfx / tedfx_chunks1.
 
 Usage:
     python benchmarks/bench_step_vs_deepspeed.py                 # loopback and emulated (root needed)
@@ -53,7 +53,7 @@ sys.path.insert(0, str(HERE))  # peers, netem and bench_dtd_cac sit next to this
 import bench_dtd_cac as common  # noqa: E402, I001 - after the sys.path line above
 import netem  # noqa: E402
 
-TEDFX_VARIANTS: dict[str, dict[str, Any]] = {"tedfx": {}, "tedfx_chunks2": {"a2a_chunks": 2}}
+TEDFX_VARIANTS: dict[str, dict[str, Any]] = {"tedfx": {}, "tedfx_chunks1": {"a2a_chunks": 1}}
 """tedfx variants: ParallelConfig fields beyond the layout and the checkpointing mode (none: the defaults)."""
 PEER = "deepspeed"
 MODES = ("none", "block")
@@ -106,16 +106,18 @@ def run_rank(spec: Spec) -> dict[str, Any] | None:
     torch.manual_seed(cfg.seed)
     model = GPT(cfg.gpt())
     tokens, targets = common._token_group(cfg, layout, rank)
-    runners = {}
+    runners, chunks_choice = {}, None
     for mode in cfg.modes:
         for variant, fields in TEDFX_VARIANTS.items():  # everything else at tedfx's defaults, check_inputs too
-            runners[_name(variant, mode)], _ = common.tedfx_runner(model, tokens, targets, moe=cfg.moe(), lr=cfg.lr,
-                                                                   parallel=cfg.parallel(mode, **fields))
+            runners[_name(variant, mode)], pm = common.tedfx_runner(model, tokens, targets, moe=cfg.moe(), lr=cfg.lr,
+                                                                    parallel=cfg.parallel(mode, **fields))
+            if variant == "tedfx":
+                chunks_choice = pm.a2a_chunks_reason
         runners[_name(PEER, mode)] = common.deepspeed_runner(model, tokens, targets, moe=cfg.moe(), tensor=TENSOR,
                                                              expert=EXPERT, checkpoint_blocks=mode == "block",
                                                              lr=cfg.lr)
     rec = common._time_rounds(runners, cfg)
-    return {"rank": rank, "runs": rec} if rank == 0 else None
+    return {"rank": rank, "runs": rec, "default_a2a_chunks": chunks_choice} if rank == 0 else None
 
 
 def _load_spec(raw: dict) -> Spec:
@@ -138,7 +140,7 @@ def _paired(a: list[float], b: list[float]) -> float:
 
 def summarize(raw: dict[str, Any], network: str, cfg: StepConfig) -> dict[str, Any]:
     runs = raw["runs"]
-    out: dict[str, Any] = {"network": network, "modes": {}}
+    out: dict[str, Any] = {"network": network, "default_a2a_chunks": raw.get("default_a2a_chunks"), "modes": {}}
     for mode in cfg.modes:
         ms = {v: runs[_name(v, mode)]["step_ms"] for v in (*TEDFX_VARIANTS, PEER)}
         row = {v: {"median_ms": statistics.median(t), "min_ms": min(t), "step_ms": t,
@@ -148,10 +150,10 @@ def summarize(raw: dict[str, Any], network: str, cfg: StepConfig) -> dict[str, A
             "variants": row,
             "tedfx_over_deepspeed": _paired(ms["tedfx"], ms[PEER]),
             "tedfx_over_deepspeed_of_medians": row["tedfx"]["median_ms"] / row[PEER]["median_ms"],
-            "chunks2_over_tedfx": _paired(ms["tedfx_chunks2"], ms["tedfx"]),
-            "chunks2_over_deepspeed": _paired(ms["tedfx_chunks2"], ms[PEER]),
+            "tedfx_over_chunks1": _paired(ms["tedfx"], ms["tedfx_chunks1"]),
+            "chunks1_over_deepspeed": _paired(ms["tedfx_chunks1"], ms[PEER]),
             "tedfx_losses_max_diff": max(abs(a - b) for a, b in zip(row["tedfx"]["losses"],
-                                                                     row["tedfx_chunks2"]["losses"])),
+                                                                     row["tedfx_chunks1"]["losses"])),
         }
     return out
 
@@ -159,13 +161,14 @@ def summarize(raw: dict[str, Any], network: str, cfg: StepConfig) -> dict[str, A
 def print_run(s: dict[str, Any], rate: str | None) -> None:
     where = f"emulated 2-node cluster, {rate} each way" if s["network"] == "emulated" else "loopback"
     print(f"\n== {where}: world 4 = T 2 x X 2 (tensor groups inside a node, expert groups across)")
-    print(f"   {'checkpointing':<13} {'tedfx ms':>9} {'chunks2 ms':>11} {'deepspeed ms':>13} {'tedfx/ds':>9} "
-          f"{'chunks2/ds':>11} {'chunks2/tedfx':>14}")
+    print(f"   tedfx's default: {s['default_a2a_chunks']}")
+    print(f"   {'checkpointing':<13} {'tedfx ms':>9} {'chunks1 ms':>11} {'deepspeed ms':>13} {'tedfx/ds':>9} "
+          f"{'chunks1/ds':>11} {'tedfx/chunks1':>14}")
     for mode, m in s["modes"].items():
         v = m["variants"]
-        print(f"   {mode:<13} {v['tedfx']['median_ms']:>9.0f} {v['tedfx_chunks2']['median_ms']:>11.0f} "
-              f"{v[PEER]['median_ms']:>13.0f} {m['tedfx_over_deepspeed']:>8.2f}x {m['chunks2_over_deepspeed']:>10.2f}x "
-              f"{m['chunks2_over_tedfx']:>13.2f}x")
+        print(f"   {mode:<13} {v['tedfx']['median_ms']:>9.0f} {v['tedfx_chunks1']['median_ms']:>11.0f} "
+              f"{v[PEER]['median_ms']:>13.0f} {m['tedfx_over_deepspeed']:>8.2f}x {m['chunks1_over_deepspeed']:>10.2f}x "
+              f"{m['tedfx_over_chunks1']:>13.2f}x")
     print("   (medians of the step; ratios are medians over rounds of the paired ratio; < 1 means faster)")
 
 

@@ -159,7 +159,8 @@ def build_parallel_module(
         raise RuntimeError("tedfx.parallelize needs torch.distributed: run it inside tedfx.launch(...) or "
                            "under torchrun after tedfx.init_distributed().")
     parallel.check_supported()
-    parallel, dtd_reason = parallel.resolve_dtd(dist.get_world_size(), local_world_size())
+    parallel, dtd_reason, chunks_reason = parallel.resolve_auto(dist.get_world_size(), local_world_size(),
+                                                                drop_tokens=moe.drop_tokens)
     mesh = TedMesh.build(parallel)
     _compat.set_group_timeouts([None, *mesh.groups().values()], parallel.timeout)
     fetch = _dense_reader(model, dense_state)
@@ -178,7 +179,7 @@ def build_parallel_module(
     record_dense_config(gm, model)
     pm = ParallelModule(gm, mesh, pipeline.param_shards(gm, ctx), parallel, pipeline.grad_sync_params(gm),
                         check_inputs)
-    pm.dtd_reason = dtd_reason
+    pm.dtd_reason, pm.a2a_chunks_reason = dtd_reason, chunks_reason
     return pm
 
 
@@ -236,11 +237,12 @@ def explain(
         >>> print(tedfx.explain(model, (tokens,), moe=moe, parallel=tedfx.ParallelConfig(tensor=2, expert=2),
         ...                     world_size=8))
     """
-    dtd_reason = None
+    dtd_reason = chunks_reason = None
     if parallel is not None:
         parallel.check_supported()
         Layout.build(world_size, parallel)  # a layout that does not fit the world fails before any work
-        parallel, dtd_reason = parallel.resolve_dtd(world_size, local_world_size())
+        parallel, dtd_reason, chunks_reason = parallel.resolve_auto(world_size, local_world_size(),
+                                                                    drop_tokens=moe.drop_tokens)
         model, example_inputs, example_kwargs = pipeline.at_precision(model, example_inputs, example_kwargs, parallel)
     # One capture: the dense graph is summarised before the MoE passes rewrite it in place.
     dense_gm = pipeline.capture_dense(model, example_inputs, example_kwargs)
@@ -250,7 +252,7 @@ def explain(
     report = build_report(model, moe_gm, ctx, moe=moe, parallel=parallel, world_size=world_size,
                           example_inputs=example_inputs, example_kwargs=example_kwargs, dense_graph=dense_graph,
                           tile_numel=tile_numel)
-    report.dtd_choice = dtd_reason
+    report.dtd_choice, report.chunks_choice = dtd_reason, chunks_reason
     return report
 
 
@@ -275,7 +277,7 @@ def check_collective_order(
         >>> tedfx.check_collective_order(model, (tokens,), moe=moe, parallel=par, world_size=8)
     """
     layout = Layout.build(world_size, parallel)
-    parallel, _ = parallel.resolve_dtd(world_size, local_world_size())
+    parallel, _, _ = parallel.resolve_auto(world_size, local_world_size(), drop_tokens=moe.drop_tokens)
     moe_gm, moe_ctx = pipeline.build_moe_graph(model, example_inputs, moe=moe, example_kwargs=example_kwargs,
                                                lazy=True)
     return check_layout(moe_gm, moe_ctx, parallel=parallel, layout=layout, example_inputs=example_inputs,

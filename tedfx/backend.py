@@ -78,7 +78,8 @@ class _Options:
                              "is not initialised: run the script under tedfx.launch(...) or torchrun (after "
                              "tedfx.init_distributed()), or leave out \"parallel\" for one process.")
         if parallel is not None:  # every graph of the model is sharded with the same choice
-            parallel, _ = parallel.resolve_dtd(dist.get_world_size(), local_world_size())
+            parallel, _, _ = parallel.resolve_auto(dist.get_world_size(), local_world_size(),
+                                                   drop_tokens=moe.drop_tokens)
         return cls(moe, parallel, bool(options.get("inductor", False)), bool(options.get("release_dense", True)))
 
 

@@ -22,8 +22,8 @@ from .axes import GROUP_AXES
 from .collectives import CommCall
 from .config import ParallelConfig
 from .passes.context import PassContext
-from .predict import predict_rank, simulate_step
 from .pipeline import param_shards
+from .predict import predict_rank, simulate_step
 from .runtime.mesh import Layout, TedMesh
 from .sharding import tensor_whole
 

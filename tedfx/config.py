@@ -134,10 +134,12 @@ class ParallelConfig:
     docs/parallelism.md, "DTD")."""
     cac: bool = True
     """Communication-aware activation checkpointing: recomputation reuses saved all-to-all outputs."""
-    a2a_chunks: int = 1
+    a2a_chunks: int | Literal["auto"] = "auto"
     """Split each MoE block's capacity into this many chunks, so that the all-to-all of one chunk runs while the
     experts compute another, forward and backward (docs/parallelism.md, "Overlap"). Needs X > 1 and capacity
-    slots (not the packed layout of dropless routing without DTD)."""
+    slots (not the packed layout of dropless routing without DTD). "auto": 2 where an expert group's all-to-all
+    crosses nodes (judged as for `dtd="auto"`, by `resolve_a2a_chunks`), 1 otherwise; a config that reaches the
+    passes unresolved counts as one node (1)."""
     activation_checkpointing: Literal["none", "block", "moe"] = "none"
     """Recompute activations per transformer block, per MoE layer, or not at all. "block" finds the blocks from
     the graph (each ends at its FFN's residual add), whatever module holds them; `checkpoint_blocks` names them."""
@@ -181,8 +183,9 @@ class ParallelConfig:
                 _fail(cls, name, value, "an int >= 1")
         if self.data is not None and (not isinstance(self.data, int) or self.data < 1):
             _fail(cls, "data", self.data, "None or an int >= 1")
-        if not isinstance(self.a2a_chunks, int) or isinstance(self.a2a_chunks, bool) or self.a2a_chunks < 1:
-            _fail(cls, "a2a_chunks", self.a2a_chunks, "an int >= 1 (1: no chunking)")
+        if self.a2a_chunks != "auto" and (not isinstance(self.a2a_chunks, int) or isinstance(self.a2a_chunks, bool)
+                                          or self.a2a_chunks < 1):
+            _fail(cls, "a2a_chunks", self.a2a_chunks, 'an int >= 1 (1: no chunking) or "auto"')
         if self.dtd not in (True, False, "auto") or not isinstance(self.dtd, (bool, str)):
             _fail(cls, "dtd", self.dtd, 'True, False or "auto"')
         if self.ranks_per_node is not None and (not isinstance(self.ranks_per_node, int) or self.ranks_per_node < 1):
@@ -232,9 +235,62 @@ class ParallelConfig:
         if self.dtd != "auto":
             return self, f"dtd={self.dtd} as configured"
         T, X = self.tensor, self.expert
-        d = self.data_degree(world_size)
         if T == 1 or X == 1:
             return replace(self, dtd=False), f"dtd=auto -> off: DTD needs T > 1 and X > 1 (T={T}, X={X})"
+        ep_crosses, tp_crosses, where = self._crossings(world_size, ranks_per_node)
+        if ep_crosses and not tp_crosses:
+            return replace(self, dtd=True), (f"dtd=auto -> on: {where}; expert groups (all-to-all) cross nodes, "
+                                             f"tensor groups (DTD's all-gathers) stay inside one")
+        if not ep_crosses:
+            return replace(self, dtd=False), (f"dtd=auto -> off: {where}; expert groups stay inside a node, so "
+                                              f"DTD's extra all-gathers would cost more than the all-to-all bytes "
+                                              f"they save")
+        return replace(self, dtd=False), (f"dtd=auto -> off: {where}; tensor groups cross nodes too, so DTD's "
+                                          f"all-gathers would cross the same slow links as the bytes they save")
+
+    def resolve_a2a_chunks(self, world_size: int, ranks_per_node: int | None = None, *,
+                           packed_dropless: bool = False) -> tuple["ParallelConfig", str]:
+        """This config with `a2a_chunks` an int, and why (docs/parallelism.md, "Overlap").
+
+        Chunks pay where the all-to-all crosses a slow link, so that its transfer hides expert compute; over
+        links as fast as the node's own, the extra calls cost more than they hide. "auto" gives 2 where an
+        expert group crosses nodes, else 1; and 1 for X = 1 or for MoE blocks in the packed layout of dropless
+        routing (`packed_dropless`: MoEConfig(drop_tokens=False) without DTD), which chunks do not apply to.
+        """
+        if self.a2a_chunks != "auto":
+            return self, f"a2a_chunks={self.a2a_chunks} as configured"
+        if self.expert == 1:
+            return replace(self, a2a_chunks=1), "a2a_chunks=auto -> 1: no expert all-to-all (X=1)"
+        if packed_dropless:
+            return replace(self, a2a_chunks=1), ("a2a_chunks=auto -> 1: dropless routing without DTD moves packed "
+                                                 "rows, which are not chunked")
+        ep_crosses, _, where = self._crossings(world_size, ranks_per_node)
+        if ep_crosses:
+            return replace(self, a2a_chunks=2), (f"a2a_chunks=auto -> 2: {where}; expert groups (all-to-all) cross "
+                                                 f"nodes, so one chunk's exchange hides the other's expert compute")
+        return replace(self, a2a_chunks=1), (f"a2a_chunks=auto -> 1: {where}; expert groups stay inside a node, "
+                                             f"where the extra calls would cost more than they hide")
+
+    def resolve_auto(self, world_size: int, ranks_per_node: int | None = None, *,
+                     drop_tokens: bool = True) -> tuple["ParallelConfig", str, str]:
+        """`resolve_dtd`, then `resolve_a2a_chunks` (packed dropless unless `drop_tokens` or DTD applies): the
+        config every door builds graphs from, with the reasons for dtd and a2a_chunks."""
+        parallel, dtd_reason = self.resolve_dtd(world_size, ranks_per_node)
+        dtd_runs = parallel.dtd is True and parallel.tensor > 1 and parallel.expert > 1
+        parallel, chunks_reason = parallel.resolve_a2a_chunks(world_size, ranks_per_node,
+                                                              packed_dropless=not drop_tokens and not dtd_runs)
+        return parallel, dtd_reason, chunks_reason
+
+    @property
+    def chunks(self) -> int:
+        """`a2a_chunks` as the passes apply it: an unresolved "auto" counts as one node (1 chunk)."""
+        return 1 if self.a2a_chunks == "auto" else self.a2a_chunks
+
+    def _crossings(self, world_size: int, ranks_per_node: int | None) -> tuple[bool, bool, str]:
+        """(an expert group spans nodes, a tensor group spans nodes, the node size in words); nodes hold
+        consecutive ranks, `self.ranks_per_node` of them, else `ranks_per_node`, else all of them."""
+        T, X = self.tensor, self.expert
+        d = self.data_degree(world_size)
         per_node = self.ranks_per_node or ranks_per_node
         if per_node is None:
             per_node = world_size
@@ -247,16 +303,7 @@ class ParallelConfig:
 
         ep_groups = [[(g * X + x) * T + t for x in range(X)] for g in range(d) for t in range(T)]
         tp_groups = [[(g * X + x) * T + t for t in range(T)] for g in range(d) for x in range(X)]
-        ep_crosses, tp_crosses = crosses(ep_groups), crosses(tp_groups)
-        if ep_crosses and not tp_crosses:
-            return replace(self, dtd=True), (f"dtd=auto -> on: {where}; expert groups (all-to-all) cross nodes, "
-                                             f"tensor groups (DTD's all-gathers) stay inside one")
-        if not ep_crosses:
-            return replace(self, dtd=False), (f"dtd=auto -> off: {where}; expert groups stay inside a node, so "
-                                              f"DTD's extra all-gathers would cost more than the all-to-all bytes "
-                                              f"they save")
-        return replace(self, dtd=False), (f"dtd=auto -> off: {where}; tensor groups cross nodes too, so DTD's "
-                                          f"all-gathers would cross the same slow links as the bytes they save")
+        return crosses(ep_groups), crosses(tp_groups), where
 
     def data_degree(self, world_size: int) -> int:
         """D for `world_size` ranks; raises when T * X * D != world_size."""

@@ -67,9 +67,9 @@ def parallel_passes(parallel: ParallelConfig) -> list[Pass]:
     passes.append(shard_experts_pass)  # also records the expert shards when no axis splits them
     if dtd_applies(parallel):
         passes.append(drop_duplicate_tokens_pass)
-    if parallel.a2a_chunks > 1 and X > 1:
+    if parallel.chunks > 1 and X > 1:
         passes.append(chunk_all_to_all_pass)
-    elif parallel.a2a_chunks > 1:
+    elif parallel.chunks > 1:
         warnings.warn(f"ParallelConfig.a2a_chunks={parallel.a2a_chunks} does nothing with expert=1: there is no "
                       f"expert all-to-all to overlap with compute. Set a2a_chunks=1, or expert > 1.", stacklevel=3)
     if T > 1 or X > 1:

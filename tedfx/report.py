@@ -63,6 +63,8 @@ class Report:
     {"kind/axis/phase": [calls, bytes]}}."""
     dtd_choice: str | None = None
     """With a layout: whether DTD runs and why (`ParallelConfig.resolve_dtd`; "auto" decides from the nodes)."""
+    chunks_choice: str | None = None
+    """With a layout: how many chunks the expert all-to-alls run in and why (`ParallelConfig.resolve_a2a_chunks`)."""
     graphs: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     """Node lists (`tedfx.graph_summary.summarize_graph`) of the "dense" captured graph and of "rank0"'s
     rewritten graph (the MoE graph for a single process): what `to_dot`, `to_svg` and `to_html` draw."""
@@ -170,13 +172,14 @@ class Report:
             sharding.rows.append([p["name"], str(tuple(p["full_shape"])), Chips(p["splits"], chunks),
                                   str(tuple(p["local_shape"]))])
         sharding.notes = [
-            f"layout: {self.layout}" + (f"; {self.dtd_choice}" if self.dtd_choice else ""),
+            f"layout: {self.layout}" + "".join(f"; {c}" for c in (self.dtd_choice, self.chunks_choice) if c),
             "parameter bytes per rank: " + ", ".join(_fmt_count(b) + "B" for b in sizes)]
         comm = Table("Collectives per training step (rank 0)", ["kind", "axis", "phase", "calls", "bytes"],
                      numeric=(3, 4), anchor="collectives")
         for kind, axis, phase, calls, nbytes in self.comm_table:
             comm.rows.append([kind, Chips([axis]), phase, calls, _fmt_count(nbytes) + "B"])
         chunks = self.parallel.get("a2a_chunks", 1)
+        chunks = 1 if chunks == "auto" else chunks
         if chunks > 1 and self.parallel.get("expert", 1) > 1:
             comm.notes = [f"a2a_chunks={chunks}: each MoE block's all-to-alls run in {chunks} chunks of the capacity, "
                           f"overlapped with expert compute ({chunks}x the calls, the same bytes)"]

@@ -42,7 +42,7 @@ __all__ = ["chunk_all_to_all_pass"]
 @requires("shard_experts")
 def chunk_all_to_all_pass(gm: fx.GraphModule, *, ctx: PassContext) -> fx.GraphModule:
     """Split every MoE block's expert path into `ctx.parallel.a2a_chunks` pipelined chunks."""
-    n, X = ctx.parallel.a2a_chunks, ctx.parallel.expert
+    n, X = ctx.parallel.chunks, ctx.parallel.expert
     if n == 1 or X == 1:
         raise RuntimeError(f"chunk_all_to_all needs a2a_chunks > 1 and X > 1, got a2a_chunks={n}, X={X}: there "
                            f"is no all-to-all to overlap (tedfx.pipeline leaves this pass out there).")

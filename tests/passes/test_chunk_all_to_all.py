@@ -108,3 +108,31 @@ def test_explain_counts_the_chunks_and_says_so() -> None:
     a2a = {row[2]: row[3] for row in report.comm_table if row[0] == "all_to_all"}
     assert a2a == {"forward": 2 * 2 * 2, "backward": 2 * 2 * 2}  # 2 blocks x 2 all-to-alls x 2 chunks
     assert "a2a_chunks=2: each MoE block's all-to-alls run in 2 chunks" in str(report)
+
+
+def test_auto_chunks_only_where_the_all_to_all_crosses_nodes() -> None:
+    """a2a_chunks="auto" (the default): 2 where an expert group spans nodes, else 1, and 1 where chunks do not
+    apply (X = 1, dropless blocks in the packed layout); an explicit count stays."""
+    par = tedfx.ParallelConfig(tensor=2, expert=2)
+    assert par.a2a_chunks == "auto" and par.chunks == 1  # unresolved: one node
+    across, why = par.resolve_a2a_chunks(4, 2)  # tensor groups {0,1} {2,3} in a node, expert groups across
+    assert across.a2a_chunks == 2 and "cross nodes" in why
+    assert par.resolve_a2a_chunks(4, 4)[0].a2a_chunks == 1
+    assert par.resolve_a2a_chunks(4, None)[0].a2a_chunks == 1  # no node size known: one node
+    assert tedfx.ParallelConfig(tensor=4).resolve_a2a_chunks(4, 2)[0].a2a_chunks == 1
+    packed = tedfx.ParallelConfig(expert=4).resolve_auto(4, 2, drop_tokens=False)
+    assert packed[0].a2a_chunks == 1 and "packed" in packed[2]
+    assert par.resolve_auto(4, 2, drop_tokens=False)[0].a2a_chunks == 2  # DTD keeps capacity slots
+    fixed = tedfx.ParallelConfig(tensor=2, expert=2, a2a_chunks=3)
+    assert fixed.resolve_a2a_chunks(4, 2) == (fixed, "a2a_chunks=3 as configured")
+
+
+def test_explain_resolves_auto_chunks_from_the_node_size() -> None:
+    model, (x,) = tiny_gpt()
+    calls = {}
+    for per_node in (2, 4):
+        parallel = tedfx.ParallelConfig(tensor=2, expert=2, ranks_per_node=per_node)
+        report = tedfx.explain(model, (x,), moe=MOE, parallel=parallel, world_size=4)
+        calls[per_node] = sum(row[3] for row in report.comm_table if row[0] == "all_to_all")
+        assert f"a2a_chunks=auto -> {2 if per_node == 2 else 1}" in str(report)
+    assert calls == {2: 2 * calls[4], 4: 2 * 2 * 2}  # 2 blocks x 2 all-to-alls x (1 | 2 chunks), forward and back
