@@ -23,6 +23,7 @@ from tedfx import collectives as C
 from tedfx.config import ParallelConfig
 from tedfx.models.nanogpt import GPT, GPTConfig
 from tedfx.pipeline import build_moe_graph, grad_sync_params, param_shards, shard_for_rank
+from tedfx.predict import simulate_step
 from tedfx.runtime import LaunchError, Layout, RankError, TedMesh, launch
 from tedfx.runtime.grad_sync import bucket_limit, plan_buckets
 from tedfx.runtime.input_check import check_same_inputs, different_inputs_message, input_signature, signature_digest
@@ -66,28 +67,35 @@ def test_parameters_tensor_parallelism_leaves_whole_get_split_buckets():
     assert all(p.split == 1 for p in plan_buckets(params, {"dp": 2, "edp": 2, "tp": 1}, None, whole))
 
 
-def test_explain_counts_a_tth_of_the_whole_parameters_gradients_over_dp():
-    """T=2, X=2 on 8 ranks: "dp" carries the sharded gradients and half of the whole ones, "tp" gathers the other
-    half; the per-rank bytes follow from the rank's parameters and their splits."""
+def test_a_simulated_step_counts_a_tth_of_the_whole_parameters_gradients_over_dp():
+    """T=2, X=2 on 8 ranks: "dp" carries the sharded gradients and a half of each whole one, "tp" gathers the
+    halves; against the same step without splits, exactly those bytes move from "dp" to "tp"."""
     model = GPT(GPTConfig(n_layer=2, n_embd=64, n_head=4))
+    inputs = (torch.zeros(2, 16, dtype=torch.long),)
     moe = tedfx.MoEConfig(num_experts=4, top_k=2)
     parallel = ParallelConfig(tensor=2, expert=2)
-    report = tedfx.explain(model, (torch.zeros(2, 16, dtype=torch.long),), moe=moe, parallel=parallel, world_size=8)
-    table = {tuple(row[:3]): tuple(row[3:]) for row in report.comm_table}
-    gm, ctx = shard_for_rank(*build_moe_graph(model, (torch.zeros(2, 16, dtype=torch.long),), moe=moe),
-                             parallel=parallel, coords=Layout.build(8, parallel).coords(0))
+    layout = Layout.build(8, parallel)
+    gm, ctx = shard_for_rank(*build_moe_graph(model, inputs, moe=moe), parallel=parallel, coords=layout.coords(0))
     whole = tensor_whole(param_shards(gm, ctx))
-    sizes = {"dp": 4, "edp": 2, "tp": 2}
-    plans = plan_buckets(grad_sync_params(gm), sizes, parallel.bucket_mb, whole)
-    assert any(p.split == 2 for p in plans) and any(p.split == 1 for p in plans)
-    params = dict(gm.named_parameters())
-    for axis in ("dp", "edp"):
-        sharded = sum(params[n].numel() for p in plans if p.axis == axis and p.split == 1 for n in p.names)
-        halves = sum(-(-sum(params[n].numel() for n in p.names) // 2) for p in plans if p.axis == axis and p.split == 2)
-        assert table[("all_reduce", axis, "backward")][1] == 4 * (sharded + halves)
-    gathered = sum(p.slice_numel for p in plans if p.split == 2)
-    backward_gathers = table[("all_gather", "tp", "backward")][1]
-    assert backward_gathers >= 4 * gathered  # the graph's own backward all-gathers come on top
+    assert "lm_head.weight" in whole and "h.0.ln_1.weight" in whole and "h.0.mlp.c_fc.weight" not in whole
+
+    def table(names: frozenset[str]) -> dict[tuple, tuple[int, int]]:
+        stats = simulate_step(gm, layout=layout, rank=0, bucket_mb=None, tensor_whole=names, example_inputs=inputs,
+                              restore=True)
+        return {tuple(row[:3]): tuple(row[3:]) for row in stats.table()}
+
+    split, unsplit = table(whole), table(frozenset())
+    plans = plan_buckets(grad_sync_params(gm), {"dp": 4, "edp": 2, "tp": 2}, None, whole)
+    halved = [p for p in plans if p.split == 2]
+    assert halved and all(p.axis in ("dp", "edp") for p in halved)
+    half_bytes = sum(4 * p.slice_numel for p in halved)
+    whole_bytes = sum(p.nbytes for p in halved)
+    key_ag = ("all_gather", "tp", "backward")
+    assert split[key_ag] == (unsplit[key_ag][0] + len(halved), unsplit[key_ag][1] + half_bytes)
+    saved = sum(unsplit[("all_reduce", a, "backward")][1] - split[("all_reduce", a, "backward")][1]
+                for a in ("dp", "edp"))
+    assert saved == whole_bytes - half_bytes > 0
+
 
 # --- Layout (no processes) -------------------------------------------------------------------
 
