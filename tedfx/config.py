@@ -157,7 +157,7 @@ class ParallelConfig:
     """Seconds a collective may wait before the run fails instead of hanging."""
     bucket_mb: float | None = None
     """Gradient all-reduce bucket size in MiB. None: per data-parallel axis, 1/8 of its gradient bytes, kept
-    within 1-25 MiB, so that about 8 buckets overlap with the rest of the backward (docs/parallelism.md,
+    within 0.25-25 MiB, so that about 8 buckets overlap with the rest of the backward (docs/parallelism.md,
     "Gradient sync")."""
     replicate: tuple[str, ...] = ()
     """Module paths (fnmatch globs, e.g. "layers.*.attn.*") of linears outside the MoE blocks that tensor

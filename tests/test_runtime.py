@@ -33,7 +33,7 @@ from tedfx.sharding import tensor_whole
 # --- Gradient buckets (no processes) ---------------------------------------------------------
 
 
-def test_automatic_buckets_give_about_eight_per_axis_within_1_to_25_mib():
+def test_automatic_buckets_give_about_eight_per_axis_within_a_quarter_to_25_mib():
     MiB = 2**20
 
     def params(axis_bytes: dict[str, int]) -> list:
@@ -42,11 +42,12 @@ def test_automatic_buckets_give_about_eight_per_axis_within_1_to_25_mib():
 
     mid = params({"dp": 40 * MiB, "edp": 4 * MiB})
     assert bucket_limit(mid, "dp", None) == 5 * MiB  # 1/8
-    assert bucket_limit(mid, "edp", None) == 1 * MiB  # at least 1 MiB
+    assert bucket_limit(mid, "edp", None) == MiB // 2  # 1/8
+    assert bucket_limit(params({"edp": MiB}), "edp", None) == MiB // 4  # at least 0.25 MiB
     assert bucket_limit(params({"dp": 800 * MiB}), "dp", None) == 25 * MiB  # at most DDP's 25 MiB
     assert bucket_limit(mid, "dp", 2.0) == 2 * MiB  # an explicit size wins
     plans = plan_buckets(mid, {"dp": 2, "edp": 2}, None)
-    assert [p.axis for p in plans].count("dp") == 8 and [p.axis for p in plans].count("edp") == 4
+    assert [p.axis for p in plans].count("dp") == 8 and [p.axis for p in plans].count("edp") == 8
 
 
 
