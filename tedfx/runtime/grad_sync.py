@@ -116,7 +116,7 @@ def plan_buckets(params: list[tuple[str, nn.Parameter, str]], sizes: dict[str, i
         sizes: {axis: group size}; axes of one rank issue nothing. "tp" (default 1) splits the buckets of
             `tensor_whole` parameters.
         bucket_mb: bucket size in MiB; None: automatic (`bucket_limit`).
-        tensor_whole: names of the parameters tensor parallelism leaves whole (`pipeline.tensor_whole`).
+        tensor_whole: names of the parameters tensor parallelism leaves whole (`tedfx.sharding.tensor_whole`).
     """
     tensor = sizes.get("tp", 1)
 
