@@ -14,6 +14,11 @@ the peer, all with block activation checkpointing (so that CAC has work to save)
     deepspeed  DeepSpeed-MoE in TED mode (Megatron mpu, expert tensor parallelism); it always
                drops duplicate tokens with T > 1 and has no CAC
 
+Settings other than a user's defaults, the same for every tedfx variant: block activation
+checkpointing (above), `check_inputs=False` (the per-call input check is one more collective) and
+`a2a_chunks=1` (the default "auto" chunks the all-to-alls across the emulated nodes, which would
+mix overlap into what DTD and CAC buy). bench_step_vs_deepspeed.py measures the defaults.
+
 A step is zero_grad, forward, backward (with the data-parallel gradient sync) and an
 AdamW step, between two barriers. The variants take turns step by step, in a rotating
 order, so drift in the machine's speed hits all alike; the table reports medians.

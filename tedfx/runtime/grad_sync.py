@@ -66,8 +66,7 @@ class BucketPlan:
     @property
     def slice_numel(self) -> int:
         """Elements each rank all-reduces: the bucket's, or with a split a T-th of them rounded up."""
-        numel = self.nbytes // torch.empty((), dtype=self.dtype).element_size()
-        return -(-numel // self.split)
+        return -(-(self.nbytes // self.dtype.itemsize) // self.split)
 
 
 def _fill(params: list[tuple[str, nn.Parameter, str]], axis: str, limit: int | None,
@@ -130,10 +129,10 @@ def plan_buckets(params: list[tuple[str, nn.Parameter, str]], sizes: dict[str, i
 def record_plan(stats: CommStats, plan: BucketPlan) -> None:
     """Count what one bucket sends per step: its all-reduce over its axis, and with a split the all-gather over
     "tp" that joins the slices (phase "backward")."""
-    shape, item = (plan.slice_numel,), torch.empty((), dtype=plan.dtype).element_size()
-    stats.record("all_reduce", plan.axis, "backward", plan.slice_numel * item, shape, plan.dtype)
+    numel = plan.slice_numel
+    stats.record("all_reduce", plan.axis, "backward", numel * plan.dtype.itemsize, (numel,), plan.dtype)
     if plan.split > 1:
-        stats.record("all_gather", "tp", "backward", plan.slice_numel * item, shape, plan.dtype)
+        stats.record("all_gather", "tp", "backward", numel * plan.dtype.itemsize, (numel,), plan.dtype)
 
 
 @dataclass
