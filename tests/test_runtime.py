@@ -357,6 +357,10 @@ def _check_collectives(mesh: TedMesh, r: int, stats: C.CommStats) -> None:
         with pytest.raises(ValueError, match=r"dim 0 .* 3 is not divisible by 2"):
             C.all_to_all(torch.ones(3, 2), "ep")
 
+    with C.bind_axes(mesh.groups()):  # uncounted: reduce_scatter along dim 1, all_gather along dim 0
+        yf = C.reduce_scatter((10.0 * r + torch.arange(4.0)).repeat(2, 1), "tp", 1)
+        yg = C.all_gather(torch.full((1, 2), float(r)), "tp", 0)
+
     # Forward numerics.
     _expect(ya, torch.full((2, 3), float(sum(m + 1 for m in tp))), "all_reduce forward")
     _expect(yb, b.detach(), "identity_fwd_all_reduce_bwd forward")
@@ -364,6 +368,8 @@ def _check_collectives(mesh: TedMesh, r: int, stats: C.CommStats) -> None:
     _expect(yd, [[float(tp[0]), float(tp[1])]] * 2, "all_gather forward")
     _expect(ye[:, 0], [sum(10.0 * m + i for m in tp) for i in (2 * t, 2 * t + 1)], "reduce_scatter forward")
     _expect(ys, s.detach()[:, 2 * t : 2 * t + 2], "slice_for_rank forward")
+    _expect(yf, [[sum(10.0 * m + i for m in tp) for i in (2 * t, 2 * t + 1)]] * 2, "reduce_scatter along dim 1")
+    _expect(yg, [[float(tp[0])] * 2, [float(tp[1])] * 2], "all_gather along dim 0")
 
     # Backward numerics, after the binding has exited (ops keep their group).
     g_rows = (100.0 * r + torch.arange(2.0)).unsqueeze(1).repeat(1, 3)

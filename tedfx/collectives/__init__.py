@@ -8,8 +8,9 @@ around a step:
         loss = gm(*inputs)
     loss.backward()          # works after the context has exited
 
-Each op is a `torch.autograd.Function` over `torch.distributed._functional_collectives`,
-paired with its autograd partner:
+Each op is a `torch.autograd.Function` over a collective of the group (`wire`: the process
+group's own calls in eager mode, torch's functional collectives under torch.compile), paired
+with its autograd partner:
 
     op                            forward                     backward
     all_reduce                    all-reduce (sum)            identity              (Megatron "g")
@@ -30,8 +31,8 @@ for its backward. An axis whose group has a single rank makes the op a no-op tha
 issues and counts nothing, so a graph for T=1 or X=1 runs unchanged.
 
 The package: `binding` (axes bound to groups, the phase, what every op shares),
-`tensor_parallel` (f, g, the gathers, the reduce-scatter, slicing, agree_max) and
-`expert` (the expert all-to-alls).
+`tensor_parallel` (f, g, the gathers, the reduce-scatter, slicing, agree_max),
+`expert` (the expert all-to-alls) and `wire` (how a collective is issued and waited for).
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from .. import _compat
+from . import wire
 from .binding import _AxisGroup, _check_divisible, _count, _lookup, _phase, _simulated
 
 __all__ = ["AllToAllInFlight", "all_to_all", "all_to_all_packed", "all_to_all_start", "all_to_all_wait",
@@ -14,7 +14,7 @@ __all__ = ["AllToAllInFlight", "all_to_all", "all_to_all_packed", "all_to_all_st
 
 
 def _issue_all_to_all(x: torch.Tensor, g: _AxisGroup, phase: str) -> torch.Tensor:
-    return _compat.wait_collective(_start_all_to_all(x, g, phase))
+    return wire.wait(_start_all_to_all(x, g, phase))
 
 
 def _issue_all_to_all_packed(x: torch.Tensor, send: list[int], recv: list[int], g: _AxisGroup,
@@ -23,7 +23,7 @@ def _issue_all_to_all_packed(x: torch.Tensor, send: list[int], recv: list[int], 
     _count(g, "all_to_all", x, phase)
     if _simulated(g):
         return x.clone()  # a simulated rank receives what it sends (exchange_loads agrees)
-    return _compat.wait_collective(_compat.funcol.all_to_all_single(x, recv, send, g.group))
+    return wire.wait(wire.all_to_all_start(x, recv, send, g.group))
 
 
 class _AllToAll(torch.autograd.Function):
@@ -114,7 +114,7 @@ def exchange_loads(loads: torch.Tensor, axis: str) -> torch.Tensor:
     _count(g, "all_to_all", loads, "forward")
     if _simulated(g):
         return loads.view(g.size, -1).clone()
-    out = _compat.wait_collective(_compat.funcol.all_to_all_single(loads, None, None, g.group))
+    out = wire.wait(wire.all_to_all_start(loads, None, None, g.group))
     return out.view(g.size, -1)
 
 
@@ -130,19 +130,19 @@ class AllToAllInFlight:
     def __init__(self, g: _AxisGroup) -> None:
         self.g = g
         self.token: torch.Tensor | None = None
-        self.result: torch.Tensor | None = None
-        self.grad: torch.Tensor | None = None
+        self.result: torch.Tensor | wire.InFlight | None = None
+        self.grad: torch.Tensor | wire.InFlight | None = None
 
 
-def _start_all_to_all(x: torch.Tensor, g: _AxisGroup, phase: str) -> torch.Tensor:
-    """Issue an all-to-all of dim 0 and return without waiting (eager funcol defers the wait to first use)."""
+def _start_all_to_all(x: torch.Tensor, g: _AxisGroup, phase: str) -> torch.Tensor | wire.InFlight:
+    """Issue an all-to-all of dim 0 and return without waiting (`wire.wait` gives the result)."""
     if g.size == 1:
         return x
     x = x.contiguous()
     _count(g, "all_to_all", x, phase)
     if _simulated(g):
         return x.clone()
-    return _compat.funcol.all_to_all_single(x, None, None, g.group)
+    return wire.all_to_all_start(x, None, None, g.group)
 
 
 class _AllToAllStart(torch.autograd.Function):
@@ -155,7 +155,7 @@ class _AllToAllStart(torch.autograd.Function):
     @staticmethod
     def backward(ctx, _token_grad: torch.Tensor):
         flight = ctx.flight
-        grad, flight.grad = _compat.wait_collective(flight.grad), None
+        grad, flight.grad = wire.wait(flight.grad), None
         return grad, None
 
 
@@ -163,7 +163,7 @@ class _AllToAllWait(torch.autograd.Function):
     @staticmethod
     def forward(ctx, token: torch.Tensor, flight: AllToAllInFlight) -> torch.Tensor:
         ctx.flight = flight
-        out, flight.result = _compat.wait_collective(flight.result), None
+        out, flight.result = wire.wait(flight.result), None
         return out
 
     @staticmethod

@@ -1,7 +1,7 @@
 """The tensor-parallel collectives: Megatron's f and g, the gathers, the reduce-scatter, slicing, agree_max.
 
-Each is an autograd Function over torch's functional collectives, paired with its
-adjoint (the table in `tedfx.collectives`).
+Each is an autograd Function over `wire`'s collectives, paired with its adjoint (the table in
+`tedfx.collectives`).
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from .. import _compat
+from . import wire
 from .binding import _AxisGroup, _check_divisible, _count, _local_chunk, _lookup, _simulated
 
 __all__ = ["agree_max", "all_gather", "all_reduce", "gather_replicated", "identity_fwd_all_reduce_bwd",
@@ -21,7 +21,7 @@ def _issue_all_reduce(x: torch.Tensor, g: _AxisGroup, phase: str) -> torch.Tenso
     _count(g, "all_reduce", x, phase)
     if _simulated(g):
         return x.clone()
-    return _compat.wait_collective(_compat.funcol.all_reduce(x, "sum", g.group))
+    return wire.all_reduce(x, "sum", g.group)
 
 
 def _issue_all_gather(x: torch.Tensor, dim: int, g: _AxisGroup, phase: str) -> torch.Tensor:
@@ -29,7 +29,7 @@ def _issue_all_gather(x: torch.Tensor, dim: int, g: _AxisGroup, phase: str) -> t
     _count(g, "all_gather", x, phase)
     if _simulated(g):
         return torch.cat([x] * g.size, dim=dim)
-    return _compat.wait_collective(_compat.funcol_all_gather(x, dim, g.group))
+    return wire.all_gather(x, dim, g.group, g.size)
 
 
 def _issue_reduce_scatter(x: torch.Tensor, dim: int, g: _AxisGroup, phase: str) -> torch.Tensor:
@@ -37,7 +37,7 @@ def _issue_reduce_scatter(x: torch.Tensor, dim: int, g: _AxisGroup, phase: str) 
     _count(g, "reduce_scatter", x, phase)
     if _simulated(g):
         return _local_chunk(x, dim, g).clone()
-    return _compat.wait_collective(_compat.funcol_reduce_scatter(x, "sum", dim, g.group))
+    return wire.reduce_scatter(x, dim, g.group, g.size)
 
 
 class _AllReduce(torch.autograd.Function):
@@ -250,4 +250,4 @@ def agree_max(value: int, axis: str) -> int:
     device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(g.group) == "nccl" else "cpu"
     t = torch.tensor([int(value)], dtype=torch.int64, device=device)  # nccl takes only GPU tensors
     _count(g, "all_reduce", t, "forward")
-    return int(_compat.wait_collective(_compat.funcol.all_reduce(t, "max", g.group)).item())
+    return int(wire.all_reduce(t, "max", g.group).item())

@@ -207,16 +207,22 @@ def expert_fc1(
     Column-parallel over "tp": every argument may be a slice of F.
     With `loads` ([E] rows per expert), x is packed: [N, H] -> [N, F].
     """
-    h_ECF = _expert_matmul(x_ECH, w1_EHF, loads)
-    if b1_EF is not None:
-        h_ECF = h_ECF + _expert_rows(b1_EF, h_ECF, loads)
-    h_ECF = ACTIVATIONS[activation](h_ECF)
+    h_ECF = ACTIVATIONS[activation](_expert_linear(x_ECH, w1_EHF, b1_EF, loads))
     if w3_EHF is not None:
-        up_ECF = _expert_matmul(x_ECH, w3_EHF, loads)
-        if b3_EF is not None:
-            up_ECF = up_ECF + _expert_rows(b3_EF, up_ECF, loads)
-        h_ECF = h_ECF * up_ECF
+        h_ECF = h_ECF * _expert_linear(x_ECH, w3_EHF, b3_EF, loads)
     return h_ECF
+
+
+def _expert_linear(x: torch.Tensor, w_EIO: torch.Tensor, b_EO: torch.Tensor | None,
+                   loads: torch.Tensor | None) -> torch.Tensor:
+    """x @ w + b per expert; on capacity slots the bias is added inside the GEMM (baddbmm, as addmm does for a
+    linear), which saves a pass over the [E, C, O] output."""
+    if b_EO is None:
+        return _expert_matmul(x, w_EIO, loads)
+    if loads is None:
+        return torch.baddbmm(b_EO.unsqueeze(1), x, w_EIO)
+    h = _expert_matmul(x, w_EIO, loads)
+    return h + _expert_rows(b_EO, h, loads)
 
 
 def expert_fc2(h_ECF: torch.Tensor, w2_EFH: torch.Tensor, *, loads: torch.Tensor | None = None) -> torch.Tensor:

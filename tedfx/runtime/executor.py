@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -96,6 +96,7 @@ class ParallelModule(nn.Module):
         """Check once per step that replicated parameters still agree on every rank (tedfx.runtime.replicas)."""
         self._replicas = ReplicaCheck(list(gm.named_parameters()), shards, mesh.layout)
         self._replicas_checked_at = 0
+        self._replicas_pending: Callable[[], None] | None = None
         self.register_forward_pre_hook(_check_replicas_once_per_step)
 
     @property
@@ -141,10 +142,16 @@ class ParallelModule(nn.Module):
             out = self.module(*args, **kwargs)
         if self._feed is not None:
             self._feed.finish_checks()  # the token group's comparison ran alongside the forward
+        self._judge_replicas()  # so did the replica check's all-gather
         # 3. One loss per token group: the backward checks the gradient at the outputs (at its end).
         if self._feed is not None and checking and torch.is_grad_enabled():
             out = self._feed.watch_outputs(out)
         return out
+
+    def _judge_replicas(self) -> None:
+        pending, self._replicas_pending = self._replicas_pending, None
+        if pending is not None:
+            pending()
 
     def bind_groups(self) -> contextlib.AbstractContextManager[None]:
         """Bind this rank's process groups and stats around a call of another graph that shares this module's
@@ -243,14 +250,16 @@ class ParallelModule(nn.Module):
 
 
 def _check_replicas_once_per_step(pm: ParallelModule, args: tuple) -> None:
-    """Forward pre-hook: the first forward after a synced backward checks the replicas (same step on every rank)."""
+    """Forward pre-hook: the first forward after a synced backward starts the replica check (the same step on
+    every rank); the forward judges it when it returns (a forward that did not judge it: the next call)."""
     if torch.compiler.is_compiling():  # first: a compiled forward must not guard on the step counters
         return
+    pm._judge_replicas()
     finished = pm._grad_sync.finished
     if not pm.check_replicas or finished == pm._replicas_checked_at:
         return
     pm._replicas_checked_at = finished
-    pm._replicas.check()
+    pm._replicas_pending = pm._replicas.start()
 
 
 def _has_dropout(module: nn.Module) -> bool:

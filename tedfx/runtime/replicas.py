@@ -11,18 +11,22 @@ synchronised backward, every rank fingerprints each parameter (a weighted sum of
 evenly spaced entries, in float64: exact for equal values, and a different clipping factor
 changes every entry) and one all-gather of the fingerprints over the world lets every rank
 compare each parameter between the ranks that must hold the same copy (the same coordinates
-on the axes the parameter is split over). Every rank sees the same table, so a mismatch raises
-the same error on every rank, naming the parameters, the ranks and the likely cause.
+on the axes the parameter is split over). The all-gather runs alongside that forward and is
+judged when the forward returns, with one comparison of the whole table. Every rank sees the
+same table, so a mismatch raises the same error on every rank, naming the parameters, the
+ranks and the likely cause.
 It catches any divergence, not only clipping: per-rank learning rates, a step taken on some
 ranks only, edits of replicated weights on one rank.
 """
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
-import torch.distributed as dist
 from torch import nn
 
+from .. import _compat
 from ..axes import MESH_AXES
 from ..sharding import ParamShard
 from .mesh import Layout
@@ -51,25 +55,51 @@ class ReplicaCheck:
         self.params = params
         self.layout = layout
         self.split_axes = [tuple(sorted(axis for axis, _ in shards[name].splits)) for name, _ in params]
-        self._index = [torch.linspace(0, max(p.numel() - 1, 0), min(p.numel(), SAMPLES)).round().long().to(p.device)
-                       for _, p in params]
-        self._weights = [torch.arange(1, len(i) + 1, dtype=torch.float64, device=i.device) for i in self._index]
         self.device = params[0][1].device if params else torch.device("cpu")
+        # Entries 0, s, 2s, ... (s = numel // SAMPLES) of each parameter, weighted 1, 2, 3, ...
+        self._stride = [max(p.numel() // SAMPLES, 1) for _, p in params]
+        counts = [min(p.numel(), SAMPLES) for _, p in params]
+        self._weights = torch.cat([torch.arange(1, n + 1, dtype=torch.float64) for n in counts]).to(self.device) \
+            if params else torch.zeros(0, dtype=torch.float64)
+        self._owner = torch.repeat_interleave(torch.arange(len(params)), torch.tensor(counts, dtype=torch.long)) \
+            .to(self.device) if params else torch.zeros(0, dtype=torch.long)
+        # [world, parameters]: the first rank of the replica set each rank belongs to, for each parameter.
+        coords = [layout.coords(r) for r in range(layout.world_size)]
+        first = torch.empty(layout.world_size, len(params), dtype=torch.long)
+        for i, axes in enumerate(self.split_axes):
+            seen: dict[tuple[int, ...], int] = {}
+            for r, c in enumerate(coords):
+                first[r, i] = seen.setdefault(tuple(c[a] for a in MESH_AXES if a in axes), r)
+        self._first = first
 
     def fingerprints(self) -> torch.Tensor:
         """[number of parameters] float64: this rank's fingerprint of each parameter."""
+        if not self.params:
+            return torch.zeros(0, dtype=torch.float64, device=self.device)
         with torch.no_grad():
-            values = [(p.detach().reshape(-1)[i].double() * w).sum() for (_, p), i, w in
-                      zip(self.params, self._index, self._weights)]
-        return torch.stack(values) if values else torch.zeros(0, dtype=torch.float64, device=self.device)
+            samples = torch.cat([p.detach().reshape(-1)[:s * SAMPLES:s] for (_, p), s in zip(self.params, self._stride)])
+            weighted = samples.double() * self._weights
+            return torch.zeros(len(self.params), dtype=torch.float64, device=self.device) \
+                .index_add_(0, self._owner, weighted)
+
+    def start(self) -> Callable[[], None]:
+        """Fingerprint the parameters and start gathering every rank's; calling the result judges (see `check`)."""
+        mine = self.fingerprints()
+        world = self.layout.world_size
+        everyone = torch.empty(world * mine.numel(), dtype=torch.float64, device=mine.device)
+        work = _compat.all_gather_into(everyone, mine, async_op=True)
+
+        def judge() -> None:
+            work.wait()
+            self._raise_if_divergent(everyone.view(world, -1).cpu())
+        return judge
 
     def check(self) -> None:
         """Raise ReplicaDivergenceError on every rank when any two copies of a parameter differ."""
-        mine = self.fingerprints()
-        world = self.layout.world_size
-        everyone = torch.empty(world, mine.numel(), dtype=torch.float64, device=mine.device)
-        dist.all_gather(list(everyone.unbind(0)), mine)
-        bad = self.divergent(everyone.cpu())
+        self.start()()
+
+    def _raise_if_divergent(self, table: torch.Tensor) -> None:
+        bad = self.divergent(table)
         if bad:
             shown = "; ".join(f"{name} differs between ranks {ranks}" for name, ranks in bad[:5])
             raise ReplicaDivergenceError(
@@ -87,6 +117,9 @@ class ReplicaCheck:
         Args:
             table: [world, number of parameters], row r = rank r's fingerprints.
         """
+        bits = table.double().view(torch.int64)  # bit patterns: equal NaNs agree too
+        if bool((bits == bits.gather(0, self._first)).all()):  # every entry equals its replica set's first
+            return []
         coords = [self.layout.coords(r) for r in range(self.layout.world_size)]
         bad = []
         for i, (name, _) in enumerate(self.params):

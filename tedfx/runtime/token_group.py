@@ -32,6 +32,7 @@ Python objects, to name the inputs that differ.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -244,8 +245,14 @@ def _checksum(t: torch.Tensor) -> tuple[tuple[int, ...], int, int]:
 def _grad_fingerprint(g: torch.Tensor) -> torch.Tensor:
     """(weighted sum, sum, L1 norm) of a gradient, in float64; weights cos(...) on rows and columns, no copy."""
     g2 = g.detach().reshape(1, 1) if g.dim() == 0 else g.detach().reshape(-1, g.shape[-1])
-    rows, cols = g2.shape
-    w_col = torch.cos(torch.arange(cols, device=g.device, dtype=torch.float64) * 0.7548776662 + 0.5)
-    w_row = torch.cos(torch.arange(rows, device=g.device, dtype=torch.float64) * 0.5698402910 + 0.25)
-    weighted = (g2 @ w_col.to(g2.dtype)).double() @ w_row
+    w_col, w_row = _fingerprint_weights(*g2.shape, g2.dtype, g2.device)
+    weighted = (g2 @ w_col).double() @ w_row
     return torch.stack([weighted, g2.sum().double(), torch.linalg.vector_norm(g2, 1).double()])
+
+
+@functools.lru_cache(maxsize=16)
+def _fingerprint_weights(rows: int, cols: int, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """The column weights (in the gradient's dtype) and row weights (float64) of `_grad_fingerprint`, made once."""
+    w_col = torch.cos(torch.arange(cols, device=device, dtype=torch.float64) * 0.7548776662 + 0.5)
+    w_row = torch.cos(torch.arange(rows, device=device, dtype=torch.float64) * 0.5698402910 + 0.25)
+    return w_col.to(dtype), w_row
