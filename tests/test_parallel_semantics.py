@@ -91,6 +91,26 @@ def test_targets_seeded_by_global_rank_fail_in_the_first_backward(ranks):
         assert "pm.broadcast_batch" in error
 
 
+@pytest.mark.parametrize("tokens, vocab", [(512, 300), (65536, 64)])
+def test_one_different_target_moves_the_output_gradient_fingerprint_far_past_its_tolerance(tokens, vocab):
+    """No processes: the fingerprint the token group compares after each backward tells apart two
+    cross-entropy gradients whose targets differ in one token, first, middle or last."""
+    import torch.nn.functional as F
+
+    from tedfx.runtime.token_group import GRAD_RTOL, _grad_fingerprint
+
+    torch.manual_seed(0)
+    logits = torch.randn(tokens, vocab, requires_grad=True)
+    targets = torch.randint(0, vocab, (tokens,))
+    base = _grad_fingerprint(torch.autograd.grad(F.cross_entropy(logits, targets), logits)[0])
+    assert torch.equal(base, _grad_fingerprint(torch.autograd.grad(F.cross_entropy(logits, targets), logits)[0]))
+    for position in (0, tokens // 3, tokens - 1):
+        other = targets.clone()
+        other[position] = (other[position] + 1) % vocab
+        moved = _grad_fingerprint(torch.autograd.grad(F.cross_entropy(logits, other), logits)[0])
+        assert float((moved[:2] - base[:2]).abs().max()) > 50 * GRAD_RTOL * float(base[2]), position
+
+
 def test_broadcast_batch_trains_like_a_correctly_fed_run(ranks):
     for r in ranks:
         losses, state = r["token_groups"]["shared"]

@@ -11,8 +11,9 @@ In order (docs/parallelism.md, "Gradient sync"):
 1. Gradients live in flat buckets of about `bucket_mb` MiB (by default 1/8 of an axis's
    gradient bytes, within 0.25-25 MiB), one dtype and one kind each (split or whole, below), filled
    in reverse registration order (roughly the order backward produces them). Each
-   bucket is allocated once; every `.grad` is a view into its bucket, set just
-   before autograd first accumulates into it, so autograd adds in place.
+   bucket is allocated once; every `.grad` is a view into its bucket: the gradient autograd makes
+   first in a step is copied into the view once accumulated (then the view is `.grad`), and later
+   backwards of an accumulation add into the view in place.
 2. A bucket's all-reduce starts, in place on the bucket, as soon as all of its
    gradients are accumulated, in bucket order on every rank (so all ranks issue the
    same collectives in the same order), and overlaps with the rest of the backward.
@@ -221,21 +222,25 @@ class GradSync:
 
     def _before_accumulate(self, p: nn.Parameter):
         def hook(grad: torch.Tensor) -> None:
-            bucket, i = self._where[id(p)]
+            bucket, _ = self._where[id(p)]
             if bucket.synced:
                 self._unsync(bucket)
-            self._adopt(bucket, i)
 
         return hook
 
     def _adopt(self, bucket: _Bucket, i: int) -> None:
-        """Make the parameter's .grad its bucket view, so autograd accumulates into the bucket in place."""
+        """Make the parameter's .grad its bucket view: later backwards accumulate into the bucket in place.
+
+        The first gradient of a step is the one autograd just made (it takes the tensor of a fresh gradient
+        rather than adding it to zeros): it is copied into the view, one pass, where zeroing the view
+        for autograd to add into would take two more.
+        """
         p, view = bucket.params[i], bucket.views[i]
         if _is_view(p.grad, view):
             return
         if p.grad is None:
             view.zero_()
-        else:  # a gradient the user set, or one autograd made before the sync existed
+        else:  # the gradient autograd made, or one the user set
             view.copy_(p.grad)
         p.grad = view
 
@@ -249,12 +254,14 @@ class GradSync:
         bucket.synced = False
 
     def _on_grad(self, p: nn.Parameter) -> None:
+        where = self._where.get(id(p))
+        if where is not None:
+            self._adopt(*where)
         if not self.enabled:
             return
         if not self._callback_queued:
             _compat.queue_backward_callback(self._finish)
             self._callback_queued = True
-        where = self._where.get(id(p))
         if where is not None:
             where[0].ready.add(id(p))
             self._launch_ready()

@@ -46,8 +46,8 @@ from .._compat import pytree
 __all__ = ["TokenGroup", "TokenGroupFeed"]
 
 GRAD_RTOL = 1e-6
-"""Output gradients of one token group agree to this fraction of their L1 norm (bit-equal in practice);
-a different target moves the weighted sum by about 1/sqrt(tokens) of it."""
+"""Output gradients of one token group agree to this fraction of their fingerprint's scale (bit-equal in
+practice); a different target moves a weighted sum by about 1/sqrt(tokens) of it (`_grad_fingerprint`)."""
 
 
 @dataclass(frozen=True)
@@ -243,16 +243,24 @@ def _checksum(t: torch.Tensor) -> tuple[tuple[int, ...], int, int]:
 
 
 def _grad_fingerprint(g: torch.Tensor) -> torch.Tensor:
-    """(weighted sum, sum, L1 norm) of a gradient, in float64; weights cos(...) on rows and columns, no copy."""
+    """Two weighted sums of a gradient and their scale, in float64, from one pass over it.
+
+    v = g @ w_col (cos weights on the columns) reads the gradient once; two cos weightings of v's rows give
+    the two sums compared, the L2 norm of v their scale (rounding noise moves the sums by about that norm times
+    the noise). A different target changes one row of g in two columns, so one entry of v, by about
+    1/sqrt(rows) of v's L2 norm.
+    """
     g2 = g.detach().reshape(1, 1) if g.dim() == 0 else g.detach().reshape(-1, g.shape[-1])
-    w_col, w_row = _fingerprint_weights(*g2.shape, g2.dtype, g2.device)
-    weighted = (g2 @ w_col).double() @ w_row
-    return torch.stack([weighted, g2.sum().double(), torch.linalg.vector_norm(g2, 1).double()])
+    w_col, w_rows = _fingerprint_weights(*g2.shape, g2.dtype, g2.device)
+    v = (g2 @ w_col).double()
+    return torch.cat([w_rows @ v, torch.linalg.vector_norm(v).unsqueeze(0)])
 
 
 @functools.lru_cache(maxsize=16)
 def _fingerprint_weights(rows: int, cols: int, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, ...]:
-    """The column weights (in the gradient's dtype) and row weights (float64) of `_grad_fingerprint`, made once."""
+    """The column weights (in the gradient's dtype, [cols]) and the two row weightings (float64, [2, rows]) of
+    `_grad_fingerprint`, made once per shape."""
     w_col = torch.cos(torch.arange(cols, device=device, dtype=torch.float64) * 0.7548776662 + 0.5)
-    w_row = torch.cos(torch.arange(rows, device=device, dtype=torch.float64) * 0.5698402910 + 0.25)
-    return w_col.to(dtype), w_row
+    r = torch.arange(rows, device=device, dtype=torch.float64)
+    w_rows = torch.stack([torch.cos(r * 0.5698402910 + 0.25), torch.cos(r * 0.8191725134 + 1.0)])
+    return w_col.to(dtype), w_rows
