@@ -227,21 +227,26 @@ def _probe_links(groups: dict[str, dist.ProcessGroup], repeats: int = 5) -> dict
 
 
 def _time_rounds(runners: dict[str, _Runner], cfg: BenchConfig) -> dict[str, dict[str, list]]:
-    """Every runner steps once per round, in an order rotated each round; barriers around each step."""
+    """Every runner steps once per round, in an order rotated each round; barriers around each step.
+
+    Records the step's wall time and this rank's process CPU time (on loopback, where the ranks share the
+    cores, the step is about the ranks' CPU divided by the cores)."""
     names = list(runners)
-    rec = {n: {"step_ms": [], "loss": [], "counts": []} for n in names}
+    rec = {n: {"step_ms": [], "cpu_ms": [], "loss": [], "counts": []} for n in names}
     for r in range(cfg.warmup_rounds + cfg.rounds):
         k = r % len(names)
         for name in names[k:] + names[:k]:
             runner = runners[name]
             runner.reset_counts()
             dist.barrier()
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             loss = runner.step()
+            c1 = time.process_time()  # CPU of this rank's process (all its threads) in the step
             dist.barrier()
             ms = (time.perf_counter() - t0) * 1e3
             if r >= cfg.warmup_rounds:
                 rec[name]["step_ms"].append(ms)
+                rec[name]["cpu_ms"].append((c1 - c0) * 1e3)
                 rec[name]["loss"].append(loss)
                 rec[name]["counts"].append(runner.counts())
     return rec

@@ -15,7 +15,9 @@ checkpointing:
 
 A step is zero_grad, forward, backward with the gradient sync, AdamW step, between barriers; the six
 variants take turns step by step in a rotating order. Reported per checkpointing mode: median step ms,
-the paired ratio tedfx / deepspeed (per round, then the median), and tedfx / tedfx_chunks1.
+the paired ratio tedfx / deepspeed (per round, then the median), and tedfx / tedfx_chunks1; the same
+ratio of rank 0's process CPU time in the step (on loopback the 4 ranks share 2 cores, so the step is
+about their CPU time over 2), and each variant's GFLOP per step (torch's FLOP counter, rank 0).
 
 Usage:
     python benchmarks/bench_step_vs_deepspeed.py                 # loopback and emulated (root needed)
@@ -42,6 +44,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.utils.flop_counter import FlopCounterMode
 
 import tedfx
 from tedfx.models.nanogpt import GPT
@@ -117,7 +120,16 @@ def run_rank(spec: Spec) -> dict[str, Any] | None:
                                                              expert=EXPERT, checkpoint_blocks=mode == "block",
                                                              lr=cfg.lr)
     rec = common._time_rounds(runners, cfg)
-    return {"rank": rank, "runs": rec, "default_a2a_chunks": chunks_choice} if rank == 0 else None
+    flops = {name: _step_gflop(runner) for name, runner in runners.items()}
+    return {"rank": rank, "runs": rec, "default_a2a_chunks": chunks_choice, "gflop": flops} if rank == 0 else None
+
+
+def _step_gflop(runner) -> float:
+    """GFLOP of one more step on this rank (torch's FLOP counter: the matmuls and attention)."""
+    counter = FlopCounterMode(display=False)
+    with counter:
+        runner.step()
+    return counter.get_total_flops() / 1e9
 
 
 def _load_spec(raw: dict) -> Spec:
@@ -143,12 +155,16 @@ def summarize(raw: dict[str, Any], network: str, cfg: StepConfig) -> dict[str, A
     out: dict[str, Any] = {"network": network, "default_a2a_chunks": raw.get("default_a2a_chunks"), "modes": {}}
     for mode in cfg.modes:
         ms = {v: runs[_name(v, mode)]["step_ms"] for v in (*TEDFX_VARIANTS, PEER)}
+        cpu = {v: runs[_name(v, mode)]["cpu_ms"] for v in ms}
         row = {v: {"median_ms": statistics.median(t), "min_ms": min(t), "step_ms": t,
+                   "median_cpu_ms": statistics.median(cpu[v]), "cpu_ms": cpu[v],
+                   "gflop_per_step": raw["gflop"][_name(v, mode)],
                    "losses": runs[_name(v, mode)]["loss"], "comm_per_step": runs[_name(v, mode)]["counts"][-1]}
                for v, t in ms.items()}
         out["modes"][mode] = {
             "variants": row,
             "tedfx_over_deepspeed": _paired(ms["tedfx"], ms[PEER]),
+            "tedfx_over_deepspeed_cpu": _paired(cpu["tedfx"], cpu[PEER]),
             "tedfx_over_deepspeed_of_medians": row["tedfx"]["median_ms"] / row[PEER]["median_ms"],
             "tedfx_over_chunks1": _paired(ms["tedfx"], ms["tedfx_chunks1"]),
             "chunks1_over_deepspeed": _paired(ms["tedfx_chunks1"], ms[PEER]),
@@ -163,13 +179,15 @@ def print_run(s: dict[str, Any], rate: str | None) -> None:
     print(f"\n== {where}: world 4 = T 2 x X 2 (tensor groups inside a node, expert groups across)")
     print(f"   tedfx's default: {s['default_a2a_chunks']}")
     print(f"   {'checkpointing':<13} {'tedfx ms':>9} {'chunks1 ms':>11} {'deepspeed ms':>13} {'tedfx/ds':>9} "
-          f"{'chunks1/ds':>11} {'tedfx/chunks1':>14}")
+          f"{'chunks1/ds':>11} {'tedfx/chunks1':>14} {'CPU tedfx/ds':>13} {'GFLOP tedfx, ds':>16}")
     for mode, m in s["modes"].items():
         v = m["variants"]
         print(f"   {mode:<13} {v['tedfx']['median_ms']:>9.0f} {v['tedfx_chunks1']['median_ms']:>11.0f} "
               f"{v[PEER]['median_ms']:>13.0f} {m['tedfx_over_deepspeed']:>8.2f}x {m['chunks1_over_deepspeed']:>10.2f}x "
-              f"{m['tedfx_over_chunks1']:>13.2f}x")
-    print("   (medians of the step; ratios are medians over rounds of the paired ratio; < 1 means faster)")
+              f"{m['tedfx_over_chunks1']:>13.2f}x {m['tedfx_over_deepspeed_cpu']:>12.2f}x "
+              f"{v['tedfx']['gflop_per_step']:>8.3f}, {v[PEER]['gflop_per_step']:.3f}")
+    print("   (medians of the step; ratios are medians over rounds of the paired ratio; < 1 means faster;\n"
+          "    CPU: rank 0's process CPU time in the step; GFLOP: rank 0's matmuls and attention in one step)")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -77,7 +77,8 @@ class ReplicaCheck:
         if not self.params:
             return torch.zeros(0, dtype=torch.float64, device=self.device)
         with torch.no_grad():
-            samples = torch.cat([p.detach().reshape(-1)[:s * SAMPLES:s] for (_, p), s in zip(self.params, self._stride)])
+            samples = torch.cat([p.detach().reshape(-1)[:s * SAMPLES:s]
+                                 for (_, p), s in zip(self.params, self._stride)])
             weighted = samples.double() * self._weights
             return torch.zeros(len(self.params), dtype=torch.float64, device=self.device) \
                 .index_add_(0, self._owner, weighted)
