@@ -11,8 +11,6 @@ same order, without the wrappers.
 
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 import torch.distributed as dist
 
@@ -26,17 +24,15 @@ _REDUCE_OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}
 class InFlight:
     """An eager collective started with `async_op=True`; `wait()` gives its result (once waited, at once)."""
 
-    __slots__ = ("_out", "_work", "_finish")
+    __slots__ = ("_out", "_work")
 
-    def __init__(self, out: torch.Tensor, work, finish: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
-        self._out, self._work, self._finish = out, work, finish
+    def __init__(self, out: torch.Tensor, work: dist.Work) -> None:
+        self._out, self._work = out, work
 
     def wait(self) -> torch.Tensor:
         if self._work is not None:
             self._work.wait()
             self._work = None
-            if self._finish is not None:
-                self._out, self._finish = self._finish(self._out), None
         return self._out
 
 
