@@ -16,7 +16,7 @@ import torch.distributed as dist
 
 from .. import _compat
 
-__all__ = ["InFlight", "all_gather", "all_reduce", "all_to_all_start", "reduce_scatter", "wait"]
+__all__ = ["InFlight", "all_gather", "all_reduce", "all_to_all_start", "broadcast_", "reduce_scatter", "wait"]
 
 _REDUCE_OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}
 
@@ -54,6 +54,15 @@ def all_reduce(x: torch.Tensor, op: str, group: dist.ProcessGroup) -> torch.Tens
     out = x.clone()
     dist.all_reduce(out, _REDUCE_OPS[op], group=group)
     return out
+
+
+def broadcast_(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+    """The group's first rank's contiguous `x` on every rank of `group`: eager, into `x` itself (the caller's own
+    buffer); under tracing, a new tensor."""
+    if _tracing():
+        return wait(_compat.funcol.broadcast(x, 0, group))  # funcol takes the rank within the group
+    dist.broadcast(x, src=dist.get_global_rank(group, 0), group=group)
+    return x
 
 
 def all_gather(x: torch.Tensor, dim: int, group: dist.ProcessGroup, size: int) -> torch.Tensor:

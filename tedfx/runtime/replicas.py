@@ -84,7 +84,8 @@ class ReplicaCheck:
                 .index_add_(0, self._owner, weighted)
 
     def start(self) -> Callable[[], None]:
-        """Fingerprint the parameters and start gathering every rank's; calling the result judges (see `check`)."""
+        """Fingerprint the parameters and start gathering every rank's; calling the result waits and raises
+        ReplicaDivergenceError on every rank when any two copies of a parameter differ."""
         mine = self.fingerprints()
         world = self.layout.world_size
         everyone = torch.empty(world * mine.numel(), dtype=torch.float64, device=mine.device)
@@ -94,10 +95,6 @@ class ReplicaCheck:
             work.wait()
             self._raise_if_divergent(everyone.view(world, -1).cpu())
         return judge
-
-    def check(self) -> None:
-        """Raise ReplicaDivergenceError on every rank when any two copies of a parameter differ."""
-        self.start()()
 
     def _raise_if_divergent(self, table: torch.Tensor) -> None:
         bad = self.divergent(table)

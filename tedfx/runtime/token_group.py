@@ -42,6 +42,7 @@ import torch.distributed as dist
 
 from .. import _compat
 from .._compat import pytree
+from ..collectives import wire
 
 __all__ = ["TokenGroup", "TokenGroupFeed"]
 
@@ -116,11 +117,9 @@ class TokenGroupFeed:
         for i, t in enumerate(tensors):
             by_kind.setdefault((t.dtype, t.device), []).append(i)
         for (dtype, device), idx in by_kind.items():
-            flat = torch.cat([tensors[i].detach().reshape(-1) for i in idx])
-            wire = flat.view(torch.uint8) if dtype == torch.bool else flat
-            # The source is the group's first rank: rank 0 within the group (funcol takes the group rank).
-            got = _compat.wait_collective(_compat.funcol.broadcast(wire.to(self.device), 0, self.process_group))
-            got = got.to(device)
+            flat = torch.cat([tensors[i].detach().reshape(-1) for i in idx])  # a buffer of our own, sent in place
+            payload = flat.view(torch.uint8) if dtype == torch.bool else flat
+            got = wire.broadcast_(payload.to(self.device), self.process_group).to(device)
             got = got.view(torch.bool) if dtype == torch.bool else got
             if self.rank == self.group.ranks[0]:
                 continue  # the source keeps its own tensors
