@@ -20,6 +20,7 @@ from torch.utils.checkpoint import checkpoint
 
 import tedfx
 from tedfx import collectives as C
+from tedfx.collectives import wire
 from tedfx.config import ParallelConfig
 from tedfx.models.nanogpt import GPT, GPTConfig
 from tedfx.pipeline import build_moe_graph, grad_sync_params, param_shards, shard_for_rank
@@ -360,6 +361,8 @@ def _check_collectives(mesh: TedMesh, r: int, stats: C.CommStats) -> None:
     with C.bind_axes(mesh.groups()):  # uncounted: reduce_scatter along dim 1, all_gather along dim 0
         yf = C.reduce_scatter((10.0 * r + torch.arange(4.0)).repeat(2, 1), "tp", 1)
         yg = C.all_gather(torch.full((1, 2), float(r)), "tp", 0)
+    # A reduce-scatter over 4 ranks (on gloo: an all-to-all and a sum of the 4 received partials).
+    yw = wire.reduce_scatter((10.0 * r + torch.arange(8.0)).unsqueeze(1), 0, dist.group.WORLD, 4)
 
     # Forward numerics.
     _expect(ya, torch.full((2, 3), float(sum(m + 1 for m in tp))), "all_reduce forward")
@@ -370,6 +373,7 @@ def _check_collectives(mesh: TedMesh, r: int, stats: C.CommStats) -> None:
     _expect(ys, s.detach()[:, 2 * t : 2 * t + 2], "slice_for_rank forward")
     _expect(yf, [[sum(10.0 * m + i for m in tp) for i in (2 * t, 2 * t + 1)]] * 2, "reduce_scatter along dim 1")
     _expect(yg, [[float(tp[0])] * 2, [float(tp[1])] * 2], "all_gather along dim 0")
+    _expect(yw[:, 0], [sum(10.0 * m + i for m in range(4)) for i in (2 * r, 2 * r + 1)], "reduce_scatter over 4 ranks")
 
     # Backward numerics, after the binding has exited (ops keep their group).
     g_rows = (100.0 * r + torch.arange(2.0)).unsqueeze(1).repeat(1, 3)

@@ -82,7 +82,7 @@ def reduce_scatter(x: torch.Tensor, dim: int, group: dist.ProcessGroup, size: in
         return wait(_compat.funcol_reduce_scatter(x, "sum", dim, group))
     if dim != 0:  # the process group scatters dim 0: bring the chunks there (one copy)
         x = x.unflatten(dim, (size, -1)).movedim(dim, 0).contiguous().flatten(0, 1)
-    if _is_gloo(group):
+    if x.device.type == "cpu" and _is_gloo(group):
         return _reduce_scatter_by_all_to_all(x, group, size)
     out = x.new_empty((x.shape[0] // size, *x.shape[1:]))
     _reduce_scatter_into(out, x, group)
@@ -90,9 +90,9 @@ def reduce_scatter(x: torch.Tensor, dim: int, group: dist.ProcessGroup, size: in
 
 
 def _reduce_scatter_by_all_to_all(x: torch.Tensor, group: dist.ProcessGroup, size: int) -> torch.Tensor:
-    """Gloo's reduce-scatter reduces the whole tensor on every rank (an all-reduce's work) before it keeps a
-    chunk: 1.3-2.6x the time of sending each rank its chunk of every partial sum and adding the `size` received
-    partials here (docs/architecture.md, "Collectives name axes"). The same bytes leave each rank as in a
+    """Gloo's reduce-scatter of CPU tensors reduces the whole tensor on every rank (an all-reduce's work) before
+    it keeps a chunk: 1.3-2.6x the time of sending each rank its chunk of every partial sum and adding the `size`
+    received partials here (docs/architecture.md, "Collectives name axes"). The same bytes leave each rank as in a
     reduce-scatter, (size - 1) / size of x."""
     received = torch.empty_like(x)
     dist.all_to_all_single(received, x, group=group)
