@@ -165,13 +165,19 @@ def combine(
     H = y_ECH.shape[-1]
     if loads is not None:
         y_SKH = y_ECH.index_select(0, _packed_rows(expert_SK, slot_SK, loads).reshape(-1)).view(S, K, H)
-        return torch.einsum("skh,sk->sh", y_SKH, gate_SK.to(y_ECH.dtype))
+        return _weighted_sum(y_SKH, gate_SK.to(y_ECH.dtype))
     E, C, _ = y_ECH.shape
     kept = slot_SK >= 0
     flat = _flat_slots(expert_SK, slot_SK.clamp_min(0), C)
     y_SKH = y_ECH.reshape(E * C, H).index_select(0, flat.reshape(-1)).view(S, K, H)
     weight_SK = torch.where(kept, gate_SK, torch.zeros_like(gate_SK)).to(y_ECH.dtype)
-    return torch.einsum("skh,sk->sh", y_SKH, weight_SK)
+    return _weighted_sum(y_SKH, weight_SK)
+
+
+def _weighted_sum(y_SKH: torch.Tensor, w_SK: torch.Tensor) -> torch.Tensor:
+    """sum_k w[s, k] * y[s, k, :] as one batched [1, K] @ [K, H] product per token: forward and backward in half
+    the time of the equivalent einsum on CPU, whose backward permutes and copies its operands."""
+    return torch.bmm(w_SK.unsqueeze(1), y_SKH).squeeze(1)
 
 
 def _expert_matmul(x: torch.Tensor, w_EIO: torch.Tensor, loads: torch.Tensor | None) -> torch.Tensor:
