@@ -3,8 +3,8 @@
 One MoE block's token movement, forward and backward, without the experts: route S tokens
 (top-2, capacity factor 1.0, so C = ceil(2 S / E)) and time
 
-    index     tedfx.moe.ops.dispatch + combine: an index_copy_ into [E*C + 1, H] and an
-              index_select back, O(S*K*H) whatever E is
+    index     tedfx.moe.ops.dispatch + combine: an index_select of the token rows into [E*C, H] and
+              an index_select back, O(S*K*H) whatever E is
     one_hot   the GShard/DeepSpeed formulation: a [S, E, C] dispatch mask and combine weights,
               contracted with einsums, O(S*E*C*H) = O(S^2 * K * H): flat in E, quadratic in S
 
