@@ -82,7 +82,7 @@ def reduce_scatter(x: torch.Tensor, dim: int, group: dist.ProcessGroup, size: in
         return wait(_compat.funcol_reduce_scatter(x, "sum", dim, group))
     if dim != 0:  # the process group scatters dim 0: bring the chunks there (one copy)
         x = x.unflatten(dim, (size, -1)).movedim(dim, 0).contiguous().flatten(0, 1)
-    if x.device.type == "cpu" and _is_gloo(group):
+    if x.device.type == "cpu" and dist.get_backend(group) == "gloo":
         return _reduce_scatter_by_all_to_all(x, group, size)
     out = x.new_empty((x.shape[0] // size, *x.shape[1:]))
     _reduce_scatter_into(out, x, group)
@@ -103,16 +103,6 @@ def _reduce_scatter_by_all_to_all(x: torch.Tensor, group: dist.ProcessGroup, siz
     for partial in partials[2:]:
         out += partial
     return out
-
-
-_gloo_groups: dict[dist.ProcessGroup, bool] = {}
-
-
-def _is_gloo(group: dist.ProcessGroup) -> bool:
-    known = _gloo_groups.get(group)
-    if known is None:
-        known = _gloo_groups[group] = dist.get_backend(group) == "gloo"
-    return known
 
 
 def all_to_all_start(x: torch.Tensor, recv: list[int] | None, send: list[int] | None,
