@@ -6,7 +6,8 @@ In eager mode they wrap every result twice, in an `AsyncCollectiveTensor` and in
 tensor, through several layers of Python per call; on a CPU training step that was about a tenth of
 a rank's time. Outside tracing the ops therefore call the process group directly, on buffers they
 allocate themselves, and wait on its work object: the same collectives with the same bytes, in the
-same order, without the wrappers.
+same order, without the wrappers. One exception in kind, not in bytes: on gloo a reduce-scatter of CPU
+tensors is an all-to-all and a local sum (`_reduce_scatter_by_all_to_all`).
 """
 
 from __future__ import annotations
