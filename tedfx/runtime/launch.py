@@ -35,6 +35,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from . import host_memory
+
 __all__ = ["LaunchError", "RankError", "default_backend", "init_distributed", "launch", "launched_externally",
            "local_world_size"]
 
@@ -104,12 +106,15 @@ def _free_port() -> int:
 
 
 def _prepare_rank(backend: str, local_world: int) -> None:
-    """Per-rank setup before the process group: the device (nccl) or one CPU thread (gloo)."""
+    """Per-rank setup before the process group: the device (nccl); on CPU (gloo) one thread per rank and
+    malloc thresholds that keep freed memory (`host_memory.keep_freed_memory`)."""
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    elif local_world > 1:
+        return
+    if local_world > 1:
         # Several ranks share the host's cores; more threads per rank only oversubscribe them.
         torch.set_num_threads(1)
+    host_memory.keep_freed_memory()
 
 
 def init_distributed(timeout: float | datetime.timedelta | None = None, backend: str | None = None) -> bool:
