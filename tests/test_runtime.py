@@ -52,6 +52,17 @@ def test_automatic_buckets_give_about_eight_per_axis_within_a_quarter_to_25_mib(
 
 
 
+def test_the_first_automatic_bucket_is_a_quarter_of_the_others_so_the_last_layer_goes_out_first():
+    """Reverse registration order: the last layer's gradients, ready first, close the first bucket at 1/4 of the
+    limit; an explicit bucket_mb closes every bucket at its size."""
+    MiB = 2**20
+    sizes = [2 * MiB] * 3 + [MiB // 2] * 4  # first layers last: registration order
+    params = [(f"p{i}", torch.nn.Parameter(torch.empty(n // 4, device="meta")), "dp") for i, n in enumerate(sizes)]
+    plans = plan_buckets(params, {"dp": 2, "edp": 1}, None)  # 8 MiB: automatic limit 1 MiB, the first 1/4 MiB
+    assert [p.names for p in plans] == [("p6",), ("p5", "p4"), ("p3", "p2"), ("p1",), ("p0",)]
+    explicit = plan_buckets(params, {"dp": 2, "edp": 1}, 1.0)
+    assert [p.names for p in explicit] == [("p6", "p5"), ("p4", "p3"), ("p2",), ("p1",), ("p0",)]
+
 def test_parameters_tensor_parallelism_leaves_whole_get_split_buckets():
     """Gradients equal on the T tensor ranks are reduced a T-th per rank: their own buckets, split T ways."""
     params = [(name, torch.nn.Parameter(torch.empty(n, device="meta")), axis)

@@ -17,7 +17,6 @@ is a setting of the whole process; `tedfx.init_distributed` makes it for gloo ra
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import logging
 import os
 import sys
@@ -62,8 +61,9 @@ def _glibc() -> ctypes.CDLL | None:
     if not sys.platform.startswith("linux"):
         return None
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.gnu_get_libc_version  # only glibc has it (musl has mallopt as a stub)
+        libc = ctypes.CDLL(None)  # the symbols the process already has: its C library's among them
+        libc.gnu_get_libc_version  # only glibc has it (musl's mallopt does nothing)
+        libc.mallopt
     except (OSError, AttributeError):
         return None
     return libc
