@@ -123,6 +123,10 @@ def init_distributed(timeout: float | datetime.timedelta | None = None, backend:
     Under torchrun (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT in the environment) it
     joins that world; otherwise it starts a world of one rank on a free local port.
 
+    A gloo rank is prepared first: one intra-op thread when several ranks share the host, and glibc's
+    malloc thresholds raised so that the temporaries a step frees stay in the process
+    (`host_memory.keep_freed_memory`; TEDFX_KEEP_FREED_MEMORY=0 leaves them; docs/parallelism.md, "CPU ranks").
+
     Args:
         timeout: seconds (or a timedelta) a collective may block before failing; None: 300 s.
         backend: "gloo" or "nccl"; None picks nccl when every local rank has a GPU, else gloo.
@@ -161,8 +165,8 @@ def launch(
     """Run `fn(*args)` on `nprocs` local ranks and return every rank's result in rank order.
 
     Each rank gets MASTER_ADDR/MASTER_PORT, RANK, WORLD_SIZE, LOCAL_RANK and an initialised
-    default process group (gloo on CPU, one thread per rank; nccl when CUDA has `nprocs`
-    devices). `fn` and `args` are pickled into spawned processes: `fn` must be importable
+    default process group (gloo on CPU, one thread per rank, freed memory kept: see `init_distributed`;
+    nccl when CUDA has `nprocs` devices). `fn` and `args` are pickled into spawned processes: `fn` must be importable
     (defined at module level). Results come back through files, tensors on the CPU.
 
     Under torchrun, `fn` runs in this process only and the result is `[fn(*args)]`.
