@@ -20,9 +20,10 @@ same shapes.
 
 Layers of a decoder are identical, so a deep model is simulated at two small depths
 L0 and L1 = L0 + p (p: the period of `MoEConfig.layers`, 2 for "every_other") and
-each quantity is extrapolated linearly to L layers: q(L) = q(L0) + (q(L1) - q(L0)) *
-(L - L0) / p. Exact for bytes, FLOPs and memory; the number of gradient-sync buckets
-is extrapolated the same way (docs/planner.md, "Layer scaling").
+each quantity of the graph is extrapolated linearly to L layers: q(L) = q(L0) + (q(L1) - q(L0)) *
+(L - L0) / p. Exact for bytes, FLOPs and memory. The gradient sync's collectives are not per layer
+(buckets span layers): they come from its bucket plan on the full model's parameters
+(docs/planner.md, "Layer scaling").
 """
 
 from __future__ import annotations
@@ -38,12 +39,14 @@ import torch.fx as fx
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from .comm_stats import CommStats
 from .config import MoEConfig, ParallelConfig
 from .fake import FakeRun, FakeUnsupported, device_of
 from .moe.routing import set_moe_loss_scale
 from .passes.context import PassContext
 from .pipeline import at_precision, build_moe_graph, grad_sync_params, param_shards, shard_for_rank
 from .predict import simulate_step
+from .runtime.grad_sync import plan_buckets, record_plan
 from .runtime.memory import AllocationTracker, predict_training_memory
 from .runtime.mesh import Layout
 from .runtime.zero import plan_groups
@@ -90,8 +93,9 @@ class ModelSource:
     """The model's depth when `build` can vary it (layer scaling), else None."""
     _graphs: dict[tuple[int | None, str], tuple[fx.GraphModule, PassContext, tuple[Any, ...]]] = \
         field(default_factory=dict)
-    _steps: dict[tuple[Any, ...], tuple[LayoutCost, Params]] = field(default_factory=dict)
-    """Simulated steps by (depth, config without zero, layout): ZeRO changes the optimizer, not the graph."""
+    _steps: dict[tuple[Any, ...], tuple[LayoutCost, Params, frozenset[str]]] = field(default_factory=dict)
+    """Simulated steps by (depth, config without zero, layout): ZeRO changes the optimizer, not the graph. The
+    cost without the gradient sync, the rank's parameters, and those tensor parallelism leaves whole."""
 
     def graph(self, depth: int | None, precision: str) -> tuple[fx.GraphModule, PassContext, tuple[Any, ...]]:
         """The MoE graph (experts unbuilt), its context and example inputs at `depth`, captured once."""
@@ -114,12 +118,14 @@ def layout_cost(source: ModelSource, parallel: ParallelConfig, world_size: int, 
     layout = Layout.build(world_size, parallel)
     depths = _scaling_depths(source) if scale_layers else None
     if depths is None:
-        cost, params = _simulate(source, None, parallel, layout)
+        cost, params, whole = _simulate(source, None, parallel, layout)
     else:
         l0, l1 = depths
         k = (source.layers - l0) // (l1 - l0)
-        (at_l0, params_l0), (at_l1, params_l1) = (_simulate(source, d, parallel, layout) for d in depths)
+        (at_l0, params_l0, _), (at_l1, params_l1, whole) = (_simulate(source, d, parallel, layout) for d in depths)
         cost, params = scaled(at_l0, at_l1, k), _deepen(params_l0, params_l1, k)
+        whole = frozenset(name for name, _, _ in params if name.partition("#")[0] in whole)
+    _add_comm(cost.comm, _sync_comm(params, whole, layout, parallel.bucket_mb), +1)
     _add_training_state(cost, params, parallel, layout, tile_numel)
     return cost
 
@@ -145,6 +151,27 @@ def scaled(at_l0: LayoutCost, at_l1: LayoutCost, k: int) -> LayoutCost:
         comm[key] = [lin(a[0], b[0]), lin(a[1], b[1])]
     memory = {key: lin(at_l0.memory[key], at_l1.memory[key]) for key in at_l0.memory}
     return LayoutCost(comm=comm, memory=memory, flops=lin(at_l0.flops, at_l1.flops))
+
+
+def _sync_comm(params: Params, whole: frozenset[str], layout: Layout, bucket_mb: float | None
+               ) -> dict[tuple[str, str, str], list[int]]:
+    """The gradient sync's collectives in one step, from its bucket plan (as `simulate_step` counts them)."""
+    stats = CommStats()
+    sizes = {axis: layout.size(axis) for axis in ("dp", "edp", "tp")}
+    for plan in plan_buckets(params, sizes, bucket_mb, whole):
+        record_plan(stats, plan)
+    return {row[:3]: list(row[3:]) for row in stats.table()}
+
+
+def _add_comm(comm: dict[tuple[str, str, str], list[int]], other: dict[tuple[str, str, str], list[int]],
+              sign: int) -> None:
+    """comm += sign * other, entry by entry; entries left at no calls are dropped."""
+    for key, (calls, nbytes) in other.items():
+        total = comm.setdefault(key, [0, 0])
+        total[0] += sign * calls
+        total[1] += sign * nbytes
+        if total[0] == 0:
+            del comm[key]
 
 
 @contextlib.contextmanager
@@ -195,21 +222,23 @@ def _add_training_state(cost: LayoutCost, params: Params, parallel: ParallelConf
 
 def _simulate(source: ModelSource, depth: int | None, parallel: ParallelConfig,
               layout: Layout) -> tuple[LayoutCost, Params]:
-    """One simulated step of rank 0 at `depth`: its collectives, activation peak and FLOPs, and its parameters."""
+    """One simulated step of rank 0 at `depth`: its collectives without the gradient sync's, activation peak and
+    FLOPs; its parameters, and those tensor parallelism leaves whole."""
     key = (depth, dataclasses.replace(parallel, zero=0), layout)
     if key not in source._steps:
         source._steps[key] = _simulate_step(source, depth, parallel, layout)
-    cost, params = source._steps[key]
+    cost, params, whole = source._steps[key]
     return LayoutCost(comm={k: list(v) for k, v in cost.comm.items()}, memory=dict(cost.memory),
-                      flops=cost.flops), params
+                      flops=cost.flops), params, whole
 
 
 def _simulate_step(source: ModelSource, depth: int | None, parallel: ParallelConfig,
-                   layout: Layout) -> tuple[LayoutCost, Params]:
+                   layout: Layout) -> tuple[LayoutCost, Params, frozenset[str]]:
     moe_gm, ctx, inputs = source.graph(depth, parallel.precision)
     gm, rank_ctx = shard_for_rank(moe_gm, ctx, parallel=parallel, coords=layout.coords(0), materialize=False)
     run = FakeRun(gm, device_of(inputs, moe_gm))
     params = grad_sync_params(gm)
+    whole = tensor_whole(param_shards(gm, rank_ctx))
     set_moe_loss_scale(gm, 1.0)  # gradients start at zero, as in the gradient sync's buckets: not an accumulation
     try:
         with run.active():
@@ -218,7 +247,7 @@ def _simulate_step(source: ModelSource, depth: int | None, parallel: ParallelCon
                     p.grad = torch.zeros_like(p)
             with FlopCounterMode(display=False) as counter, AllocationTracker() as mem, _no_gc():
                 stats = simulate_step(gm, layout=layout, rank=0, bucket_mb=parallel.bucket_mb,
-                                      tensor_whole=tensor_whole(param_shards(gm, rank_ctx)),
+                                      tensor_whole=whole,
                                       example_inputs=run.inputs(inputs))
     except FakeUnsupported as e:
         raise ValueError(f"the planner simulates steps on fake tensors, and this model's graph cannot run on them "
@@ -226,7 +255,8 @@ def _simulate_step(source: ModelSource, depth: int | None, parallel: ParallelCon
                          f"with drop_tokens=True.") from e
     cost = LayoutCost(comm={row[:3]: list(row[3:]) for row in stats.table()}, memory={"activations": mem.peak},
                       flops=int(counter.get_total_flops()))
-    return cost, params
+    _add_comm(cost.comm, _sync_comm(params, whole, layout, parallel.bucket_mb), -1)  # added back on the full model
+    return cost, params, whole
 
 
 def measure_rank_step(moe_gm: fx.GraphModule, ctx: PassContext, inputs: tuple[Any, ...], parallel: ParallelConfig,
