@@ -126,6 +126,7 @@ def layout_cost(source: ModelSource, parallel: ParallelConfig, world_size: int, 
         cost, params = scaled(at_l0, at_l1, k), _deepen(params_l0, params_l1, k)
         whole = frozenset(name for name, _, _ in params if name.partition("#")[0] in whole)
     _add_comm(cost.comm, _sync_comm(params, whole, layout, parallel.bucket_mb), +1)
+    cost.comm = dict(sorted(cost.comm.items()))
     _add_training_state(cost, params, parallel, layout, tile_numel)
     return cost
 
@@ -221,7 +222,7 @@ def _add_training_state(cost: LayoutCost, params: Params, parallel: ParallelConf
 
 
 def _simulate(source: ModelSource, depth: int | None, parallel: ParallelConfig,
-              layout: Layout) -> tuple[LayoutCost, Params]:
+              layout: Layout) -> tuple[LayoutCost, Params, frozenset[str]]:
     """One simulated step of rank 0 at `depth`: its collectives without the gradient sync's, activation peak and
     FLOPs; its parameters, and those tensor parallelism leaves whole."""
     key = (depth, dataclasses.replace(parallel, zero=0), layout)
