@@ -45,8 +45,7 @@ from .fake import FakeRun, FakeUnsupported, device_of
 from .moe.routing import set_moe_loss_scale
 from .passes.context import PassContext
 from .pipeline import at_precision, build_moe_graph, grad_sync_params, param_shards, shard_for_rank
-from .predict import simulate_step
-from .runtime.grad_sync import plan_buckets, record_plan
+from .predict import record_grad_sync, simulate_step
 from .runtime.memory import AllocationTracker, predict_training_memory
 from .runtime.mesh import Layout
 from .runtime.zero import plan_groups
@@ -125,7 +124,12 @@ def layout_cost(source: ModelSource, parallel: ParallelConfig, world_size: int, 
         (at_l0, params_l0, _), (at_l1, params_l1, whole) = (_simulate(source, d, parallel, layout) for d in depths)
         cost, params = scaled(at_l0, at_l1, k), _deepen(params_l0, params_l1, k)
         whole = frozenset(name for name, _, _ in params if name.partition("#")[0] in whole)
-    _add_comm(cost.comm, _sync_comm(params, whole, layout, parallel.bucket_mb), +1)
+    sync = CommStats()
+    record_grad_sync(sync, params, layout, parallel.bucket_mb, whole)
+    for *key, calls, nbytes in sync.table():
+        total = cost.comm.setdefault(tuple(key), [0, 0])
+        total[0] += calls
+        total[1] += nbytes
     cost.comm = dict(sorted(cost.comm.items()))
     _add_training_state(cost, params, parallel, layout, tile_numel)
     return cost
@@ -152,27 +156,6 @@ def scaled(at_l0: LayoutCost, at_l1: LayoutCost, k: int) -> LayoutCost:
         comm[key] = [lin(a[0], b[0]), lin(a[1], b[1])]
     memory = {key: lin(at_l0.memory[key], at_l1.memory[key]) for key in at_l0.memory}
     return LayoutCost(comm=comm, memory=memory, flops=lin(at_l0.flops, at_l1.flops))
-
-
-def _sync_comm(params: Params, whole: frozenset[str], layout: Layout, bucket_mb: float | None
-               ) -> dict[tuple[str, str, str], list[int]]:
-    """The gradient sync's collectives in one step, from its bucket plan (as `simulate_step` counts them)."""
-    stats = CommStats()
-    sizes = {axis: layout.size(axis) for axis in ("dp", "edp", "tp")}
-    for plan in plan_buckets(params, sizes, bucket_mb, whole):
-        record_plan(stats, plan)
-    return {row[:3]: list(row[3:]) for row in stats.table()}
-
-
-def _add_comm(comm: dict[tuple[str, str, str], list[int]], other: dict[tuple[str, str, str], list[int]],
-              sign: int) -> None:
-    """comm += sign * other, entry by entry; entries left at no calls are dropped."""
-    for key, (calls, nbytes) in other.items():
-        total = comm.setdefault(key, [0, 0])
-        total[0] += sign * calls
-        total[1] += sign * nbytes
-        if total[0] == 0:
-            del comm[key]
 
 
 @contextlib.contextmanager
@@ -248,15 +231,14 @@ def _simulate_step(source: ModelSource, depth: int | None, parallel: ParallelCon
                     p.grad = torch.zeros_like(p)
             with FlopCounterMode(display=False) as counter, AllocationTracker() as mem, _no_gc():
                 stats = simulate_step(gm, layout=layout, rank=0, bucket_mb=parallel.bucket_mb,
-                                      tensor_whole=whole,
-                                      example_inputs=run.inputs(inputs))
+                                      tensor_whole=whole, example_inputs=run.inputs(inputs),
+                                      grad_sync=False)  # added on the full model's parameters (layout_cost)
     except FakeUnsupported as e:
         raise ValueError(f"the planner simulates steps on fake tensors, and this model's graph cannot run on them "
                          f"({e}); dropless routing (MoEConfig(drop_tokens=False)) sizes buffers by values: plan "
                          f"with drop_tokens=True.") from e
     cost = LayoutCost(comm={row[:3]: list(row[3:]) for row in stats.table()}, memory={"activations": mem.peak},
                       flops=int(counter.get_total_flops()))
-    _add_comm(cost.comm, _sync_comm(params, whole, layout, parallel.bucket_mb), -1)  # added back on the full model
     return cost, params, whole
 
 

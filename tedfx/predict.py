@@ -38,7 +38,7 @@ from .runtime.memory import predict_training_memory
 from .runtime.mesh import Layout
 from .sharding import ParamShard, tensor_whole
 
-__all__ = ["RankPrediction", "build_report", "predict_rank", "simulate_step", "simulated_axes"]
+__all__ = ["RankPrediction", "build_report", "predict_rank", "record_grad_sync", "simulate_step", "simulated_axes"]
 
 log = logging.getLogger(__name__)
 
@@ -126,10 +126,11 @@ def simulate_step(
     example_inputs: tuple[Any, ...],
     example_kwargs: dict[str, Any] | None = None,
     restore: bool = False,
+    grad_sync: bool = True,
 ) -> collectives.CommStats:
     """One training step of a rank graph against simulated groups: the collectives it issues, traced.
 
-    Forward, then backward of the sum of the outputs, then the gradient sync's bucket plan.
+    Forward, then backward of the sum of the outputs, then (with `grad_sync`) the gradient sync's bucket plan.
     Gradients are left on gm's parameters, unless `restore`: then the step leaves no trace on
     gm or on the caller's random state (grads, routers' call counts and losses, train mode,
     torch's RNG), so gm can go on to train (what parallelize's collective-order check needs).
@@ -146,10 +147,17 @@ def simulate_step(
     del out, leaves
     if state is not None:
         state.restore()
-    sizes = {axis: layout.size(axis) for axis in ("dp", "edp", "tp")}
-    for plan in plan_buckets(grad_sync_params(gm), sizes, bucket_mb, tensor_whole):
-        record_plan(stats, plan)
+    if grad_sync:
+        record_grad_sync(stats, grad_sync_params(gm), layout, bucket_mb, tensor_whole)
     return stats
+
+
+def record_grad_sync(stats: collectives.CommStats, params: list[tuple[str, nn.Parameter, str]], layout: Layout,
+                     bucket_mb: float | None, tensor_whole: frozenset[str]) -> None:
+    """Count the gradient sync's collectives of one step (its bucket plan) for the (name, parameter, axis) list."""
+    sizes = {axis: layout.size(axis) for axis in ("dp", "edp", "tp")}
+    for plan in plan_buckets(params, sizes, bucket_mb, tensor_whole):
+        record_plan(stats, plan)
 
 
 class _ModuleState:

@@ -51,7 +51,6 @@ def test_automatic_buckets_give_about_eight_per_axis_within_a_quarter_to_25_mib(
     assert [p.axis for p in plans].count("dp") == 8 and [p.axis for p in plans].count("edp") == 8
 
 
-
 def test_the_first_automatic_bucket_is_a_quarter_of_the_others_so_the_last_layer_goes_out_first():
     """Reverse registration order: the last layer's gradients, ready first, close the first bucket at 1/4 of the
     limit; an explicit bucket_mb closes every bucket at its size."""
@@ -62,6 +61,7 @@ def test_the_first_automatic_bucket_is_a_quarter_of_the_others_so_the_last_layer
     assert [p.names for p in plans] == [("p6",), ("p5", "p4"), ("p3", "p2"), ("p1",), ("p0",)]
     explicit = plan_buckets(params, {"dp": 2, "edp": 1}, 1.0)
     assert [p.names for p in explicit] == [("p6", "p5"), ("p4", "p3"), ("p2",), ("p1",), ("p0",)]
+
 
 def test_parameters_tensor_parallelism_leaves_whole_get_split_buckets():
     """Gradients equal on the T tensor ranks are reduced a T-th per rank: their own buckets, split T ways."""
