@@ -151,7 +151,7 @@ class LayoutPlan:
     def options(self) -> dict[str, Any]:
         p = self.parallel
         return {"dtd": p.dtd, "activation_checkpointing": p.activation_checkpointing, "cac": p.cac, "zero": p.zero,
-                "tile_numel": self.tile_numel, "precision": p.precision}
+                "tile_numel": self.tile_numel, "precision": p.precision, "a2a_chunks": p.a2a_chunks}
 
     def to_dict(self) -> dict[str, Any]:
         return {"tensor": self.tensor, "expert": self.expert, "data": self.data, **self.options(),
@@ -351,6 +351,9 @@ def plan(
                   cluster=cluster, assumptions=assumptions(cluster, scale_layers and source.layers is not None))
     for t, x in pairs:
         for parallel, tile in _configs(t, x, options):
+            # a2a_chunks="auto" as a run on this cluster resolves it: 2 where the expert groups cross nodes.
+            parallel, _, _ = parallel.resolve_auto(cluster.world_size, cluster.gpus_per_node,
+                                                   drop_tokens=moe.drop_tokens)
             cost = layout_cost(source, parallel, cluster.world_size, tile_numel=tile, scale_layers=scale_layers)
             layout = Layout.build(cluster.world_size, parallel)
             comm, per_link = _price(cost, layout, cluster)

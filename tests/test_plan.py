@@ -120,6 +120,22 @@ def test_the_time_model_prices_each_collective_by_the_link_its_group_crosses():
     assert collective_seconds("all_reduce", 10**9, [0], cluster) == ("intra", 0.0)
 
 
+def test_the_plan_resolves_a2a_chunks_auto_as_a_run_on_its_cluster_would():
+    """Expert groups across two nodes: 2 chunks, each all-to-all issued twice with half the bytes; one node: 1."""
+    options = Options(dtd=(True,), activation_checkpointing=("none",), zero=(0,), tile_numel=(None,),
+                      precision=("fp32",))
+
+    def all_to_all(per_node: int) -> tuple[int | str, dict]:
+        row, = plan(SMALL, cluster=Cluster(world_size=4, gpus_per_node=per_node), moe=MOE, micro_batch=2,
+                    options=options, layouts=[(2, 2)]).rows
+        return row.parallel.a2a_chunks, {key: value for key, value in row.cost.comm.items() if key[0] == "all_to_all"}
+
+    (two_chunks, across), (one_chunk, inside) = all_to_all(2), all_to_all(4)
+    assert (two_chunks, one_chunk) == (2, 1)
+    assert across.keys() == inside.keys() and across
+    assert all(list(across[key]) == [2 * calls, nbytes] for key, (calls, nbytes) in inside.items())
+
+
 def test_layouts_keep_tensor_groups_inside_a_node_and_divide_the_heads_and_experts():
     cluster = Cluster(world_size=16, gpus_per_node=4)
     assert layouts_for(cluster, heads=4, experts=4) == [
@@ -218,8 +234,10 @@ def test_ted_fits_a_4_to_8x_larger_base_model_than_expert_and_data_parallelism_o
 def test_the_plan_command_ranks_fitting_layouts_by_throughput_and_prices_links(capsys):
     from tedfx import cli
 
-    args = ["plan", "--shape", "1,32,4,4,128,gelu,64", "--seq", "16", "--experts", "4", "--world-size", "4",
-            "--gpus-per-node", "2", "--checkpointing", "none", "--precision", "fp32", "--inter-gbps", "1",
+    # Capacity 8 (cf 1.0, top-2, 16 tokens, 4 experts): DTD's T = 2 slices of each of the 2 chunks stay whole.
+    args = ["plan", "--shape", "1,32,4,4,128,gelu,64", "--seq", "16", "--experts", "4", "--capacity-factor", "1.0",
+            "--world-size", "4", "--gpus-per-node", "2", "--checkpointing", "none", "--precision", "fp32",
+            "--inter-gbps", "1",
             "--tflops", "1", "--layouts", "2x2,1x4"]
     assert cli.main([*args, "--format", "json"]) == 0
     rows = json.loads(capsys.readouterr().out)["rows"]
