@@ -104,7 +104,7 @@ def capture(
     """
     if not isinstance(example_inputs, tuple):
         example_inputs = (example_inputs,)
-    example_kwargs = dict(example_kwargs or {})
+    example_inputs, example_kwargs = _unalias((example_inputs, dict(example_kwargs or {})))
     released = [n for n, p in model.named_parameters() if p.numel() and p.untyped_storage().nbytes() == 0]
     if released:
         raise ValueError(
@@ -156,6 +156,25 @@ def _export(model: nn.Module, example_inputs: tuple, example_kwargs: dict, dynam
     gm.register_forward_pre_hook(_bind_call, with_kwargs=True)
     gm.register_forward_pre_hook(_check_input_shapes, with_kwargs=True)
     return gm
+
+
+def _unalias(example: Any) -> Any:
+    """`example` with every tensor that shares memory with an earlier one replaced by a copy.
+
+    HF users pass `labels=input_ids` (one tensor object, two inputs). Export traces aliased inputs as
+    one tensor, so the graph would read `labels` where the model reads `input_ids` and every later call
+    with different labels would compute on them (docs/architecture.md, "One IR").
+    """
+    seen: set[tuple[str, int]] = set()
+
+    def own(t: torch.Tensor) -> torch.Tensor:
+        key = (str(t.device), t.untyped_storage().data_ptr()) if t.device.type != "meta" else None
+        if key is not None and key not in seen:
+            seen.add(key)
+            return t
+        return t.clone()
+
+    return pytree.tree_map_only(torch.Tensor, own, example)
 
 
 def own_tensors(gm: nn.Module, model: nn.Module) -> None:

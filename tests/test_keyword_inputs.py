@@ -43,6 +43,20 @@ def test_hf_model_captured_with_labels_returns_the_hf_loss():
     assert moe_model.get_parameter("model.embed_tokens.weight").grad is not None
 
 
+def test_labels_captured_as_the_same_tensor_as_the_inputs_stay_a_separate_input():
+    """HF habit: `labels=input_ids`, one tensor object. Called later with other labels, the logits are
+    still those of the input ids (the graph must not embed the labels) and the loss is on the labels."""
+    model, ids, mask, moe_model = _llama(True)  # captured with labels=ids, the same object
+    moe_model.eval()
+    labels = torch.randint(1, int(ids.max()) + 1, ids.shape, generator=torch.Generator().manual_seed(7))
+    labels[:, :2] = -100  # ignored positions: an index no embedding would take
+    out, same = moe_model(ids, attention_mask=mask, labels=labels), moe_model(ids, attention_mask=mask, labels=ids)
+    moe_model.train()
+    torch.testing.assert_close(out.logits, same.logits)
+    expected = torch.nn.functional.cross_entropy(out.logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten())
+    torch.testing.assert_close(out.loss, expected)
+
+
 def test_inputs_by_name_or_by_position_are_the_same_call():
     _, ids, mask, moe_model = _llama(True)
     moe_model.eval()
