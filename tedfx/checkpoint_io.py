@@ -10,7 +10,8 @@ for, the RNG states and the atomic commit.
     model.<key>                     every tensor of the state dict, with the keys of tedfx.to_moe's
     optim.state.<param>.<name>      optimizer state (exp_avg, exp_avg_sq, master, ...): elementwise
                                     state is split like its parameter; scalars (step) are replicated
-    optim.param_groups              hyperparameters, parameters by name (pickled)
+    optim.param_groups              hyperparameters, parameters by name (pickled); a load matches each
+                                    group of the optimizer to the saved group holding its parameters
     optim.loss_scaler               the fp16 loss scale (pickled)
     rng.cpu.rank<r>                 each rank's CPU generator state (rng.cuda.rank<r> on GPUs)
     extra.<name>                    tedfx.save's keyword arguments
@@ -254,13 +255,27 @@ def _module_and_placement(pm: nn.Module, door: str) -> tuple[nn.Module, Placemen
     return pm, Placement.of(pm)
 
 
-def _quiet_dcp(call: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-    """DCP warns that it assumes one process whenever it runs without a process group, which is what we ask."""
+def _quiet_dcp(call: Callable[..., Any], *args: Any, local: bool = False, **kwargs: Any) -> Any:
+    """DCP warns that it assumes one process whenever it runs without a process group, which is what we ask.
+
+    `local`: this process reads by itself even with a process group (no collective).
+    """
     import warnings
 
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
-        return call(*args, no_dist=not _distributed(), **kwargs)
+        return call(*args, no_dist=local or not _distributed(), **kwargs)
+
+
+def _saved_param_groups(path: Path) -> list[dict[str, Any]]:
+    """The checkpoint's `optim.param_groups` (hyperparameters, parameters by name), read by each rank alone.
+
+    Read before any tensor, so that a mismatch of the optimizer's groups raises on every rank before
+    anything of the model or the optimizer changes.
+    """
+    planner = BoxLoadPlanner()
+    _quiet_dcp(dcp.load, {"optim.param_groups": None}, checkpoint_id=path, planner=planner, local=True)
+    return planner.state_dict["optim.param_groups"]
 
 
 def save(dir: str | os.PathLike, pm: nn.Module, optimizer: torch.optim.Optimizer | None = None,
@@ -322,7 +337,9 @@ def load(dir: str | os.PathLike, pm: nn.Module, optimizer: torch.optim.Optimizer
 
     Raises:
         CheckpointError: the checkpoint is incomplete (its save was interrupted), or was saved for another
-            model, MoEConfig (naming the differences, e.g. both expert counts) or precision.
+            model, MoEConfig (naming the differences, e.g. both expert counts) or precision, or the optimizer's
+            parameter groups hold other parameters than the saved ones (groups are matched by parameter
+            name, in any order).
 
     Example:
         >>> extra = tedfx.load("ckpt/latest", pm, opt)
@@ -336,7 +353,9 @@ def load(dir: str | os.PathLike, pm: nn.Module, optimizer: torch.optim.Optimizer
     md = metadata.state_dict_metadata
     # Placeholders: the module's own tensors (read in place), fresh tensors for the optimizer's state.
     state = model_entries(module, placement)
-    install = optimizer_placeholders(optimizer, module, placement, metadata, state) if optimizer is not None else None
+    # The optimizer's groups are matched to the saved ones by parameter name (a CheckpointError if they differ).
+    install = optimizer_placeholders(optimizer, module, placement, metadata, state, _saved_param_groups(path)) \
+        if optimizer is not None else None
     rank = dist.get_rank() if _distributed() else 0
     source = _rng_source(info, pm, rank)
     rng = [key for key in md if key.startswith("rng.") and key.endswith(f".rank{source}")]

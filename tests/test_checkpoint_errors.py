@@ -57,6 +57,35 @@ def test_an_optimizer_the_checkpoint_does_not_hold(tmp_path):
         tedfx.load(with_opt, model, groups)
 
 
+def test_optimizer_groups_holding_other_parameters_than_the_saved_ones(tmp_path):
+    """Groups are matched by parameter name (in any order); one that matches no single saved group is an error."""
+    model = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4), nn.Linear(4, 2))
+    w0, b0, ln_w, ln_b, w2, b2 = model.parameters()
+    saved = torch.optim.AdamW([{"params": [w0, w2], "weight_decay": 0.1},
+                               {"params": [b0, ln_w, ln_b, b2], "weight_decay": 0.0}])
+    path = _saved(tmp_path, model, saved)
+    moved = torch.optim.AdamW([{"params": [w0]}, {"params": [b0, ln_w, ln_b, b2, w2]}])
+    with pytest.raises(CheckpointError, match=r"parameter group 1 of this optimizer holds parameters of several of "
+                                              r"the checkpoint's groups: \[2.weight\] of its group 0; \[0.bias, "
+                                              r"1.weight, 1.bias, 2.bias\] of its group 1"):
+        tedfx.load(path, model, moved)
+    split = torch.optim.AdamW([{"params": [w0]}, {"params": [w2]}])  # as many groups, other parameters
+    with pytest.raises(CheckpointError, match=r"parameter groups 0 and 1 of this optimizer both hold parameters of "
+                                              r"the checkpoint's group 0: \[0.weight\] and \[2.weight\]"):
+        tedfx.load(path, model, split)
+    outside = torch.optim.AdamW([{"params": [w0]}, {"params": [ln_w]}])  # 1.weight: no saved group's
+    saved_one = _saved(tmp_path, model, torch.optim.AdamW([{"params": [w0]}, {"params": [b0]}]), name="two_groups")
+    with pytest.raises(CheckpointError, match=r"parameter group 1 of this optimizer holds none of the parameters "
+                                              r"of the checkpoint's groups \(it holds \[1.weight\]\)"):
+        tedfx.load(saved_one, model, outside)
+    before = {k: t.clone() for k, t in model.state_dict().items()}
+    with torch.no_grad():
+        w0.add_(1.0)
+    with pytest.raises(CheckpointError):  # raised before any tensor is read
+        tedfx.load(path, model, moved)
+    assert torch.equal(w0, before["0.weight"] + 1.0) and not moved.state
+
+
 def test_an_optimizer_of_parameters_outside_the_module(tmp_path):
     model, other = nn.Linear(4, 4), nn.Linear(3, 3)
     with pytest.raises(ValueError, match=r"the optimizer steps a parameter of shape \(3, 3\) that is not in the "

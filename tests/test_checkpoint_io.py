@@ -10,6 +10,7 @@ A killed save runs in a subprocess of its own.
 
 from __future__ import annotations
 
+import copy
 import os
 import subprocess
 import sys
@@ -178,6 +179,39 @@ def test_another_expert_count_or_moe_config_is_an_error_naming_the_difference(wo
         tedfx.load(root / "fp32", models["8_experts"])
     with pytest.raises(CheckpointError, match=r"another MoEConfig \(.*top_k: checkpoint 2, this model 1"):
         tedfx.load(root / "fp32", models["top1"])
+
+
+def _weights_and_the_rest(model: nn.Module, hyper: list[dict]) -> list[dict]:
+    """Two AdamW groups: the matrices (weight decay) and the biases and norms (none), with `hyper` each."""
+    named = list(model.named_parameters())
+    return [{"params": [p for _, p in named if p.dim() >= 2], **hyper[0]},
+            {"params": [p for _, p in named if p.dim() < 2], **hyper[1]}]
+
+
+def test_optimizer_groups_built_in_another_order_take_their_own_hyperparameters_and_state(tmp_path):
+    """Groups are matched by parameter name, not position (docs/checkpoints.md, "Loading elsewhere"): a
+    checkpoint of [weights wd=0.1, biases wd=0] loads into the groups built the other way round."""
+    model = copy.deepcopy(_single_process_models()["moe"])
+    saved = [{"weight_decay": 0.1, "lr": 1e-2, "betas": (0.9, 0.99)},
+             {"weight_decay": 0.0, "lr": 2e-2, "betas": (0.8, 0.95)}]
+    opt = torch.optim.AdamW(_weights_and_the_rest(model, saved))
+    train(model, opt, batches()[:2])
+    tedfx.save(tmp_path / "ckpt", model, opt)
+    loaded = copy.deepcopy(_single_process_models()["moe"])
+    reversed_groups = _weights_and_the_rest(loaded, [{"weight_decay": 0.5, "lr": 1.0}] * 2)[::-1]
+    opt2 = torch.optim.AdamW(reversed_groups)
+    tedfx.load(tmp_path / "ckpt", loaded, opt2)
+    names = {id(p): n for n, p in loaded.named_parameters()}
+    for group in opt2.param_groups:
+        want = saved[0] if group["params"][0].dim() >= 2 else saved[1]
+        assert {k: group[k] for k in want} == want, [names[id(p)] for p in group["params"]]
+    state = {n: opt.state[p] for n, p in model.named_parameters()}
+    for n, p in loaded.named_parameters():  # each parameter's state is its own name's
+        assert opt2.state[p].keys() == state[n].keys()
+        assert all(torch.equal(v, state[n][k]) for k, v in opt2.state[p].items()), n
+    train(model, opt, batches()[2:3])
+    train(loaded, opt2, batches()[2:3])
+    assert all(torch.equal(t, model.state_dict()[k]) for k, t in loaded.state_dict().items())
 
 
 def test_a_parallel_module_of_another_precision_is_refused(world_4):

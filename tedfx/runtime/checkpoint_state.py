@@ -13,7 +13,8 @@ DCP's default planners, taught to look boxes up (tedfx._compat: BoxSavePlanner, 
 write them. Replicas of a box carry the same (key, offsets), so DCP's save planner keeps one writer per box.
 
 Optimizer state is keyed by parameter name (`optim.state.<param>.<name>`): elementwise state is split
-like its parameter, whatever the optimizer's own slicing; scalars (AdamW's step) are replicated.
+like its parameter, whatever the optimizer's own slicing; scalars (AdamW's step) are replicated. The
+parameter groups' hyperparameters are matched by the names of the groups' parameters too, not by position.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from ..sharding import ParamShard
 from .executor import ParallelModule
 from .optimizer import TedOptimizer
 
-__all__ = ["Boxes", "CheckpointError", "Placement", "Runs", "model_entries",
+__all__ = ["Boxes", "CheckpointError", "Placement", "Runs", "match_param_groups", "model_entries",
            "optimizer_entries", "optimizer_placeholders", "place", "range_boxes", "row_major_boxes"]
 
 
@@ -278,11 +279,14 @@ def optimizer_entries(optimizer: torch.optim.Optimizer, module: nn.Module, place
 
 
 def optimizer_placeholders(optimizer: torch.optim.Optimizer, module: nn.Module, placement: Placement,
-                           metadata: Metadata, entries: dict[str, Any]) -> Callable[[dict[str, Any]], None]:
+                           metadata: Metadata, entries: dict[str, Any], saved_groups: list[dict[str, Any]]
+                           ) -> Callable[[dict[str, Any]], None]:
     """Add to `entries` what the optimizer's saved state loads into; returns what installs it once DCP has read it.
 
     Per slot (a whole parameter, or a ZeRO-1 slice or tile of one): fresh tensors for its elementwise state,
     described as the boxes it covers; the fp32 masters are read in place; scalars (step) are shared entries.
+    `saved_groups` is the checkpoint's `optim.param_groups` (read before any tensor): each of the optimizer's
+    groups takes the hyperparameters of the saved group that holds its parameters (`match_param_groups`).
     """
     names = {id(p): n for n, p in module.named_parameters()}
     md = metadata.state_dict_metadata
@@ -297,10 +301,57 @@ def optimizer_placeholders(optimizer: torch.optim.Optimizer, module: nn.Module, 
               for slot in _slots(optimizer, names)]
     for key, (full_shape, key_boxes) in boxes.items():
         entries[key] = Boxes(full_shape, key_boxes)
-    entries["optim.param_groups"] = None
+    order = match_param_groups(optimizer, names, saved_groups)
+    hyper = [{k: v for k, v in saved_groups[i].items() if k != "params"} for i in order]
     if "optim.loss_scaler" in md:
         entries["optim.loss_scaler"] = None
-    return functools.partial(_install, optimizer, wanted)
+    return functools.partial(_install, optimizer, wanted, hyper)
+
+
+def _listed(names: list[str], limit: int = 5) -> str:
+    shown = ", ".join(names[:limit])
+    return f"[{shown}{f', ... ({len(names)} in all)' if len(names) > limit else ''}]"
+
+
+def match_param_groups(optimizer: torch.optim.Optimizer, names: dict[int, str],
+                       saved_groups: list[dict[str, Any]]) -> list[int]:
+    """For each of the optimizer's parameter groups, the index of the saved group that holds its parameters.
+
+    Groups are matched by the names of their parameters, never by position: a group built in another order
+    still takes its own hyperparameters. Parameters that only one side holds (e.g. frozen ones) are not
+    compared; a group holding parameters of several saved groups, two groups holding parameters of the
+    same saved group, or a group holding none of the saved ones is a CheckpointError naming them.
+    """
+    saved_group_of = {name: j for j, g in enumerate(saved_groups) for name in g["params"]}
+    order: list[int] = []
+    taken: dict[int, int] = {}
+    for i, group in enumerate(optimizer.param_groups):
+        group_names = [names[id(p)] for p in group["params"] if id(p) in names]
+        by_saved: dict[int, list[str]] = {}
+        for name in group_names:
+            if name in saved_group_of:
+                by_saved.setdefault(saved_group_of[name], []).append(name)
+        if len(by_saved) > 1:
+            held = "; ".join(f"{_listed(ns)} of its group {j}" for j, ns in sorted(by_saved.items()))
+            raise CheckpointError(
+                f"parameter group {i} of this optimizer holds parameters of several of the checkpoint's groups: "
+                f"{held}. Build the optimizer with the same groups (each holding the parameters it held when "
+                f"saved, in any order).")
+        if not by_saved:
+            raise CheckpointError(
+                f"parameter group {i} of this optimizer holds none of the parameters of the checkpoint's groups "
+                f"(it holds {_listed(group_names)}): build the optimizer with the same groups.")
+        (j, ns), = by_saved.items()
+        if j in taken:
+            first = [n for n in (names[id(p)] for p in optimizer.param_groups[taken[j]]["params"] if id(p) in names)
+                     if saved_group_of.get(n) == j]
+            raise CheckpointError(
+                f"parameter groups {taken[j]} and {i} of this optimizer both hold parameters of the checkpoint's "
+                f"group {j}: {_listed(first)} and {_listed(ns)}. Build the optimizer with the same groups (each "
+                f"holding the parameters it held when saved, in any order).")
+        taken[j] = i
+        order.append(j)
+    return order
 
 
 @dataclasses.dataclass
@@ -341,8 +392,13 @@ def _slot_placeholders(slot: _Slot, placement: Placement, md: dict[str, Any], st
     return state
 
 
-def _install(optimizer: torch.optim.Optimizer, wanted: list[_Wanted], loaded: dict[str, Any]) -> None:
-    """Give the loaded state to each torch optimizer (tedfx.optimizer's tiles, or the optimizer): load_state_dict."""
+def _install(optimizer: torch.optim.Optimizer, wanted: list[_Wanted], hyper: list[dict[str, Any]],
+             loaded: dict[str, Any]) -> None:
+    """Give the loaded state to each torch optimizer (tedfx.optimizer's tiles, or the optimizer): load_state_dict.
+
+    `hyper`: the saved hyperparameters of each of the optimizer's groups, matched by parameter name; the state
+    of each parameter is its own name's (`by_key` holds it by the parameter, whatever its place).
+    """
     by_key: dict[int, dict[str, Any]] = {}
     for w in wanted:
         if w.masters_from_weights:
@@ -352,7 +408,6 @@ def _install(optimizer: torch.optim.Optimizer, wanted: list[_Wanted], loaded: di
                   else v for n, v in w.state.items()}
         if values:
             by_key[id(w.slot.key)] = values
-    hyper = [{k: v for k, v in g.items() if k != "params"} for g in loaded["optim.param_groups"]]
     torch_optimizers = [t.optimizer for t in optimizer.tiles] if isinstance(optimizer, TedOptimizer) else [optimizer]
     for torch_opt in torch_optimizers:
         current = torch_opt.state_dict()
