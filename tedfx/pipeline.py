@@ -107,6 +107,9 @@ def convert_to_moe(gm: TedGraphModule, model: nn.Module, *, moe: MoEConfig, debu
     finally:
         if not lazy:
             own_tensors(gm, model)
+    # The modules the passes added (routers, experts) take the captured model's mode: an eval-mode model
+    # (as HF's from_pretrained returns one) routes with the eval capacity factor, not the training one.
+    gm.train(gm.training)
     return gm, ctx
 
 

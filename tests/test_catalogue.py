@@ -62,6 +62,8 @@ TESTED_ELSEWHERE = {
     "fp16 step without scale_loss": "test_optimizer.py::test_what_would_go_wrong_silently_raises_on_every_rank",
     "optimizer state of another layout": "test_optimizer.py::test_state_dict_resumes_bit_for_bit_and_...",
     "set_moe_loss_scale rows": "test_moe_losses.py::test_set_moe_loss_scale_refuses_what_it_cannot_scale",
+    "a forward with gradients after pm.to(dtype)":
+        "test_to_moe.py::test_a_parallel_module_cast_after_parallelize_evaluates_but_refuses_to_train_...",
     # Launch and runtime
     "TedMesh.build without a process group": "test_runtime.py::test_mesh_needs_a_process_group",
     "a rank raised": "test_runtime.py::test_launch_reraises_with_rank_and_traceback",
@@ -70,6 +72,9 @@ TESTED_ELSEWHERE = {
     "no mesh axes bound; axis not bound": "test_runtime.py::test_unbound_axis_raises_clearly",
     "all_to_all dim 0 does not split": "test_runtime.py::test_collectives_numerics_and_mesh",
     "unknown communication phase": "test_runtime.py::test_comm_stats_rows_and_phases",
+    # Checkpoints
+    "optimizer groups holding other parameters than the saved ones":
+        "test_checkpoint_errors.py::test_optimizer_groups_holding_other_parameters_than_the_saved_ones",
     # Compile backend
     "options without a MoEConfig": "test_compile.py::test_backend_needs_a_moe_config",
     "a compiled function reads parameters": "test_compile.py::test_backend_converts_a_module_not_a_function",
@@ -82,6 +87,7 @@ TESTED_ELSEWHERE = {
     "no MoE block": "test_export.py::test_a_module_without_moe_blocks_is_refused",
     "cannot be written as MixtralForCausalLM": "test_export.py::test_what_mixtral_cannot_express_is_an_error_...",
     # Warnings
+    "FFN-shaped regions left dense": "passes/test_find_ffns.py::test_an_ffn_left_dense_beside_converted_ones_is_a_...",
     "MoELossScaleWarning": "test_moe_losses.py::test_without_the_scale_loss_over_n_warns_and_weighs_the_moe_...",
     "use_cache": "test_to_moe.py::test_the_use_cache_notice_is_printed_once_per_run",
     "export of a capacity-routed model": "test_export.py::test_what_mixtral_cannot_express_is_an_error_naming_it",

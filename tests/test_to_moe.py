@@ -383,3 +383,43 @@ def test_the_use_cache_notice_is_printed_once_per_run(caplog, monkeypatch):
             capture_module.capture(model, inputs)
     notices = [r for r in caplog.records if "use_cache=False" in r.getMessage()]
     assert len(notices) == 1 and model.config.use_cache is True
+
+
+def test_a_model_in_eval_mode_converts_to_an_eval_mode_moe_model_in_every_door():
+    """HF's from_pretrained returns a model in eval mode: its routers must route as in eval (the eval
+    capacity factor, here 2.0 against 1.0 in training, so the two modes give different logits)."""
+    import torch.distributed as dist
+
+    moe = MoEConfig(num_experts=4, top_k=2, capacity_factor=1.0, min_capacity=1)
+    model, (x,) = tiny_gpt()
+    expected = tedfx.to_moe(model, (x,), moe=moe).eval()(x)
+    assert not torch.allclose(expected, tedfx.to_moe(model, (x,), moe=moe)(x)), "the modes must differ here"
+    model.eval()
+    converted = tedfx.to_moe(model, (x,), moe=moe)
+    assert not converted.training and not any(m.training for m in converted.modules())
+    torch.testing.assert_close(converted(x), expected)
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        pm = tedfx.parallelize(model, (x,), moe=moe, parallel=tedfx.ParallelConfig())
+        assert not pm.training and not any(m.training for m in pm.modules())
+        torch.testing.assert_close(pm(x), expected)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_parallel_module_cast_after_parallelize_evaluates_but_refuses_to_train_naming_precision():
+    import torch.distributed as dist
+
+    model, (x,) = tiny_gpt()
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        pm = tedfx.parallelize(model, (x,), moe=MoEConfig(num_experts=4, top_k=2), parallel=tedfx.ParallelConfig())
+        expected = pm(x).detach()
+        pm.to(torch.bfloat16)
+        with torch.no_grad():
+            torch.testing.assert_close(pm(x).float(), expected, atol=0.05, rtol=0.05)
+        with pytest.raises(RuntimeError, match=r'cast after tedfx.parallelize .*float32 on cpu -> torch.bfloat16.*'
+                                               r'precision="bf16"'):
+            pm(x)
+    finally:
+        dist.destroy_process_group()

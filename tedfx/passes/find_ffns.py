@@ -21,13 +21,17 @@ The search, in order:
    down projection: build the region, check it is single-entry single-exit,
    classify the activation numerically, check the weight shapes.
 4. No match at all raises `NoFFNFoundError` listing the nearest rejected
-   candidates and why each was rejected.
+   candidates and why each was rejected. Where some FFNs match and others,
+   shaped as FFNs, fail at the activation (an unknown one, or a parameter
+   between the projections, which the experts could not keep), a warning
+   names those left dense.
 """
 
 from __future__ import annotations
 
 import logging
 import operator
+import warnings
 from collections import defaultdict, deque
 from dataclasses import dataclass, replace
 from typing import Literal
@@ -35,6 +39,7 @@ from typing import Literal
 import networkx as nx
 import torch
 import torch.fx as fx
+from torch import nn
 
 from .._compat import dropout_targets
 from ..moe.ops import ACTIVATIONS as _EXPERT_ACTIVATIONS
@@ -253,6 +258,10 @@ class _Rejected(Exception):
     """A candidate region is not an FFN; the message says why."""
 
 
+class _UnknownActivation(_Rejected):
+    """A region shaped as an FFN (one entry, one exit, H -> F -> H) whose activation tedfx cannot convert."""
+
+
 @dataclass(frozen=True)
 class _Candidate:
     """A rejected region, for the error message."""
@@ -316,9 +325,16 @@ def _evaluate(gm: fx.GraphModule, inner: list[fx.Node], env: dict[fx.Node, torch
         if arg in env:
             return env[arg]
         if arg.op == "get_attr":
-            tensor = get_by_target(gm, arg.target).detach()
+            tensor = get_by_target(gm, arg.target)
+            if isinstance(tensor, nn.Parameter):
+                # Experts keep the projections' weights and biases only: a trained tensor between them (a
+                # separate bias, a learned scale) would be dropped, whatever value it holds now.
+                raise _UnknownActivation(f"the activation reads the parameter {arg.target}, which the experts "
+                                         f"cannot keep (only the projections' weights and biases are copied)")
+            tensor = tensor.detach()
             return tensor.double() if tensor.is_floating_point() else tensor
-        raise _Rejected(f"activation reads {arg.name} ({_op_name(arg)}), which it cannot be evaluated without")
+        raise _UnknownActivation(f"activation reads {arg.name} ({_op_name(arg)}), which it cannot be evaluated "
+                                 f"without")
 
     for node in inner:
         if node.target in dropout_targets:
@@ -329,8 +345,11 @@ def _evaluate(gm: fx.GraphModule, inner: list[fx.Node], env: dict[fx.Node, torch
         else:
             try:
                 env[node] = node.target(*fx.node.map_arg(node.args, value), **fx.node.map_arg(node.kwargs, value))
+            except _Rejected:
+                raise
             except Exception as e:  # noqa: BLE001 - any failure means "not an activation we know"
-                raise _Rejected(f"activation could not be evaluated at {node.name}: {type(e).__name__}: {e}") from e
+                raise _UnknownActivation(f"activation could not be evaluated at {node.name}: "
+                                         f"{type(e).__name__}: {e}") from e
     return env[out], dropout_p
 
 
@@ -345,7 +364,7 @@ def _classify(gm: fx.GraphModule, sources: list[fx.Node], inner: list[fx.Node], 
     env = dict(zip(sources, (a, b)))
     got, dropout_p = _evaluate(gm, inner, env, out)
     if not isinstance(got, torch.Tensor) or got.shape != a.shape:
-        raise _Rejected("unknown activation (the subgraph does not map the inner tensor elementwise)")
+        raise _UnknownActivation("unknown activation (the subgraph does not map the inner tensor elementwise)")
 
     # An MLP computes act(a); a GLU act(a) * b or act(b) * a, which also says which source is the gate.
     for name, act in ACTIVATIONS.items():
@@ -354,7 +373,7 @@ def _classify(gm: fx.GraphModule, sources: list[fx.Node], inner: list[fx.Node], 
             if (got - expected).abs().max() <= _ATOL + 1e-6 * expected.abs().max():
                 return name, ordered, dropout_p
     computed = "act(x)" if len(sources) == 1 else "act(gate) * up"
-    raise _Rejected(f"unknown activation: the ops between the projections compute {computed} for no act "
+    raise _UnknownActivation(f"unknown activation: the ops between the projections compute {computed} for no act "
                     f"in {', '.join(ACTIVATIONS)}")
 
 
@@ -449,6 +468,7 @@ def find_ffns(gm: fx.GraphModule) -> list[FFNMatch]:
     # 2. Each fed projection is a candidate down projection.
     matches: list[FFNMatch] = []
     rejected: list[_Candidate] = []
+    left_dense: list[_Candidate] = []  # shaped as FFNs, not convertible: loud when other FFNs convert
     claimed: set[fx.Node] = set()
     for target in sorted(feeders, key=order.__getitem__):
         sources = sorted(feeders[target], key=order.__getitem__)
@@ -457,6 +477,8 @@ def find_ffns(gm: fx.GraphModule) -> list[FFNMatch]:
             match = _match(gm, dg, sources, target, walks, projections, order)
         except _Rejected as e:
             rejected.append(_Candidate(tuple(sources), target, hops, str(e)))
+            if isinstance(e, _UnknownActivation):
+                left_dense.append(rejected[-1])
             continue
         if claimed & set(match.nodes):
             rejected.append(_Candidate(tuple(sources), target, hops, "overlaps an FFN already matched"))
@@ -468,6 +490,8 @@ def find_ffns(gm: fx.GraphModule) -> list[FFNMatch]:
         log.debug("find_ffns: rejected %s -> %s: %s", [s.name for s in c.sources], c.target.name, c.reason)
     if not matches:
         raise NoFFNFoundError(_no_ffn_message(dg, projections, order, rejected))
+    if left_dense:
+        warnings.warn(_left_dense_message(left_dense, len(matches)), stacklevel=2)
     matches.sort(key=lambda m: order[m.nodes[0]])
     return [replace(m, index=i) for i, m in enumerate(matches)]
 
@@ -485,6 +509,17 @@ def find_ffns_pass(gm: fx.GraphModule, *, ctx: PassContext) -> fx.GraphModule:
     ctx.records.ffn_matches = matches
     ctx.records.ffns = [m.info() for m in matches]
     return gm
+
+
+def _left_dense_message(left: list[_Candidate], found: int) -> str:
+    """Which FFN-shaped regions stay dense while others convert, why, and what to do."""
+    lines = [f"find_ffns converts {found} FFN block(s) but leaves {len(left)} FFN-shaped region(s) dense; they "
+             f"are not counted in MoEConfig.layers indices and hold no MoE block:"]
+    for c in left:
+        lines.append(f"  - {' + '.join(_describe(s) for s in c.sources)} -> {_describe(c.target)}: {c.reason}")
+    lines.append(f"What to do: write the activation as one of {', '.join(ACTIVATIONS)} with nothing trained between "
+                 f"the projections (a bias belongs in the first projection), or accept these blocks staying dense.")
+    return "\n".join(lines)
 
 
 def _no_ffn_message(dg: nx.DiGraph, projections: dict[fx.Node, LinearRef], order: dict[fx.Node, int],

@@ -304,9 +304,15 @@ class _NearMiss(nn.Module):
         self.kind = kind
         self.fc1 = nn.Linear(8, 16)
         self.fc2 = nn.Linear(16, 4 if kind == "narrow_out" else 8)
+        # At identity values, so that the activation evaluates to a known one: kept or refused, never dropped.
+        self.bias, self.scale = nn.Parameter(torch.zeros(16)), nn.Parameter(torch.ones(16))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         h = self.fc1(x)
+        if self.kind == "separate_bias":
+            return (self.fc2(nn.functional.gelu(h + self.bias)),)
+        if self.kind == "learned_scale":
+            return (self.fc2(nn.functional.gelu(h) * self.scale),)
         if self.kind == "tanh":
             return (self.fc2(torch.tanh(h)),)
         if self.kind == "softmax":
@@ -325,6 +331,8 @@ NEAR_MISSES = {
     "outside_user": "region has outside users at node",
     "second_entry": "a tensor computed outside the region",
     "narrow_out": "do not chain H -> F -> H",
+    "separate_bias": "reads the parameter branches.separate_bias.bias, which the experts cannot keep",
+    "learned_scale": "reads the parameter branches.learned_scale.scale, which the experts cannot keep",
 }
 
 
@@ -348,6 +356,31 @@ def test_near_misses_are_rejected_each_with_its_reason() -> None:
     for kind, reason in NEAR_MISSES.items():
         (line,) = [line for line in lines if line.strip().startswith(f"- branches.{kind}.fc1 ")]
         assert f"-> branches.{kind}.fc2 " in line and reason in line, line
+
+
+class _MixedFFNs(nn.Module):
+    """Two blocks: a GELU MLP tedfx converts, and a tanh MLP it cannot."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(8, 16), act, nn.Linear(16, 8))
+                                    for act in (nn.GELU(), nn.Tanh()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = x + block(x)
+        return x
+
+
+def test_an_ffn_left_dense_beside_converted_ones_is_a_warning_naming_it() -> None:
+    torch.manual_seed(0)
+    gm = capture(_MixedFFNs(), (torch.randn(2, 3, 8),))
+    with pytest.warns(UserWarning, match=r"converts 1 FFN block\(s\) but leaves 1 FFN-shaped region\(s\) dense") \
+            as record:
+        (match,) = find_ffns(gm)
+    assert match.path == "blocks.0"
+    (line,) = [line for line in str(record[0].message).splitlines() if line.strip().startswith("- blocks.1.0 ")]
+    assert "-> blocks.1.2 " in line and "unknown activation" in line
 
 
 def test_model_without_projections_says_so() -> None:
