@@ -98,6 +98,10 @@ class ParallelModule(nn.Module):
         self._replicas_checked_at = 0
         self._replicas_pending: Callable[[], None] | None = None
         self.register_forward_pre_hook(_check_replicas_once_per_step)
+        self.train(gm.training)  # the dense model's mode, as a DDP wrapper keeps its module's
+        self._built_as = {name: (p.dtype, p.device) for name, p in gm.named_parameters()}
+        self._recast: list[str] = []
+        """Parameters `.to()` / `.half()` gave another dtype or device than the gradient buckets were built for."""
 
     @property
     def graph(self) -> torch.fx.GraphModule:
@@ -126,7 +130,28 @@ class ParallelModule(nn.Module):
         """
         return tuple(self._feed.broadcast(list(tensors))) if self._feed is not None else tensors
 
+    def _apply(self, fn: Callable, recurse: bool = True) -> "ParallelModule":
+        out = super()._apply(fn, recurse)
+        if "_built_as" in self.__dict__:
+            self._recast = [name for name, p in self.module.named_parameters()
+                            if (p.dtype, p.device) != self._built_as.get(name, (p.dtype, p.device))]
+        return out
+
+    def _refuse_training_after_recast(self) -> None:
+        name = self._recast[0]
+        dtype, device = self._built_as[name]
+        p = self.module.get_parameter(name)
+        raise RuntimeError(
+            f"this ParallelModule's parameters were moved or cast after tedfx.parallelize ({name}: {dtype} on "
+            f"{device} -> {p.dtype} on {p.device}, and {len(self._recast) - 1} more): its gradient buckets "
+            f"and the optimizer's view of the parameters are those of the dtype and device it was built with, "
+            f"so it runs without gradients only (torch.no_grad()). To train in bf16 or fp16, pass "
+            f'ParallelConfig(precision="bf16") (fp32 master weights, docs/parallelism.md, "Mixed precision"); to train '
+            f"on another dtype or device, move or cast the dense model before tedfx.parallelize.")
+
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self._recast and torch.is_grad_enabled():
+            self._refuse_training_after_recast()
         # 1. The inputs of the capture (a clear TypeError otherwise), before any collective.
         args, kwargs = bind_call(self.module, args, kwargs, door="tedfx.parallelize")
         checking = self.check_inputs and not torch.compiler.is_compiling()  # compiled graphs guard their shapes
