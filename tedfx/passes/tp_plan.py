@@ -79,7 +79,6 @@ def propagate(gm: fx.GraphModule, seeds: set[fx.Node], T: int) -> Plan:
     plan = Plan()
     for node in gm.graph.nodes:
         ins = [plan.place.get(a, R) if isinstance(a, fx.Node) else R for a in node.args]
-        kw_ins = [plan.place.get(a, R) for a in node.kwargs.values() if isinstance(a, fx.Node)]
         lin = as_linear(node)
         if lin is not None:
             xp = plan.place.get(lin.x, R)
@@ -106,10 +105,17 @@ def propagate(gm: fx.GraphModule, seeds: set[fx.Node], T: int) -> Plan:
         if all(plan.place.get(a, R).kind == "R" for a in node.all_input_nodes):
             plan.place[node] = R
             continue
+        # Every sharded input, also those inside list arguments (torch.stack / cat of a list).
+        in_seeds = all_seeds([plan.place.get(a, R) for a in node.all_input_nodes])
         rule = rule_for(node.target)
         if rule is None:
-            raise Fail(all_seeds(ins + kw_ins), node, f"no sharding rule for {node.target}")
-        plan.place[node] = rule(node, ins, plan, T)
+            raise Fail(in_seeds, node, f"no sharding rule for {node.target}")
+        try:
+            plan.place[node] = rule(node, ins, plan, T)
+        except Fail as fail:
+            if fail.seeds:
+                raise
+            raise Fail(in_seeds, fail.node, fail.reason) from None
     settle_slices(plan, T)
     return plan
 

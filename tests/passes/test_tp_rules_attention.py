@@ -246,15 +246,16 @@ class _Refusals(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        self.softmax, self.a, self.b, self.unbind, self.sliced = (nn.Linear(8, 16) for _ in range(5))
+        self.softmax, self.a, self.b, self.unbind, self.sliced, self.stacked = (nn.Linear(8, 16) for _ in range(6))
         self.out = nn.Linear(12, 8)  # row-parallel on the slices, so only the slices' bounds can fail
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        s = self.sliced(x)
+        s, h = self.sliced(x), self.stacked(x)
         return (torch.softmax(self.softmax(x), dim=-1).sum(-1),
                 (self.a(x) @ self.b(x).transpose(-1, -2)).sum(-1),
                 self.unbind(x).unbind(-1)[0],
-                self.out(s[..., :12] + s[..., 4:]))
+                self.out(s[..., :12] + s[..., 4:]),
+                torch.stack((-h, h), dim=-1).flatten(-2))  # GPT-J's rotary: the shard sits in a list argument
 
 
 def test_ops_a_shard_cannot_pass_keep_their_projections_replicated_with_the_reason():
@@ -268,6 +269,7 @@ def test_ops_a_shard_cannot_pass_keep_their_projections_replicated_with_the_reas
     assert reasons["a"].startswith("matmul contracts the sharded dim") and reasons["b"] == reasons["a"]
     assert reasons["unbind"].startswith("unbind or select along the sharded dim")
     assert reasons["sliced"].startswith("slice [0:12] spans several chunks of a fused projection")
+    assert reasons["stacked"].startswith("no sharding rule for aten.stack.default")
 
 
 # --- the loud error, and the opt-out ------------------------------------------------------------------------
