@@ -304,6 +304,61 @@ def test_no_sync_accumulates_without_communication(request):
         assert not r["grad_mismatch"], r["grad_mismatch"]
 
 
+def _frozen_after_parallelize() -> dict[str, object]:
+    """Freeze wpe (a "dp" bucket) and one expert weight (a one-rank "edp" bucket) after parallelize, take 2 AdamW
+    steps with weight decay, then unfreeze wpe for a third (docs/parallelism.md, "Gradient sync")."""
+    torch.set_num_threads(1)
+    model, _ = tiny_gpt(n_layer=1)
+    pm = tedfx.parallelize(model, (torch.zeros(BATCH, SEQ, dtype=torch.long),), moe=MOE,
+                           parallel=ParallelConfig(expert=2, timeout=LAUNCH_TIMEOUT_S))
+    params = dict(pm.graph.named_parameters())
+    frozen = ["wpe.weight", "h.0.mlp.experts.w1"]
+    for name in frozen:
+        params[name].requires_grad_(False)
+    before = {n: p.detach().clone() for n, p in params.items()}
+    opt = torch.optim.AdamW(pm.parameters(), lr=1e-2, weight_decay=0.1)
+    g = torch.Generator().manual_seed(pm.data_parallel_rank)
+    grads_none, unfrozen_grad = [], None
+    for step in range(3):
+        if step == 2:
+            params["wpe.weight"].requires_grad_(True)
+        tokens, targets = (torch.randint(0, 100, (BATCH, SEQ), generator=g) for _ in range(2))
+        nn.functional.cross_entropy(pm(tokens).flatten(0, 1), targets.flatten()).backward()
+        if step < 2:
+            grads_none.append([params[n].grad is None for n in frozen])
+        else:
+            unfrozen_grad = params["wpe.weight"].grad is not None
+        opt.step()
+        opt.zero_grad()
+        if step == 1:
+            after_two = {n: p.detach().clone() for n, p in params.items()}
+    # Frozen before parallelize: no bucket, so training it later would let the replicas drift apart.
+    model, _ = tiny_gpt(n_layer=1)
+    model.wpe.weight.requires_grad_(False)
+    pm = tedfx.parallelize(model, (torch.zeros(BATCH, SEQ, dtype=torch.long),), moe=MOE,
+                           parallel=ParallelConfig(expert=2, timeout=LAUNCH_TIMEOUT_S))
+    pm.graph.get_parameter("wpe.weight").requires_grad_(True)
+    try:
+        nn.functional.cross_entropy(pm(tokens).flatten(0, 1), targets.flatten()).backward()
+        thaw_error = None
+    except RuntimeError as e:
+        thaw_error = str(e)
+    return {"grads_none": grads_none, "unfrozen_grad": unfrozen_grad, "thaw_error": thaw_error,
+            "frozen_moved": [n for n in frozen if not torch.equal(after_two[n], before[n])],
+            "others_still": [n for n in params if n not in frozen and torch.equal(after_two[n], before[n])],
+            "unfrozen_moved": not torch.equal(params["wpe.weight"].detach(), after_two["wpe.weight"])}
+
+
+def test_a_parameter_frozen_after_parallelize_keeps_grad_none_and_does_not_move_and_one_frozen_before_cannot_thaw():
+    for r in launch(_frozen_after_parallelize, 2, backend="gloo", timeout=LAUNCH_TIMEOUT_S):
+        assert r["grads_none"] == [[True, True]] * 2, r  # after each backward and its gradient sync
+        assert r["frozen_moved"] == [], r  # AdamW's weight decay skips a parameter whose .grad is None
+        assert r["others_still"] == [], r
+        assert r["unfrozen_grad"] and r["unfrozen_moved"], r  # requires_grad_(True) trains it again
+        assert re.search(r"\['wpe\.weight'\] did not require grad when tedfx\.parallelize ran.*Parallelize with "
+                         r"them trainable", r["thaw_error"] or ""), r["thaw_error"]
+
+
 LOUD = {
     "torch_clip": r"ReplicaDivergenceError: replicated parameters no longer agree .*wte\.weight differs between "
                   r"ranks \[0, 1\].*pm\.clip_grad_norm_\(max_norm\)",

@@ -29,6 +29,12 @@ links. Such parameters get buckets of their own, and tensor rank t all-reduces o
 t-th of T slices of each; after the wait an all-gather over "tp" (inside a node) gives
 every tensor rank the whole average. The data-parallel bytes of those gradients drop to 1/T.
 
+Frozen parameters: a bucketed parameter whose requires_grad is turned off after parallelize keeps
+`.grad` None (its view is not adopted; the bucket sends zeros in its place), so optimizers skip it as
+with DDP; a bucket's all-reduce no longer waits for it. Turning it on again adopts the view as before. A
+parameter frozen when GradSync was built has no bucket: turning it on later is an error (docs/parallelism.md,
+"Gradient sync").
+
 Gradient accumulation: inside `no_sync()` nothing is communicated and gradients add
 up locally; the next synced backward reduces the sum. A backward outside `no_sync()`
 onto gradients that were already averaged works too (each micro-batch is averaged
@@ -164,6 +170,8 @@ class _Bucket:
     work: object = None
     synced: bool = False
     """The bucket holds averaged gradients (set when a synced backward finishes)."""
+    trainable: int = 0
+    """Parameters that require grad, counted when a synced backward starts: gradients the launch waits for."""
 
 
 def _is_view(grad: torch.Tensor | None, view: torch.Tensor) -> bool:
@@ -204,6 +212,8 @@ class GradSync:
         self._callback_queued = False
         self.finished = 0
         """Synced backwards finished so far (the same count on every rank)."""
+        self._untracked = [(name, p) for name, p in by_name.items() if id(p) not in self._where] if divisor > 1 else []
+        """Parameters frozen when the sync was built: no bucket, so their gradient would never be averaged."""
         bucketed = [p for p in by_name.values() if id(p) in self._where]
         self._handles = [p.register_hook(self._before_accumulate(p)) for p in bucketed]
         self._handles += [p.register_post_accumulate_grad_hook(self._on_grad)
@@ -256,12 +266,21 @@ class GradSync:
             view.copy_(p.grad)
         p.grad = view
 
+    @staticmethod
+    def _release(bucket: _Bucket, i: int) -> None:
+        """A frozen parameter: its .grad stays None (or, if it still is its view, a copy the sync leaves alone),
+        as a backward leaves a frozen parameter's gradient; its view takes part in the all-reduce as zeros."""
+        p, view = bucket.params[i], bucket.views[i]
+        if _is_view(p.grad, view):
+            p.grad = view.clone()
+        view.zero_()
+
     def _unsync(self, bucket: _Bucket) -> None:
         """An averaged bucket gets a new backward: scale it so that the next reduction leaves it averaged."""
         factor = self.divisor // bucket.group_size
         if factor != 1:
             for p, view in zip(bucket.params, bucket.views):
-                if _is_view(p.grad, view):
+                if p.requires_grad and _is_view(p.grad, view):  # a frozen one's .grad is released as it is
                     view.mul_(factor)
         bucket.synced = False
 
@@ -274,6 +293,8 @@ class GradSync:
         if not self._callback_queued:
             _compat.queue_backward_callback(self._finish)
             self._callback_queued = True
+            for b in self.buckets:  # frozen parameters get no gradient: a bucket does not wait for them
+                b.trainable = sum(p.requires_grad for p in b.params)
         if where is not None:
             where[0].ready.add(id(p))
             self._launch_ready()
@@ -281,15 +302,19 @@ class GradSync:
     def _launch_ready(self) -> None:
         while self._next < len(self.buckets):
             b = self.buckets[self._next]
-            if len(b.ready) < len(b.params):
+            if len(b.ready) < b.trainable:
                 return
             self._launch(b)
             self._next += 1
 
     def _launch(self, b: _Bucket) -> None:
-        # Parameters that got no gradient this backward still take part (as zeros, or as what they hold).
-        for i in range(len(b.params)):
-            self._adopt(b, i)
+        # Parameters that got no gradient this backward still take part (as zeros, or as what they hold);
+        # frozen ones as zeros, their .grad left alone (docs/parallelism.md, "Gradient sync").
+        for i, p in enumerate(b.params):
+            if p.requires_grad:
+                self._adopt(b, i)
+            else:
+                self._release(b, i)
         if b.group is None:
             return
         if self.stats is not None:
@@ -316,6 +341,13 @@ class GradSync:
         self._next = 0
         self._callback_queued = False
         self.finished += 1
+        thawed = [name for name, p in self._untracked if p.requires_grad]
+        if thawed:
+            raise RuntimeError(
+                f"{thawed[:5]}{' ...' if len(thawed) > 5 else ''} did not require grad when tedfx.parallelize ran, so "
+                f"their gradients are not averaged over the data-parallel ranks and training them would make the "
+                f"replicas diverge. Parallelize with them trainable and call requires_grad_(False) on them "
+                f"afterwards; they can then be frozen and unfrozen at will (docs/parallelism.md, \"Gradient sync\").")
 
     def remove(self) -> None:
         for h in self._handles:
