@@ -62,7 +62,7 @@ TESTED_ELSEWHERE = {
     "fp16 step without scale_loss": "test_optimizer.py::test_what_would_go_wrong_silently_raises_on_every_rank",
     "optimizer state of another layout": "test_optimizer.py::test_state_dict_resumes_bit_for_bit_and_...",
     "set_moe_loss_scale rows": "test_moe_losses.py::test_set_moe_loss_scale_refuses_what_it_cannot_scale",
-    "a parameter frozen at parallelize trained later": "test_optimizer.py::test_a_parameter_frozen_after_parallelize_...",
+    "a parameter frozen at parallelize trained later": "test_optimizer.py::test_a_parameter_frozen_after_...",
     "a forward with gradients after pm.to(dtype)":
         "test_to_moe.py::test_a_parallel_module_cast_after_parallelize_evaluates_but_refuses_to_train_...",
     # Launch and runtime
