@@ -236,6 +236,10 @@ def _explain_export_failure(model: nn.Module, error: Exception) -> str:
     if "data-dependent" in text or "GuardOnDataDependentSymNode" in text:
         hint = ("the model branches on tensor values; make control flow depend on shapes only, "
                 "or use torch.cond")
+    elif "Cache" in text and "in output, which is not a known type" in text:
+        hint = ("the model returns its KV cache although config.use_cache is False (some HF models decide "
+                "per call); capture with example_kwargs={'use_cache': False, ...} and pass use_cache=False in "
+                "the calls too")
     elif "not supported" in text.lower() or "Unsupported" in text:
         hint = "rewrite the unsupported construct in plain torch ops"
     else:

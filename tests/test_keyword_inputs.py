@@ -123,3 +123,16 @@ def test_the_signature_is_recorded_from_the_model_forward():
     sig = CallSignature.of(model, (ids,), {"attention_mask": mask, "labels": ids})
     assert sig.positional == ("input_ids",) and sig.keywords == ("attention_mask", "labels")
     assert sig.params[0] == "attention_mask" and "position_ids" in sig.none_defaults
+
+
+def test_a_model_that_returns_its_kv_cache_anyway_is_told_to_capture_with_use_cache_false():
+    """HF T5 (transformers 5) returns an EncoderDecoderCache unless the call says use_cache=False."""
+    import sys
+
+    capture_module = sys.modules["tedfx.capture"]
+    error = RuntimeError("Found <class 'transformers.cache_utils.EncoderDecoderCache'> in output, which is not a "
+                         "known type. If this type holds tensors, you need to register a pytree for it.")
+    message = capture_module._explain_export_failure(torch.nn.Identity(), error)
+    assert message.endswith("Hint: the model returns its KV cache although config.use_cache is False (some HF "
+                            "models decide per call); capture with example_kwargs={'use_cache': False, ...} and "
+                            "pass use_cache=False in the calls too.")
