@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 import torch.fx as fx
 from torch import nn
+from torch._subclasses.fake_tensor import is_fake
 
 from ._compat import export_dim_auto, is_symbolic, pytree
 from .rng import ATTENTION_OPS, DROPOUT_OPS
@@ -168,11 +169,15 @@ def _unalias(example: Any) -> Any:
     seen: set[tuple[str, int]] = set()
 
     def own(t: torch.Tensor) -> torch.Tensor:
-        key = (str(t.device), t.untyped_storage().data_ptr()) if t.device.type != "meta" else None
-        if key is not None and key not in seen:
-            seen.add(key)
-            return t
-        return t.clone()
+        if t.device.type == "meta":
+            return t.clone()  # no memory to share; a clone costs nothing
+        if is_fake(t):
+            return t  # no data pointer to compare
+        key = (str(t.device), t.untyped_storage().data_ptr())
+        if key in seen:
+            return t.clone()
+        seen.add(key)
+        return t
 
     return pytree.tree_map_only(torch.Tensor, own, example)
 
