@@ -373,8 +373,8 @@ def _classify(gm: fx.GraphModule, sources: list[fx.Node], inner: list[fx.Node], 
             if (got - expected).abs().max() <= _ATOL + 1e-6 * expected.abs().max():
                 return name, ordered, dropout_p
     computed = "act(x)" if len(sources) == 1 else "act(gate) * up"
-    raise _UnknownActivation(f"unknown activation: the ops between the projections compute {computed} for no act "
-                    f"in {', '.join(ACTIVATIONS)}")
+    raise _UnknownActivation(f"unknown activation: the ops between the projections compute {computed} for no "
+                             f"act in {', '.join(ACTIVATIONS)}")
 
 
 def _describe(node: fx.Node) -> str:

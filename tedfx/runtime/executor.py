@@ -141,9 +141,10 @@ class ParallelModule(nn.Module):
         name = self._recast[0]
         dtype, device = self._built_as[name]
         p = self.module.get_parameter(name)
+        more = f", and {len(self._recast) - 1} more" if len(self._recast) > 1 else ""
         raise RuntimeError(
             f"this ParallelModule's parameters were moved or cast after tedfx.parallelize ({name}: {dtype} on "
-            f"{device} -> {p.dtype} on {p.device}, and {len(self._recast) - 1} more): its gradient buckets "
+            f"{device} -> {p.dtype} on {p.device}{more}): its gradient buckets "
             f"and the optimizer's view of the parameters are those of the dtype and device it was built with, "
             f"so it runs without gradients only (torch.no_grad()). To train in bf16 or fp16, pass "
             f'ParallelConfig(precision="bf16") (fp32 master weights, docs/parallelism.md, "Mixed precision"); to train '
