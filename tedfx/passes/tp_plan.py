@@ -105,17 +105,17 @@ def propagate(gm: fx.GraphModule, seeds: set[fx.Node], T: int) -> Plan:
         if all(plan.place.get(a, R).kind == "R" for a in node.all_input_nodes):
             plan.place[node] = R
             continue
-        # Every sharded input, also those inside list arguments (torch.stack / cat of a list).
-        in_seeds = all_seeds([plan.place.get(a, R) for a in node.all_input_nodes])
         rule = rule_for(node.target)
-        if rule is None:
-            raise Fail(in_seeds, node, f"no sharding rule for {node.target}")
         try:
+            if rule is None:
+                raise Fail(frozenset(), node, f"no sharding rule for {node.target}")
             plan.place[node] = rule(node, ins, plan, T)
         except Fail as fail:
             if fail.seeds:
                 raise
-            raise Fail(in_seeds, fail.node, fail.reason) from None
+            # The seeds of every sharded input, also those inside list arguments (torch.stack of a list).
+            raise Fail(all_seeds([plan.place.get(a, R) for a in node.all_input_nodes]), fail.node,
+                       fail.reason) from None
     settle_slices(plan, T)
     return plan
 
