@@ -18,7 +18,8 @@ from tedfx.models.nanogpt import GPT, MLP, Block, GPTConfig
 __all__ = [
     "VOCAB", "HIDDEN", "tiny_gpt", "tiny_gpt_with_graph_breaks", "tiny_gpt2", "tiny_llama", "tiny_bert",
     "tiny_opt", "tiny_attention_only", "tiny_mlp_with_dropout", "BLOCK_STRUCTURES", "tiny_blocks",
-    "tiny_explicit_encoder", "tiny_fused_qkv_encoder", "tiny_gpt_neox", "tiny_gqa", "tiny_phi3", "tiny_dropout_lm",
+    "tiny_explicit_encoder", "tiny_fused_qkv_encoder", "tiny_gpt_neox", "tiny_gqa", "tiny_phi3", "tiny_t5",
+    "tiny_dropout_lm",
     "untraceable",
 ]
 
@@ -363,6 +364,22 @@ def tiny_phi3(kv_heads: int = 2) -> tuple[nn.Module, tuple[torch.Tensor]]:
                                   original_max_position_embeddings=32, bos_token_id=0, eos_token_id=0,
                                   pad_token_id=0)
     return transformers.Phi3ForCausalLM(cfg), (_tokens(),)
+
+
+def tiny_t5() -> tuple[nn.Module, tuple[torch.Tensor], dict[str, object]]:
+    """HF T5 (encoder-decoder: the decoder's residual stream starts after the encoder's, cross-attention reads
+    the encoder's output; per-head relative position bias), FFN width 64. Returns the keyword inputs as a third
+    item: `decoder_input_ids` and `use_cache=False` (T5 returns its KV cache otherwise)."""
+    import transformers
+
+    _quiet_transformers()
+    torch.manual_seed(0)
+    cfg = transformers.T5Config(vocab_size=VOCAB, d_model=HIDDEN, d_kv=HIDDEN // HEADS, d_ff=64, num_layers=LAYERS,
+                                num_decoder_layers=LAYERS, num_heads=HEADS, dropout_rate=0.0, use_cache=False,
+                                decoder_start_token_id=0, pad_token_id=0)
+    decoder_input_ids = _tokens(1)[:, :6].contiguous()
+    return transformers.T5ForConditionalGeneration(cfg), (_tokens(),), {"decoder_input_ids": decoder_input_ids,
+                                                                        "use_cache": False}
 
 
 class _DropoutLM(nn.Module):

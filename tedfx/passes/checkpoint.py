@@ -19,10 +19,14 @@ models hold their blocks in every way (ModuleList, ModuleDict driven by the
 parent's forward, Sequential, FFNs nested in wrappers). A block ends at its
 FFN's exit residual: the `add` that puts the FFN's output back on the residual
 stream. Block k spans the nodes after block k-1's end up to its own end that
-depend on block k-1's end; block 0 starts where the residual stream enters the
-first block (walking back from its end through the residual adds). Nodes in
-that span that do not depend on the stream (masks, rotary tables, positions)
-move before the block, so each block is one contiguous region.
+depend on block k-1's end or on an earlier block; block 0 starts where the
+residual stream enters the first block (walking back from its end through the
+residual adds), and so does a second stream (an encoder-decoder's decoder).
+Nodes in that span used by the block alone are recomputed with it; the others
+that do not depend on the stream (masks, rotary tables, positions) move before
+the block, so each block is one contiguous region. In-place writes to tensors
+made outside a block stay out of it (docs/parallelism.md, "Blocks from the
+graph").
 `ParallelConfig.checkpoint_blocks` names the blocks by module path instead.
 
 The outlined GraphModules share the parameters of the rank's graph (same
@@ -33,6 +37,7 @@ from __future__ import annotations
 
 import fnmatch
 import operator
+import warnings
 from typing import Literal, Sequence
 
 import torch
@@ -116,20 +121,56 @@ def _structural_regions(gm: fx.GraphModule, ffn_paths: list[str]) -> dict[str, l
         # Two blocks would silently merge into one region: a rewrite lost the mark (graph.FFN_EXIT_META).
         raise _no_block_error(gm, f"the exits of the FFNs {unmarked or ffn_paths} are not marked in the graph")
     ends = [_exit_residual(e) for e in exits]
-    start = _stream_entry(ends[0], order)
     regions: dict[str, list[fx.Node]] = {}
+    earlier: set[fx.Node] = set()  # the nodes of the blocks before
     for k, (exit_, end) in enumerate(zip(exits, ends)):
         if k and order[exit_] <= order[ends[k - 1]]:
             raise _no_block_error(
                 gm, f"FFN {exit_.meta[FFN_EXIT_META]!r} runs before the residual add of FFN "
                     f"{exits[k - 1].meta[FFN_EXIT_META]!r} ({ends[k - 1].name}), so no boundary separates them")
-        nodes = _stream_span(start, end)
+        entry, walked = _stream_entry(end, order)
+        if k == 0:
+            after, seeds = entry, {entry} if entry is not None else None
+        elif ends[k - 1] in walked:
+            after, seeds = ends[k - 1], {ends[k - 1]} | earlier
+        else:  # a second stream starts here (an encoder-decoder's decoder): the block is on both
+            after, seeds = ends[k - 1], {ends[k - 1], *([entry] if entry is not None else []), *earlier}
+        nodes = _stream_span(after, end, seeds)
         if exit_ not in nodes:
             raise _no_block_error(gm, f"FFN {exit_.meta[FFN_EXIT_META]!r} does not depend on the residual stream "
-                                      f"that enters its block ({start.name if start is not None else 'the inputs'})")
+                                      f"that enters its block ({after.name if after is not None else 'the inputs'})")
         regions[f"block:{exit_.meta[FFN_EXIT_META]}"] = nodes
-        start = end
+        earlier.update(nodes)
+    _warn_uncovered(gm, regions, order)
     return regions
+
+
+_MATMULS = (aten.linear.default, aten.matmul.default, aten.mm.default, aten.bmm.default, aten.addmm.default,
+            aten.baddbmm.default, aten.einsum.default, aten.scaled_dot_product_attention.default)
+
+
+def _warn_uncovered(gm: fx.GraphModule, regions: dict[str, list[fx.Node]], order: dict[fx.Node, int]) -> None:
+    """Warn when matmuls lie between the first and the last block but in none: their activations are kept,
+    so checkpointing saves less memory than asked (the numbers stay right)."""
+    inside = {n for nodes in regions.values() for n in nodes}
+    first = min(order[n] for n in inside)
+    last = max(order[n] for n in inside)
+    left = [n for n in gm.graph.nodes
+            if first < order[n] < last and n not in inside and n.op == "call_function" and n.target in _MATMULS]
+    if left:
+        where = sorted({_module_path(n) for n in left})
+        warnings.warn(
+            f"activation_checkpointing='block': {len(left)} matmul(s) of {_model_name(gm)} between its first and "
+            f"last transformer block are in no block, so their activations are kept instead of recomputed: "
+            f"{', '.join(where)}. They depend neither on the residual stream entering their block nor on an "
+            f"earlier block. Name the blocks by module path to include them, e.g. "
+            f"ParallelConfig(activation_checkpointing='block', checkpoint_blocks=('layers.*',)).", stacklevel=2)
+
+
+def _module_path(node: fx.Node) -> str:
+    """The innermost module a node runs in ('(top level)' for the model's own forward)."""
+    stack = list((node.meta.get("nn_module_stack") or {}).values())
+    return (stack[-1][0] if stack else "") or "(top level)"
 
 
 def _exit_residual(exit_: fx.Node) -> fx.Node:
@@ -148,18 +189,21 @@ def _exit_residual(exit_: fx.Node) -> fx.Node:
     return exit_
 
 
-def _stream_entry(end: fx.Node, order: dict[fx.Node, int]) -> fx.Node | None:
-    """Where the residual stream enters the first block: walk back from its end through residual adds
-    (and the norms, dropouts and views between them) until the stream comes from something else (the embedding)."""
-    entry, node = None, end
+def _stream_entry(end: fx.Node, order: dict[fx.Node, int]) -> tuple[fx.Node | None, set[fx.Node]]:
+    """Where the residual stream that reaches `end` enters the graph's blocks: walk back from `end` through
+    residual adds (and the norms, dropouts and views between them) until the stream comes from something else
+    (an embedding). Returns that node (None if `end` is no residual add) and every node walked through."""
+    entry, node, walked = None, end, {end}
     while (stream := _residual_input(node, order)) is not None:
         entry = node = stream
+        walked.add(node)
         for _ in range(_MAX_HOPS):  # a post-norm block (BERT) has a LayerNorm between its residual adds
             inputs = _tensor_inputs(node)
             if len(inputs) != 1 or not _same_numel(node, inputs[0]):
                 break
             node = inputs[0]
-    return entry
+            walked.add(node)
+    return entry, walked
 
 
 def _residual_input(node: fx.Node, order: dict[fx.Node, int]) -> fx.Node | None:
@@ -188,10 +232,10 @@ def _is_ancestor(a: fx.Node, b: fx.Node, order: dict[fx.Node, int]) -> bool:
     return False
 
 
-def _stream_span(start: fx.Node | None, end: fx.Node) -> list[fx.Node]:
-    """The calls after `start` up to `end` that depend on `start` or on parameters only (all calls when start
-    is None). The others in that span (masks, positions) move before the first of them: a contiguous region."""
-    first = start.next if start is not None else next(iter(end.graph.nodes))
+def _stream_span(after: fx.Node | None, end: fx.Node, seeds: set[fx.Node] | None) -> list[fx.Node]:
+    """The calls after `after` up to `end` that depend on a seed or on parameters only (all calls when seeds is
+    None). The others in that span (masks, positions) move before the first of them: a contiguous region."""
+    first = after.next if after is not None else next(iter(end.graph.nodes))
     span = []
     node = first
     while True:
@@ -203,9 +247,17 @@ def _stream_span(start: fx.Node | None, end: fx.Node) -> list[fx.Node]:
     for n in span:
         inputs = n.all_input_nodes
         # On the stream, or computed from parameters alone (an expert bias's tensor-parallel identity).
-        if n.op in _CALLS and (start is None or any(a is start or a in inside for a in inputs)
-                               or all(a.op == "get_attr" or a in inside for a in inputs)):
+        if n.op in _CALLS and _owns_what_it_writes(n, inside) and (
+                seeds is None or any(a in seeds or a in inside for a in inputs)
+                or all(a.op == "get_attr" or a in inside for a in inputs)):
             inside.add(n)
+    for n in reversed(span):  # used by the block alone (keys and values of an encoder's output): recomputed too
+        if (n.op in _CALLS and n not in inside and n.users and all(u in inside for u in n.users)
+                and _owns_what_it_writes(n, inside)):
+            inside.add(n)
+    for n in reversed(span):  # read by an in-place op left out (it writes a tensor from before): left out too
+        if n in inside and any(u in span and u not in inside for u in n.users):
+            inside.discard(n)
     region = [n for n in span if n in inside]
     if region:
         later = set(span[span.index(region[0]) + 1:])
@@ -218,6 +270,18 @@ def _stream_span(start: fx.Node | None, end: fx.Node) -> list[fx.Node]:
                 later.discard(n)
                 region[0].prepend(n)
     return region
+
+
+def _owns_what_it_writes(node: fx.Node, inside: set[fx.Node]) -> bool:
+    """False for an in-place op that writes a tensor made outside the region (HF T5 fills its shifted labels
+    with `fill_` and `masked_fill_`): recomputing it would write that tensor again, and moving the region's
+    outside nodes before it would reorder it with the other writes."""
+    schema = getattr(node.target, "_schema", None)
+    if node.op != "call_function" or schema is None or not schema.is_mutable:
+        return True
+    written = [node.args[i] if i < len(node.args) else node.kwargs.get(arg.name)
+               for i, arg in enumerate(schema.arguments) if arg.alias_info is not None and arg.alias_info.is_write]
+    return all(w in inside for w in written if isinstance(w, fx.Node))
 
 
 def _tensor_inputs(node: fx.Node) -> list[fx.Node]:

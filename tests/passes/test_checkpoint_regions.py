@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import functools
 import re
+import warnings
 from collections import Counter
 
 import pytest
@@ -39,7 +40,7 @@ from tedfx.pipeline import build_moe_graph, shard_for_rank
 from tedfx.predict import predict_rank
 from tedfx.runtime.mesh import Layout
 
-from models import BLOCK_STRUCTURES, HIDDEN, LAYERS, VOCAB, tiny_blocks
+from models import BLOCK_STRUCTURES, HIDDEN, LAYERS, VOCAB, tiny_blocks, tiny_t5
 
 SDPA = torch.ops.aten.scaled_dot_product_attention.default
 MOE = tedfx.MoEConfig(num_experts=4, top_k=2, capacity_factor=1.0, min_capacity=1)
@@ -254,6 +255,117 @@ def test_blocks_the_structure_cannot_separate_raise_and_named_blocks_fix_it():
     for i, nodes in enumerate(regions.values()):
         moe_paths = sorted({n.meta[MOE_META].path for n in nodes if MOE_META in n.meta})
         assert moe_paths == blocks[2 * i:2 * i + 2], (i, moe_paths, blocks)
+
+
+# --- an encoder-decoder, and what no block holds ------------------------------------------------------
+
+
+@functools.cache
+def _t5_graph(keyword: str):
+    """HF T5 captured with `decoder_input_ids`, or with `labels` (T5 then shifts them right with in-place ops
+    that export keeps: `fill_` and `masked_fill_` on a tensor made after the encoder's last block)."""
+    model, inputs, kwargs = tiny_t5()
+    kwargs = {keyword: kwargs["decoder_input_ids"], "use_cache": False}
+    gm, ctx = build_moe_graph(model, inputs, moe=MOE, example_kwargs=kwargs)
+    return gm, ctx
+
+
+@pytest.mark.parametrize("keyword", ["decoder_input_ids", "labels"])
+def test_an_encoder_decoders_blocks_hold_every_attention_and_projection(keyword):
+    """The decoder's residual stream starts after the encoder's last block, not from it: decoder block 0 still
+    holds its self-attention, and each decoder block its cross-attention's keys and values of the encoder's
+    output. Only the LM head is in no block; no in-place op of the label shift is recomputed."""
+    gm, ctx = _t5_graph(keyword)
+    par = tedfx.ParallelConfig(activation_checkpointing="block")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="activation_checkpointing")
+        rank_gm, _ = shard_for_rank(gm, ctx, parallel=par, coords={"edp": 0, "ep": 0, "tp": 0},
+                                    skip=("outline_regions",))
+    regions = _regions(rank_gm)
+    paths = [b.path for b in ctx.records.moe_blocks]
+    assert paths == ["encoder.block.0.layer.1.DenseReluDense", "encoder.block.1.layer.1.DenseReluDense",
+                     "decoder.block.0.layer.2.DenseReluDense", "decoder.block.1.layer.2.DenseReluDense"]
+    assert list(regions) == [f"block:{p}" for p in paths]
+    assert [sum(n.target is SDPA for n in nodes) for nodes in regions.values()] == [1, 1, 2, 2]
+    linear = torch.ops.aten.linear.default
+    assert [sum(n.target is linear for n in nodes) for nodes in regions.values()] == [4, 4, 8, 8]
+    left = [n for n in rank_gm.graph.nodes if n.target is linear and REGION_META not in n.meta]
+    assert [n.meta["nn_module_stack"][next(reversed(n.meta["nn_module_stack"]))][0] for n in left] == ["lm_head"]
+    in_place = [n for n in rank_gm.graph.nodes if getattr(n.target, "_schema", None) is not None
+                and n.target._schema.is_mutable]
+    shift = {torch.ops.aten.fill_.Tensor, torch.ops.aten.masked_fill_.Scalar}
+    assert (keyword == "labels") == shift.issubset(n.target for n in in_place), [n.target for n in in_place]
+    assert all(REGION_META not in n.meta for n in in_place), [n.name for n in in_place]
+
+
+def test_an_encoder_decoder_trained_with_labels_gets_the_same_step_with_block_checkpointing():
+    """T5 with labels: the step with block checkpointing computes the loss and gradients of the step without
+    (it failed in backward when the label shift's `fill_` was recomputed inside decoder block 0)."""
+    import torch.distributed as dist
+
+    results = {}
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        for checkpointing in ("none", "block"):
+            model, (ids,), kwargs = tiny_t5()
+            labels = kwargs["decoder_input_ids"]
+            pm = tedfx.parallelize(model, (ids,), example_kwargs={"labels": labels, "use_cache": False}, moe=MOE,
+                                   parallel=tedfx.ParallelConfig(activation_checkpointing=checkpointing))
+            loss = pm(ids, labels=labels, use_cache=False).loss
+            loss.backward()
+            results[checkpointing] = loss.detach(), {n: p.grad for n, p in pm.named_parameters()}
+    finally:
+        dist.destroy_process_group()
+    (loss, grads), (ckpt_loss, ckpt_grads) = results["none"], results["block"]
+    torch.testing.assert_close(ckpt_loss, loss, rtol=0, atol=0)
+    assert grads.keys() == ckpt_grads.keys()
+    for name in grads:
+        torch.testing.assert_close(ckpt_grads[name], grads[name], rtol=1e-6, atol=1e-7, msg=name)
+
+
+class _SharedMemoryBlocks(nn.Module):
+    """Blocks 1 and 2 both read one projection of a memory input, computed between blocks 0 and 1: it belongs
+    to no block, so block checkpointing keeps its activation."""
+
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.ln = nn.LayerNorm(HIDDEN)
+            self.mlp = nn.Sequential(nn.Linear(HIDDEN, 64), nn.GELU(), nn.Linear(64, HIDDEN))
+
+        def forward(self, x, memory=None):
+            if memory is not None:
+                x = x + memory
+            return x + self.mlp(self.ln(x))
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, HIDDEN)
+        self.memory_proj = nn.Linear(HIDDEN, HIDDEN)
+        self.layers = nn.ModuleList(self.Block() for _ in range(3))
+        self.head = nn.Linear(HIDDEN, VOCAB)
+
+    def forward(self, idx, memory):
+        x = self.layers[0](self.embed(idx))
+        m = self.memory_proj(memory)
+        x = self.layers[1](x, m)
+        return self.head(self.layers[2](x, m))
+
+
+def test_a_matmul_between_blocks_in_none_warns_naming_its_module_and_named_blocks_take_it():
+    torch.manual_seed(0)
+    tokens = torch.randint(0, VOCAB, (2, 8), generator=torch.Generator().manual_seed(0))
+    gm, ctx = build_moe_graph(_SharedMemoryBlocks(), (tokens, torch.randn(2, 8, HIDDEN)), moe=MOE)
+    coords = {"edp": 0, "ep": 0, "tp": 0}
+    with pytest.warns(UserWarning, match=r"1 matmul\(s\) of _SharedMemoryBlocks .* in no block.*memory_proj\. "
+                                         r".*checkpoint_blocks="):
+        shard_for_rank(gm, ctx, parallel=tedfx.ParallelConfig(activation_checkpointing="block"), coords=coords,
+                       skip=("outline_regions",))
+    named = tedfx.ParallelConfig(activation_checkpointing="block", checkpoint_blocks=("layers.*", "memory_proj"))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="activation_checkpointing")
+        rank_gm, _ = shard_for_rank(gm, ctx, parallel=named, coords=coords, skip=("outline_regions",))
+    assert list(_regions(rank_gm)) == ["block:layers.0", "block:memory_proj", "block:layers.1", "block:layers.2"]
 
 
 def test_moe_mode_makes_one_region_per_moe_block():
