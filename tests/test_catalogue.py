@@ -39,6 +39,7 @@ TESTED_ELSEWHERE = {
     # Model shape constraints
     "MoEConfig.layers names a missing FFN": "passes/test_runner.py::test_a_real_config_error_surfaces_as_value_...",
     "MoEConfig.layers selects none": "passes/test_ffn_to_moe.py::test_selecting_no_ffn_is_a_value_error",
+    "two runs of one FFN module": "passes/test_ffn_to_moe.py::test_an_ffn_module_run_by_two_layers_is_refused_...",
     "E not divisible by X": "passes/test_shard_experts.py::test_experts_not_divisible_by_x_is_a_value_error",
     "F not divisible by T": "passes/test_shard_experts.py::test_ffn_width_not_divisible_by_t_is_a_value_error",
     "projection(s) left whole": "passes/test_shard_tensor_parallel.py, passes/test_tp_rules*.py",

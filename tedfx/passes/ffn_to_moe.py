@@ -18,6 +18,7 @@ The projections of the FFNs `MoEConfig.layers` leaves dense are marked with
 from __future__ import annotations
 
 import operator
+from collections import Counter
 from typing import Callable
 
 import torch
@@ -53,6 +54,7 @@ def ffn_to_moe_pass(gm: fx.GraphModule, *, ctx: PassContext, materialize: bool =
             f"MoEConfig.layers={moe.layers!r} selects none of the model's {len(matches)} FFNs "
             f"({', '.join(m.path for m in matches)}); pick at least one."
         )
+    _refuse_shared_runs(matches, selected)
     mark_ffns(matches, selected)
     records = []
     for match in selected:
@@ -62,6 +64,20 @@ def ffn_to_moe_pass(gm: fx.GraphModule, *, ctx: PassContext, materialize: bool =
     ctx.records.moe_blocks = records
     ctx.records.ffn_matches = None  # nodes of the dense region, now erased
     return gm
+
+
+def _refuse_shared_runs(matches: list[FFNMatch], selected: list[FFNMatch]) -> None:
+    """One FFN module run by several layers (ALBERT shares its layers) would need one MoE block per run at the
+    same module path: refused, naming the runs and how to convert one of them (docs/moe.md, "Configuration")."""
+    for path, runs in Counter(m.path for m in selected).items():
+        if runs > 1:
+            indices = [m.index for m in matches if m.path == path]
+            raise ValueError(
+                f"the FFN {path!r} runs {len(indices)} times in one forward (FFN indices {indices}): one module "
+                f"called by several layers shares its weights across them (as ALBERT shares its layers), and each "
+                f"converted run becomes its own MoE block at that module path, so they cannot all convert. Convert "
+                f"one run with MoEConfig.layers (e.g. layers=[{indices[0]}]; the other runs keep the shared dense "
+                f"FFN), or give each layer its own FFN module.")
 
 
 def mark_ffns(matches: list[FFNMatch], selected: list[FFNMatch]) -> None:

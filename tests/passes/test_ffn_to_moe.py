@@ -8,6 +8,8 @@ graph equals the dense graph at step 0, forward and gradients.
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 import torch.fx as fx
@@ -182,6 +184,36 @@ def test_selecting_no_ffn_is_a_value_error(dense_graph) -> None:
     with pytest.raises(ValueError, match=r"selects none of the model's 2 FFNs \(h.0.mlp, h.1.mlp\)") as info:
         run_passes(gm, [find_ffns_pass, ffn_to_moe_pass], ctx=ctx)
     assert info.value.__notes__ == ["(found by the tedfx pass ffn_to_moe)"]
+
+
+class _SharedFFNLayers(torch.nn.Module):
+    """ALBERT-style: every layer calls the same FFN module (one set of weights, run twice)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = torch.nn.Embedding(100, H)
+        self.norms = torch.nn.ModuleList(torch.nn.LayerNorm(H) for _ in range(2))
+        self.shared = torch.nn.Sequential(torch.nn.Linear(H, 64), torch.nn.GELU(), torch.nn.Linear(64, H))
+        self.head = torch.nn.Linear(H, 100)
+
+    def forward(self, idx):
+        x = self.embed(idx)
+        for norm in self.norms:
+            x = x + self.shared(norm(x))
+        return self.head(x)
+
+
+def test_an_ffn_module_run_by_two_layers_is_refused_naming_its_runs_and_one_run_converts() -> None:
+    torch.manual_seed(0)
+    model = _SharedFFNLayers()
+    tokens = torch.randint(0, 100, (2, 8), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match=r"the FFN 'shared' runs 2 times in one forward \(FFN indices \[0, 1\]\).*"
+                                         r"shares its weights.*layers=\[0\]"):
+        tedfx.to_moe(model, (tokens,), moe=EXACT)
+    moe = tedfx.to_moe(model, (tokens,), moe=dataclasses.replace(EXACT, layers=[1]))
+    torch.testing.assert_close(logits(moe(tokens)), model(tokens))
+    assert list(moe_blocks(moe.graph)) == ["shared"]
+    assert "shared.0.weight" in dict(moe.named_parameters())  # the dense FFN the other run keeps
 
 
 # --- numerics -----------------------------------------------------------------------------------------
