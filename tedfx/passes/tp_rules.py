@@ -349,7 +349,11 @@ def _sdpa(node, ins, plan, T):
     if len(node.args) > 3 and isinstance(node.args[3], fx.Node):
         mask = node_val(node.args[3])
         if ins[3].kind == "R" and mask is not None and mask.dim() == 4 and mask.shape[1] != 1:
-            raise Fail(all_seeds(ins), node, "per-head attention mask is replicated")
+            # A per-head bias (T5's relative positions) computed whole: each rank narrows it to its heads.
+            if mask.shape[1] % T:
+                raise Fail(all_seeds(ins), node, f"per-head attention mask of {mask.shape[1]} heads, not "
+                                                 f"divisible by T={T}")
+            plan.narrow.append((node, 3, 1))
     return Placement("S", 1, all_seeds(ins))
 
 
