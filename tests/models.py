@@ -18,7 +18,8 @@ from tedfx.models.nanogpt import GPT, MLP, Block, GPTConfig
 __all__ = [
     "VOCAB", "HIDDEN", "tiny_gpt", "tiny_gpt_with_graph_breaks", "tiny_gpt2", "tiny_llama", "tiny_bert",
     "tiny_opt", "tiny_attention_only", "tiny_mlp_with_dropout", "BLOCK_STRUCTURES", "tiny_blocks",
-    "tiny_explicit_encoder", "tiny_fused_qkv_encoder", "tiny_gpt_neox", "tiny_gqa", "tiny_phi3", "tiny_t5",
+    "tiny_explicit_encoder", "tiny_fused_qkv_encoder", "tiny_gpt_neox", "tiny_gqa", "tiny_phi3", "tiny_qwen3",
+    "tiny_olmo2", "tiny_gptj", "tiny_t5",
     "tiny_dropout_lm",
     "untraceable",
 ]
@@ -364,6 +365,42 @@ def tiny_phi3(kv_heads: int = 2) -> tuple[nn.Module, tuple[torch.Tensor]]:
                                   original_max_position_embeddings=32, bos_token_id=0, eos_token_id=0,
                                   pad_token_id=0)
     return transformers.Phi3ForCausalLM(cfg), (_tokens(),)
+
+
+def tiny_qwen3() -> tuple[nn.Module, tuple[torch.Tensor]]:
+    """HF Qwen3: per-head RMSNorm of q and k (weight of size head_dim), GQA, SwiGLU MLP, FFN width 64."""
+    import transformers
+
+    _quiet_transformers()
+    torch.manual_seed(0)
+    cfg = transformers.Qwen3Config(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=64,
+                                   num_hidden_layers=LAYERS, num_attention_heads=HEADS, num_key_value_heads=2,
+                                   head_dim=HIDDEN // HEADS, max_position_embeddings=32, bos_token_id=0,
+                                   eos_token_id=0, pad_token_id=0)
+    return transformers.Qwen3ForCausalLM(cfg), (_tokens(),)
+
+
+def tiny_olmo2() -> tuple[nn.Module, tuple[torch.Tensor]]:
+    """HF OLMo2: RMSNorm of the whole projected q and k (across all heads), SwiGLU MLP, FFN width 64."""
+    import transformers
+
+    _quiet_transformers()
+    torch.manual_seed(0)
+    cfg = transformers.Olmo2Config(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=64,
+                                   num_hidden_layers=LAYERS, num_attention_heads=HEADS, num_key_value_heads=HEADS,
+                                   max_position_embeddings=32, bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    return transformers.Olmo2ForCausalLM(cfg), (_tokens(),)
+
+
+def tiny_gptj() -> tuple[nn.Module, tuple[torch.Tensor]]:
+    """HF GPT-J: rotary on the first rotary_dim of each head, rotate_every_two by torch.stack; FFN width 128."""
+    import transformers
+
+    _quiet_transformers()
+    torch.manual_seed(0)
+    cfg = transformers.GPTJConfig(vocab_size=VOCAB, n_positions=32, n_embd=HIDDEN, n_layer=LAYERS, n_head=HEADS,
+                                  rotary_dim=4, bos_token_id=0, eos_token_id=0)
+    return transformers.GPTJForCausalLM(cfg), (_tokens(),)
 
 
 def tiny_t5() -> tuple[nn.Module, tuple[torch.Tensor], dict[str, object]]:

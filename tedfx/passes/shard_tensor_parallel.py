@@ -100,6 +100,12 @@ def shard_tensor_parallel_pass(gm: fx.GraphModule, *, ctx: PassContext) -> fx.Gr
     # 3-4.
     for node, (pos, dim) in plan.shape_edits.items():
         _edit_shape(node, pos, dim, T)
+    for node, dim in plan.asserts.items():  # checks of a sharded tensor: this rank's size, no strides
+        size = node.args[1] if len(node.args) > 1 else node.kwargs.get("size")
+        node.kwargs = {k: v for k, v in node.kwargs.items() if k not in ("size", "stride")}
+        node.args = (node.args[0], size, None, *node.args[3:])
+        if size is not None:
+            _edit_shape(node, 1, dim, T)
     for node in plan.slices:  # each slice is one chunk: [start, end) of the full features -> of the local ones
         node.args = (*node.args[:2], *(b // T if isinstance(b, int) and b < _MAX_END else b for b in node.args[2:4]),
                      *node.args[4:])

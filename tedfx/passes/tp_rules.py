@@ -86,6 +86,9 @@ class Plan:
     that each rank narrows to its query heads' share along dim."""
     reasons: dict[fx.Node, str] = field(default_factory=dict)
     """Seed kept replicated -> why (the op its shard could not pass)."""
+    asserts: dict[fx.Node, int] = field(default_factory=dict)
+    """_assert_tensor_metadata of a sharded tensor -> its sharded dim: shard_tensor_parallel divides the size
+    it checks there by T and drops the strides it checks (those of the whole tensor)."""
 
 
 # ---------------------------------------------------------------- the rule table
@@ -118,11 +121,19 @@ def _elementwise(node, ins, plan, T):
     if len(dims) != 1:
         raise Fail(all_seeds(ins), node, "operands sharded on different dims")
     d, outer = dims.pop()
-    for a, p in zip(node.args, ins):
+    out = node_val(node)
+    for i, (a, p) in enumerate(zip(node.args, ins)):
         if isinstance(a, fx.Node) and p.kind == "R" and node_val(a) is not None:
             aligned = d - (out_nd - node_ndim(a))
-            if aligned >= 0 and node_val(a).shape[aligned] != 1:
-                raise Fail(all_seeds(ins), node, "replicated operand not broadcast along the sharded dim")
+            size = node_val(a).shape[aligned] if aligned >= 0 else 1
+            if size == 1:
+                continue
+            # Computed whole on every rank (a per-head bias added to sharded attention scores, T5 written with
+            # matmuls): each rank narrows it to its share, its gradient all-gathered (docs/parallelism.md).
+            if outer == 1 and out is not None and size == out.shape[d] and size % T == 0:
+                plan.narrow.append((node, i, aligned))
+                continue
+            raise Fail(all_seeds(ins), node, "replicated operand not broadcast along the sharded dim")
     return Placement("S", d, all_seeds(ins), outer)
 
 
@@ -299,6 +310,14 @@ def _reshape(node, ins, plan, T):
     return Placement("S", j, p.seeds, int(outer) if outer.is_Integer else outer)
 
 
+def _flatten(node, ins, plan, T):
+    """flatten (GPT-J's rotate_every_two flattens its stacked pairs) places as the reshape it is; its sizes
+    come from its input, so it has no shape constant to divide."""
+    out = _reshape(node, ins, plan, T)
+    plan.shape_edits.pop(node, None)
+    return out
+
+
 def _landing(src, dst, group_in, group_out, p: Placement):
     """(output dim, its outer blocks) where the input's sharded factor starts; (None, None) if it is cut."""
     outer = sympy.sympify(_expr(p.outer))
@@ -393,6 +412,47 @@ def _matmul(node, ins, plan, T):
     return p.at(out[i])
 
 
+def _reduce(node, ins, plan, T):
+    """mean/sum/amax over dims other than the sharded one (Qwen3's per-head q/k RMSNorm over head_dim); a
+    reduction over the sharded dim (OLMo2's q/k RMSNorm across all heads) would need every rank's share."""
+    p = ins[0]
+    if p.kind != "S":
+        return R
+    nd = node_ndim(node.args[0])
+    dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+    dims = range(nd) if dims is None or dims == [] else [dims] if isinstance(dims, int) else dims
+    dims = {_norm_dim(d, nd) for d in dims}
+    keepdim = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
+    if p.dim in dims:
+        raise Fail(p.seeds, node, f"{node.target} over the sharded dim {p.dim} (e.g. a norm across all attention "
+                                  f"heads): its statistics need the whole features")
+    return p if keepdim else p.at(p.dim - sum(d < p.dim for d in dims))
+
+
+def _stack(node, ins, plan, T):
+    """stack (GPT-J's rotate_every_two stacks (-x2, x1) on a new last dim): a new dim never cuts the sharded
+    one, so operands sharded alike stay sharded, the shard moving up when the new dim comes before it."""
+    tensors = list(node.args[0])
+    places = [plan.place.get(t, R) for t in tensors]
+    kinds = {(p.kind, p.dim, p.outer) for p in places}
+    if kinds == {("R", -1, 1)}:
+        return R
+    if len(kinds) != 1:
+        raise Fail(all_seeds(places), node, "stack of operands with different placements")
+    dim = _norm_dim(node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0), node_ndim(node))
+    p = places[0]
+    return dataclasses.replace(p, dim=p.dim + (dim <= p.dim), seeds=all_seeds(places))
+
+
+def _assert_metadata(node, ins, plan, T):
+    """_assert_tensor_metadata (export's check of a cast's input) returns nothing; on a sharded tensor the size
+    it may check is the whole tensor's, so the rewrite divides it on the sharded dim (`Plan.asserts`)."""
+    p = ins[0]
+    if p.kind == "S":
+        plan.asserts[node] = p.dim
+    return R
+
+
 def _softmax(node, ins, plan, T):
     p = ins[0]
     if p.kind == "S" and _norm_dim(node.args[1], node_ndim(node)) == p.dim:
@@ -477,6 +537,7 @@ RULES: dict[Callable, Callable] = {
     aten.view.default: _reshape,
     aten.reshape.default: _reshape,
     aten._unsafe_view.default: _reshape,
+    aten.flatten.using_ints: _flatten,
     aten.expand.default: _expand,
     aten.scaled_dot_product_attention.default: _sdpa,
     aten.chunk.default: _chunk,
@@ -489,6 +550,11 @@ RULES: dict[Callable, Callable] = {
     aten.log_softmax.int: _softmax,
     aten._log_softmax.default: _softmax,
     aten.repeat_interleave.self_int: _repeat_interleave,
+    aten.mean.dim: _reduce,
+    aten.sum.dim_IntList: _reduce,
+    aten.amax.default: _reduce,
+    aten.stack.default: _stack,
+    aten._assert_tensor_metadata.default: _assert_metadata,
     operator.getitem: _passthrough,
 }
 """One handler per aten op: (node, input placements, plan, T) -> output placement; raises Fail."""

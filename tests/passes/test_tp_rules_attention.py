@@ -33,6 +33,7 @@ from tedfx import collectives, pipeline
 from tedfx._compat import pytree
 from tedfx.passes.shard_tensor_parallel import shard_tensor_parallel_pass
 from tedfx.passes.tp_plan import plan_tensor_parallel
+from tedfx.passes.tp_rules import node_ndim
 from tedfx.predict import simulated_axes
 from tedfx.runtime.mesh import Layout
 from tedfx.sharding import shard_tensor, unshard_tensor
@@ -43,9 +44,12 @@ from models import (
     tiny_gpt,
     tiny_gpt2,
     tiny_gpt_neox,
+    tiny_gptj,
     tiny_gqa,
     tiny_llama,
+    tiny_olmo2,
     tiny_phi3,
+    tiny_qwen3,
 )
 
 aten = torch.ops.aten
@@ -59,6 +63,12 @@ ZOO: dict[str, tuple[Callable, tuple[str, ...], tuple[str, ...]]] = {
     "neox": (tiny_gpt_neox, ("gpt_neox.layers.{}.attention.query_key_value",), ("gpt_neox.layers.{}.attention.dense",)),
     "gqa": (tiny_gqa, ("blocks.{}.q", "blocks.{}.k", "blocks.{}.v"), ("blocks.{}.o",)),
     "phi3": (tiny_phi3, ("model.layers.{}.self_attn.qkv_proj",), ("model.layers.{}.self_attn.o_proj",)),
+    # Per-head q/k RMSNorm: a mean over head_dim, after a cast export checks with _assert_tensor_metadata.
+    "qwen3": (tiny_qwen3, tuple(f"model.layers.{{}}.self_attn.{p}_proj" for p in "qkv"),
+              ("model.layers.{}.self_attn.o_proj",)),
+    # Rotary's rotate_every_two: torch.stack((-x2, x1), dim=-1).flatten(-2) of each head.
+    "gptj": (tiny_gptj, tuple(f"transformer.h.{{}}.attn.{p}_proj" for p in ("q", "k", "v")),
+             ("transformer.h.{}.attn.out_proj",)),
 }
 
 
@@ -189,6 +199,62 @@ def test_bmm_attention_over_batch_times_heads(T):
     _assert_ranks_compute_the_reference(tiny_explicit_encoder, ranks, bmm=True)
 
 
+def test_qwen3_per_head_norm_keeps_the_heads_sharded_and_checks_this_ranks_sizes():
+    """Qwen3's q/k RMSNorm reduces over head_dim only, so each rank normalises its own heads; the metadata check
+    export puts before its cast, were it to carry the whole tensor's sizes and strides, checks this rank's."""
+    gm, ctx, _ = _moe_graph(tiny_qwen3)
+    plan, _ = plan_tensor_parallel(gm, 2)
+    means = [n for n in gm.graph.nodes if n.target is aten.mean.dim and node_ndim(n) == 4]
+    assert len(means) == 4 and {(plan.place[n].kind, plan.place[n].dim) for n in means} == {("S", 2)}
+    # Before and after each norm's float32 cast: q (4 heads) and k (2 KV heads) of both layers.
+    checks = [n.name for n in gm.graph.nodes if n.target is aten._assert_tensor_metadata.default
+              and plan.place[n.args[0]].kind == "S"]
+    assert len(checks) == 8 and {n.name: d for n, d in plan.asserts.items()} == dict.fromkeys(checks, 2)
+    sized = copy.deepcopy(gm)
+    for n in sized.graph.nodes:
+        if n.name in checks:  # the whole (B, S, heads, head_dim) tensor's sizes and strides, as ints
+            heads = n.args[0].meta["val"].shape[2]
+            n.kwargs = {**n.kwargs, "size": [2, 8, heads, 8], "stride": [64 * heads, 8 * heads, 8, 1]}
+    sized.recompile()
+    parallel = tedfx.ParallelConfig(tensor=2)
+    ranks = [pipeline.shard_for_rank(sized, ctx, parallel=parallel, coords={"tp": t, "ep": 0, "edp": 0})
+             for t in range(2)]
+    local = [n for n in ranks[0][0].graph.nodes if n.name in checks]
+    assert sorted(n.args[1] for n in local) == [[2, 8, 1, 8]] * 4 + [[2, 8, 2, 8]] * 4
+    assert all(n.args[2] is None and "stride" not in n.kwargs for n in local)
+    _assert_ranks_compute_the_reference(tiny_qwen3, ranks)  # the checks run, on every rank's local tensors
+
+
+def test_gptj_rotary_stack_keeps_the_heads_sharded():
+    gm, _, _ = _moe_graph(tiny_gptj)
+    plan, _ = plan_tensor_parallel(gm, 2)
+    stacks = [n for n in gm.graph.nodes if n.target is aten.stack.default]
+    assert len(stacks) == 4 and {(plan.place[n].kind, plan.place[n].dim) for n in stacks} == {("S", 2)}
+    flats = [n for n in gm.graph.nodes if n.target is aten.flatten.using_ints]
+    assert len(flats) == 4 and {(plan.place[n].kind, plan.place[n].dim) for n in flats} == {("S", 2)}
+    assert not set(flats) & set(plan.shape_edits)  # flatten's sizes come from its input
+
+
+def test_olmo2_norm_across_all_heads_keeps_attention_whole_loudly_and_replicate_still_computes_the_reference():
+    """OLMo2 normalises the whole projected q and k (hidden-size RMSNorm across the heads): a rank holding half
+    the heads would normalise by half the statistics, so its attention is refused, naming the fix."""
+    with pytest.raises(ValueError) as info:
+        _ranks(tiny_olmo2, 2)
+    message = str(info.value)
+    assert "ParallelConfig.tensor=2 would leave 8 projection(s) whole" in message
+    for i in range(2):
+        for p in ("q", "k"):
+            assert (f"model.layers.{i}.self_attn.{p}_proj (attention input projection): aten.mean.dim over the "
+                    f"sharded dim 2 (e.g. a norm across all attention heads): its statistics need the whole "
+                    f"features (at mean") in message
+            assert f"in model.layers.{i}.self_attn.{p}_norm)" in message
+    assert "replicate=('model.layers.*.self_attn.q_proj', 'model.layers.*.self_attn.k_proj', " \
+           "'model.layers.*.self_attn.v_proj', 'model.layers.*.self_attn.o_proj')" in message
+    ranks = _ranks(tiny_olmo2, 2, replicate=("model.layers.*.self_attn.*",))
+    assert _split(ranks[0][1]) == (set(), set())
+    _assert_ranks_compute_the_reference(tiny_olmo2, ranks)
+
+
 # --- GQA and MQA: k/v split when the KV heads divide T, else narrowed per rank ----------------------------
 
 
@@ -246,16 +312,18 @@ class _Refusals(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        self.softmax, self.a, self.b, self.unbind, self.sliced, self.stacked = (nn.Linear(8, 16) for _ in range(6))
+        self.softmax, self.a, self.b, self.unbind, self.sliced, self.stacked, self.normed = (
+            nn.Linear(8, 16) for _ in range(7))
         self.out = nn.Linear(12, 8)  # row-parallel on the slices, so only the slices' bounds can fail
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        s, h = self.sliced(x), self.stacked(x)
+        s, h, n = self.sliced(x), self.stacked(x), self.normed(x)
         return (torch.softmax(self.softmax(x), dim=-1).sum(-1),
                 (self.a(x) @ self.b(x).transpose(-1, -2)).sum(-1),
                 self.unbind(x).unbind(-1)[0],
                 self.out(s[..., :12] + s[..., 4:]),
-                torch.stack((-h, h), dim=-1).flatten(-2))  # GPT-J's rotary: the shard sits in a list argument
+                torch.stack((h, torch.cat((x, x), -1)), dim=-1),  # a shard stacked with a replicated tensor
+                n * torch.rsqrt(n.pow(2).mean(-1, keepdim=True)))  # OLMo2's q/k norm across all heads
 
 
 def test_ops_a_shard_cannot_pass_keep_their_projections_replicated_with_the_reason():
@@ -269,7 +337,9 @@ def test_ops_a_shard_cannot_pass_keep_their_projections_replicated_with_the_reas
     assert reasons["a"].startswith("matmul contracts the sharded dim") and reasons["b"] == reasons["a"]
     assert reasons["unbind"].startswith("unbind or select along the sharded dim")
     assert reasons["sliced"].startswith("slice [0:12] spans several chunks of a fused projection")
-    assert reasons["stacked"].startswith("no sharding rule for aten.stack.default")
+    assert reasons["stacked"].startswith("stack of operands with different placements")
+    assert reasons["normed"].startswith("aten.mean.dim over the sharded dim 2 (e.g. a norm across all attention "
+                                        "heads): its statistics need the whole features")
 
 
 # --- the loud error, and the opt-out ------------------------------------------------------------------------
