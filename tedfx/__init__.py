@@ -26,7 +26,7 @@ from .api import (
 )
 from .capture import CaptureError, TedGraphModule, capture
 from .check import CollectiveOrderError
-from .checkpoint_io import CheckpointError, load, save
+from .checkpoint_io import CheckpointError, CollectiveCallError, load, save
 from .config import LossScaleConfig, MoEConfig, ParallelConfig
 from .export import ExportError, export_hf
 from .plan import Cluster, Plan, plan
@@ -41,6 +41,7 @@ __all__ = [
     "CaptureError",
     "CheckpointError",
     "Cluster",
+    "CollectiveCallError",
     "CollectiveOrderError",
     "ExportError",
     "LaunchError",

@@ -49,6 +49,7 @@ from ._compat import BoxLoadPlanner, BoxSavePlanner
 from .config import MoEConfig
 from .export import ExportError, dense_config_of, moe_layout
 from .moe.routing import Router
+from .runtime import doors
 from .runtime.checkpoint_state import (
     CheckpointError,
     Placement,
@@ -56,9 +57,10 @@ from .runtime.checkpoint_state import (
     optimizer_entries,
     optimizer_placeholders,
 )
+from .runtime.doors import CollectiveCallError
 from .runtime.executor import ParallelModule
 
-__all__ = ["CheckpointError", "load", "read_model_state", "save"]
+__all__ = ["CheckpointError", "CollectiveCallError", "load", "read_model_state", "save"]
 
 FORMAT_VERSION = 1
 INFO_FILE = "tedfx.json"
@@ -244,14 +246,19 @@ def _complete_checkpoint(dir: str | os.PathLike) -> Path:
 
 
 def _module_and_placement(pm: nn.Module, door: str) -> tuple[nn.Module, Placement]:
+    """The module and its placement; with a process group, first checks that every rank entered `door`
+    (tedfx.runtime.doors: a CollectiveCallError naming the door, not the backend's bare timeout)."""
     if isinstance(pm, ParallelModule):
         if not _distributed():
             raise RuntimeError(f"{door} of a ParallelModule is a collective: call it on every rank, inside the "
                                f"process group the module was built in.")
+        pm.enter_collective(door)  # rank 0 alone raises CollectiveCallError, not gloo's bare timeout
         return pm.module, Placement.of(pm)
     if not isinstance(pm, nn.Module):
         raise TypeError(f"{door} expects the ParallelModule of tedfx.parallelize or an nn.Module (e.g. the model of "
                         f"tedfx.to_moe), got {type(pm).__name__}.")
+    if _distributed():  # a plain module with a process group: a collective over the world too
+        doors.enter(door, None, None)
     return pm, Placement.of(pm)
 
 
@@ -294,6 +301,10 @@ def save(dir: str | os.PathLike, pm: nn.Module, optimizer: torch.optim.Optimizer
 
     Returns:
         The checkpoint's path.
+
+    Raises:
+        CollectiveCallError: not every rank called it (e.g. `if rank == 0: tedfx.save(...)`): after
+            ParallelConfig.timeout, before anything is written (docs/checkpoints.md, "Every rank calls it").
 
     Example:
         >>> tedfx.save("ckpt/latest", pm, opt, step=step, scheduler=sched.state_dict())
@@ -340,6 +351,7 @@ def load(dir: str | os.PathLike, pm: nn.Module, optimizer: torch.optim.Optimizer
             model, MoEConfig (naming the differences, e.g. both expert counts) or precision, or the optimizer's
             parameter groups hold other parameters than the saved ones (groups are matched by parameter
             name, in any order).
+        CollectiveCallError: not every rank called it (with a process group), after ParallelConfig.timeout.
 
     Example:
         >>> extra = tedfx.load("ckpt/latest", pm, opt)

@@ -94,6 +94,8 @@ def export_hf(module: nn.Module, out_dir: str | Path, *, dense_config: Any = Non
         ExportError: a model the target cannot express (experts that are not SwiGLU without biases;
             for Mixtral also a dense FFN left between MoE blocks, gates that are not renormalised),
             naming it.
+        CollectiveCallError: a ParallelModule exported on some ranks only (e.g. rank 0 alone), after
+            ParallelConfig.timeout.
 
     Example:
         >>> moe_model = tedfx.to_moe(llama, (tokens,), moe=tedfx.MoEConfig(num_experts=8, top_k=2))
@@ -102,7 +104,9 @@ def export_hf(module: nn.Module, out_dir: str | Path, *, dense_config: Any = Non
     """
     layout = moe_layout(module)
     parallel = isinstance(module, ParallelModule)
-    state = module.full_state_dict() if parallel else {k: v.detach() for k, v in module.state_dict().items()}
+    if parallel:
+        module.enter_collective("tedfx.export_hf")  # every rank, not rank 0 alone (docs/checkpoints.md)
+    state = module._gather_full_state() if parallel else {k: v.detach() for k, v in module.state_dict().items()}
     if parallel and dist.get_rank() != 0:
         return None
     return write_export(state, layout, dense_config if dense_config is not None else dense_config_of(module),

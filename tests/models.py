@@ -403,17 +403,18 @@ def tiny_gptj() -> tuple[nn.Module, tuple[torch.Tensor]]:
     return transformers.GPTJForCausalLM(cfg), (_tokens(),)
 
 
-def tiny_t5() -> tuple[nn.Module, tuple[torch.Tensor], dict[str, object]]:
+def tiny_t5(attention: str = "sdpa") -> tuple[nn.Module, tuple[torch.Tensor], dict[str, object]]:
     """HF T5 (encoder-decoder: the decoder's residual stream starts after the encoder's, cross-attention reads
-    the encoder's output; per-head relative position bias), FFN width 64. Returns the keyword inputs as a third
-    item: `decoder_input_ids` and `use_cache=False` (T5 returns its KV cache otherwise)."""
+    the encoder's output; a per-head relative position bias computed once, added to every attention's scores),
+    FFN width 64; `attention="eager"` writes attention with matmuls. Returns the keyword inputs as a third item:
+    `decoder_input_ids` and `use_cache=False` (T5 returns its KV cache otherwise)."""
     import transformers
 
     _quiet_transformers()
     torch.manual_seed(0)
     cfg = transformers.T5Config(vocab_size=VOCAB, d_model=HIDDEN, d_kv=HIDDEN // HEADS, d_ff=64, num_layers=LAYERS,
                                 num_decoder_layers=LAYERS, num_heads=HEADS, dropout_rate=0.0, use_cache=False,
-                                decoder_start_token_id=0, pad_token_id=0)
+                                decoder_start_token_id=0, pad_token_id=0, attn_implementation=attention)
     decoder_input_ids = _tokens(1)[:, :6].contiguous()
     return transformers.T5ForConditionalGeneration(cfg), (_tokens(),), {"decoder_input_ids": decoder_input_ids,
                                                                         "use_cache": False}

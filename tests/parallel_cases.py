@@ -610,20 +610,27 @@ def run_cases(cases: list[Case | ErrorCase | LossScaleCase | CheckCostCase]) -> 
     return results
 
 
-def run_missing_peer(timeout_s: float) -> dict[str, Any]:
-    """Rank 1 never calls forward: rank 0's collectives must fail within the ParallelConfig timeout, not hang."""
+def run_missing_peer(timeout_s: float, root: str) -> dict[str, Any]:
+    """Rank 1 never calls forward, tedfx.save or full_state_dict: rank 0's collectives must fail within the
+    ParallelConfig timeout, not hang; the checkpoint calls with a CollectiveCallError naming the fix. The
+    forward's timeout closes the world group's connection, the save's check runs on the mesh's door group."""
     tokens, _ = _batches(1)
     pm = parallelize(_model("gpt"), (tokens[0],), moe=tedfx.MoEConfig(num_experts=4, top_k=1, min_capacity=1),
                      parallel=tedfx.ParallelConfig(expert=2, timeout=timeout_s))
     if dist.get_rank() == 1:
-        time.sleep(3 * timeout_s)  # alive but silent: only the timeout can end rank 0's wait
+        time.sleep(4 * timeout_s)  # alive but silent: only the timeout can end rank 0's waits
         return {"error": None, "seconds": 0.0}
-    start = time.perf_counter()
-    try:
-        pm(tokens[0])
-    except Exception as e:  # gloo reports the timeout as a RuntimeError
-        return {"error": f"{type(e).__name__}: {e}", "seconds": time.perf_counter() - start}
-    return {"error": None, "seconds": time.perf_counter() - start}
+    out = {}
+    for name, call in (("", lambda: pm(tokens[0])), ("save_", lambda: tedfx.save(f"{root}/rank0_alone", pm)),
+                       ("state_", pm.full_state_dict)):
+        start = time.perf_counter()
+        try:
+            call()
+            out[f"{name}error"] = None
+        except Exception as e:  # gloo reports the forward's timeout as a RuntimeError
+            out[f"{name}error"] = f"{type(e).__name__}: {e}"
+        out[f"{name}seconds"] = time.perf_counter() - start
+    return out
 
 
 def run_accumulation() -> float:

@@ -77,6 +77,8 @@ TESTED_ELSEWHERE = {
     # Checkpoints
     "optimizer groups holding other parameters than the saved ones":
         "test_checkpoint_errors.py::test_optimizer_groups_holding_other_parameters_than_the_saved_ones",
+    "a collective call (save, load, full_state_dict, export_hf) on rank 0 alone":
+        "test_parallel.py::test_save_on_rank_0_alone_says_it_is_a_collective",
     # Compile backend
     "options without a MoEConfig": "test_compile.py::test_backend_needs_a_moe_config",
     "a compiled function reads parameters": "test_compile.py::test_backend_converts_a_module_not_a_function",
@@ -112,7 +114,7 @@ def test_the_error_classes_are_as_documented():
     for cls in (NoFFNFoundError, NoCheckpointRegionError, tedfx.ExportError):
         assert issubclass(cls, ValueError), cls
     for cls in (tedfx.CaptureError, tedfx.CollectiveOrderError, PassError, LaunchError, ReleasedParameterError,
-                tedfx.ReplicaDivergenceError):
+                tedfx.ReplicaDivergenceError, tedfx.CollectiveCallError):
         assert issubclass(cls, RuntimeError), cls
     assert issubclass(tedfx.RankError, LaunchError) and issubclass(tedfx.MoELossScaleWarning, UserWarning)
 

@@ -23,6 +23,7 @@ from ..config import ParallelConfig
 from ..moe.routing import moe_losses
 from ..sharding import ParamShard, tensor_whole, unshard_tensor
 from ..signature import bind_call
+from . import doors
 from .grad_norm import clip_coefficient, global_grad_norm
 from .grad_sync import GradSync
 from .input_check import check_same_inputs
@@ -249,7 +250,20 @@ class ParallelModule(nn.Module):
         return moe_losses(self.module)
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
-        """The unsharded state dict, with exactly the keys of `tedfx.to_moe(...)`'s; a collective on every rank."""
+        """The unsharded state dict, with exactly the keys of `tedfx.to_moe(...)`'s, on every rank.
+
+        A collective: call it on every rank and keep rank 0's to write it (`sd = pm.full_state_dict();
+        if rank == 0: torch.save(sd, path)`). Called on some ranks only, it raises CollectiveCallError after
+        ParallelConfig.timeout (docs/checkpoints.md, "Every rank calls it").
+        """
+        self.enter_collective("ParallelModule.full_state_dict")
+        return self._gather_full_state()
+
+    def enter_collective(self, door: str) -> None:
+        """Check that every rank entered the public collective `door` (one all-gather of 8 bytes per rank)."""
+        doors.enter(door, self.mesh.door_group, self.parallel.timeout)
+
+    def _gather_full_state(self) -> dict[str, torch.Tensor]:
         layout = self.mesh.layout
         sizes = {"tp": layout.tensor, "ep": layout.expert, "edp": layout.data}
         out = {}

@@ -24,6 +24,7 @@ import torch.distributed as dist
 from tedfx import _compat
 from tedfx.axes import GROUP_AXES, MESH_AXES
 from tedfx.config import ParallelConfig
+from tedfx.runtime.doors import new_door_group
 
 __all__ = ["AXES", "GROUP_AXES", "Layout", "TedMesh"]
 
@@ -192,6 +193,9 @@ class TedMesh:
         self.coords = layout.coords(rank)
         self.device_mesh = device_mesh
         self._groups = dict(groups)
+        self.door_group: dist.ProcessGroup | None = None
+        """The group on which a collective call such as tedfx.save first checks that every rank entered it
+        (tedfx.runtime.doors); None: the default group."""
 
     @classmethod
     def build(cls, parallel: ParallelConfig, *, device_type: str | None = None) -> "TedMesh":
@@ -225,6 +229,7 @@ class TedMesh:
         groups["dp"] = flat.get_group() if flat is not None else _new_groups(layout, "dp", rank)
         mesh = cls(layout, groups, rank, device_mesh)
         mesh._check_groups()
+        mesh.door_group = new_door_group(parallel.timeout)
         return mesh
 
     def _check_groups(self) -> None:

@@ -50,10 +50,16 @@ from models import (
     tiny_olmo2,
     tiny_phi3,
     tiny_qwen3,
+    tiny_t5,
 )
 
 aten = torch.ops.aten
 MOE = tedfx.MoEConfig(num_experts=4, top_k=2, drop_tokens=False)
+
+_T5_ATTENTION = ("encoder.block.{}.layer.0.SelfAttention", "decoder.block.{}.layer.0.SelfAttention",
+                 "decoder.block.{}.layer.1.EncDecAttention")
+_T5_COLUMN = tuple(f"{a}.{p}" for a in _T5_ATTENTION for p in "qkv")
+_T5_ROW = tuple(f"{a}.o" for a in _T5_ATTENTION)
 
 # Per model: (builder, column-parallel modules, row-parallel modules) of every layer at T = 2.
 ZOO: dict[str, tuple[Callable, tuple[str, ...], tuple[str, ...]]] = {
@@ -69,15 +75,21 @@ ZOO: dict[str, tuple[Callable, tuple[str, ...], tuple[str, ...]]] = {
     # Rotary's rotate_every_two: torch.stack((-x2, x1), dim=-1).flatten(-2) of each head.
     "gptj": (tiny_gptj, tuple(f"transformer.h.{{}}.attn.{p}_proj" for p in ("q", "k", "v")),
              ("transformer.h.{}.attn.out_proj",)),
+    # Encoder-decoder with a per-head relative position bias computed whole: each rank narrows it to its heads,
+    # as the attention mask of sdpa or as the operand added to the scores of attention written with matmuls.
+    "t5": (tiny_t5, _T5_COLUMN, _T5_ROW),
+    "t5_eager": (functools.partial(tiny_t5, "eager"), _T5_COLUMN, _T5_ROW),
 }
 
 
 @functools.cache
 def _moe_graph(builder: Callable, layers: Any = "all", **kwargs) -> tuple[fx.GraphModule, Any, tuple]:
-    model, inputs = builder(**kwargs)
+    """The MoE graph and its inputs, keyword inputs last (a builder may return them third, as tiny_t5 does)."""
+    model, inputs, *example_kwargs = builder(**kwargs)
+    example_kwargs = example_kwargs[0] if example_kwargs else {}
     moe = MOE if layers == "all" else tedfx.MoEConfig(num_experts=4, top_k=2, drop_tokens=False, layers=layers)
-    gm, ctx = pipeline.build_moe_graph(model.eval(), inputs, moe=moe)
-    return gm.eval(), ctx, inputs
+    gm, ctx = pipeline.build_moe_graph(model.eval(), inputs, moe=moe, example_kwargs=example_kwargs)
+    return gm.eval(), ctx, (*inputs, *example_kwargs.values())
 
 
 def _ranks(builder: Callable, T: int, *, layers: Any = "all", replicate: tuple[str, ...] = (), **kwargs):
