@@ -57,9 +57,11 @@ from models import (
     tiny_gpt,
     tiny_gpt2,
     tiny_gpt_neox,
+    tiny_gptj,
     tiny_gqa,
     tiny_llama,
     tiny_phi3,
+    tiny_qwen3,
 )
 from moe_reference import reference_grads
 
@@ -88,7 +90,7 @@ class Case:
     """A key of BUILDERS: "gpt" (tests/models.tiny_gpt), "gpt2" or "llama" (HF, dropout off), "dict_blocks" (a GPT
     whose blocks sit in a ModuleDict driven by the parent's forward: activation checkpointing must find them from
     the graph), or one of the models written differently from ours ("explicit", "fused_qkv", "neox", "gqa",
-    "phi3")."""
+    "phi3", "qwen3", "gptj")."""
     tensor: int
     expert: int
     top_k: int = 1
@@ -199,6 +201,8 @@ BUILDERS: dict[str, Callable[[], nn.Module]] = {
     "neox": lambda: tiny_gpt_neox()[0],
     "gqa": lambda: tiny_gqa()[0],
     "phi3": lambda: tiny_phi3()[0],
+    "qwen3": lambda: tiny_qwen3()[0],
+    "gptj": lambda: _no_dropout(tiny_gptj()[0]),
 }
 TP_SHARDED = {
     # Non-expert weights that Megatron tensor parallelism must split when T > 1 (one per layer).
@@ -214,6 +218,10 @@ TP_SHARDED = {
     "neox": ("attention.query_key_value.weight", "attention.dense.weight"),  # (heads, 3, head_dim)
     "gqa": ("q.weight", "k.weight", "v.weight", "o.weight"),  # 2 KV heads, repeat_interleave
     "phi3": ("self_attn.qkv_proj.weight", "self_attn.o_proj.weight"),  # q | k | v sliced; gate_up -> experts
+    # Per-head q/k RMSNorm over head_dim (each rank normalises its own heads).
+    "qwen3": ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight",
+              "self_attn.o_proj.weight"),
+    "gptj": ("attn.q_proj.weight", "attn.k_proj.weight", "attn.v_proj.weight", "attn.out_proj.weight"),  # stack
 }
 _models: dict[str, nn.Module] = {}
 

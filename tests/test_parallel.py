@@ -62,6 +62,8 @@ WORLD_CASES: dict[int, list[Case | ErrorCase | LossScaleCase | CheckCostCase]] =
     2: [
         *_gpt_cases([(2, 1), (1, 2)]),
         *_zoo_cases(2, 1),
+        Case("qwen3", 2, 1, top_k=2),  # per-head q/k RMSNorm (docs/parallelism.md, "Tensor parallelism")
+        Case("gptj", 2, 1, top_k=2),  # rotary's rotate_every_two by torch.stack
         ErrorCase("experts_do_not_divide", expert=2),
         ErrorCase("different_weights"),
     ],

@@ -10,9 +10,12 @@ plan, for the rank at ctx.coords["tp"]:
    c_attn), and of row-parallel linears on their input features.
 2. Put Megatron's f (identity forward, all-reduce backward) before every
    column-parallel input, and an all-reduce after every row-parallel output,
-   with the bias added after the reduction.
+   with the bias added after the reduction; f also before a replicated operand
+   that requires grad and is broadcast into sharded work (Qwen3's per-head q/k
+   norm weight), whose gradient each rank holds only its heads' share of.
 3. Divide the shape constants of view/reshape/expand/split on sharded dims by T,
-   and the bounds of slices that cut a fused projection into chunks.
+   and the bounds of slices that cut a fused projection into chunks; a
+   metadata check of a sharded tensor checks this rank's size, not strides.
 4. Narrow replicated k/v (GQA whose KV heads do not divide by T) to this rank's heads.
 5. Record the dropouts and attentions whose activation is now split (shard_dropout
    gives them a mask per shard).
@@ -100,6 +103,11 @@ def shard_tensor_parallel_pass(gm: fx.GraphModule, *, ctx: PassContext) -> fx.Gr
     # 3-4.
     for node, (pos, dim) in plan.shape_edits.items():
         _edit_shape(node, pos, dim, T)
+    for node, i in plan.grad_sums:  # a replicated operand of sharded work: its gradient summed over "tp"
+        operand = node.args[i]
+        if operand not in f_inputs:
+            f_inputs[operand] = insert(operand, collectives.identity_fwd_all_reduce_bwd, (operand, Axis.TP), like=node)
+        node.args = (*node.args[:i], f_inputs[operand], *node.args[i + 1:])
     for node, dim in plan.asserts.items():  # checks of a sharded tensor: this rank's size, no strides
         size = node.args[1] if len(node.args) > 1 else node.kwargs.get("size")
         node.kwargs = {k: v for k, v in node.kwargs.items() if k not in ("size", "stride")}

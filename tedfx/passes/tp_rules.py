@@ -86,6 +86,10 @@ class Plan:
     that each rank narrows to its query heads' share along dim."""
     reasons: dict[fx.Node, str] = field(default_factory=dict)
     """Seed kept replicated -> why (the op its shard could not pass)."""
+    grad_sums: list[tuple[fx.Node, int]] = field(default_factory=list)
+    """(op, argument index): a replicated operand that requires grad, broadcast into an op whose output is sharded
+    (Qwen3's q/k norm weight, one per head_dim, over each rank's heads). Each rank's gradient of it is its heads'
+    share, so shard_tensor_parallel puts Megatron's f before it (all-reduce over "tp" in backward)."""
     asserts: dict[fx.Node, int] = field(default_factory=dict)
     """_assert_tensor_metadata of a sharded tensor -> its sharded dim: shard_tensor_parallel divides the size
     it checks there by T and drops the strides it checks (those of the whole tensor)."""
@@ -127,6 +131,8 @@ def _elementwise(node, ins, plan, T):
             aligned = d - (out_nd - node_ndim(a))
             size = node_val(a).shape[aligned] if aligned >= 0 else 1
             if size == 1:
+                if node_val(a).requires_grad:
+                    plan.grad_sums.append((node, i))
                 continue
             # Computed whole on every rank (a per-head bias added to sharded attention scores, T5 written with
             # matmuls): each rank narrows it to its share, its gradient all-gathered (docs/parallelism.md).

@@ -234,6 +234,13 @@ def test_qwen3_per_head_norm_keeps_the_heads_sharded_and_checks_this_ranks_sizes
     local = [n for n in ranks[0][0].graph.nodes if n.name in checks]
     assert sorted(n.args[1] for n in local) == [[2, 8, 1, 8]] * 4 + [[2, 8, 2, 8]] * 4
     assert all(n.args[2] is None and "stride" not in n.kwargs for n in local)
+    # The norm weight scales this rank's heads only: Megatron's f sums its gradient over "tp".
+    gm0 = ranks[0][0]
+    for name in ("q_norm", "k_norm"):
+        weights = [n for n in gm0.graph.nodes if n.op == "get_attr" and n.target.endswith(f"{name}.weight")]
+        assert len(weights) == 2
+        for w in weights:
+            assert [u.target for u in w.users] == [collectives.identity_fwd_all_reduce_bwd], (w, list(w.users))
     _assert_ranks_compute_the_reference(tiny_qwen3, ranks)  # the checks run, on every rank's local tensors
 
 
