@@ -33,7 +33,7 @@ from .passes.context import PassContext
 from .passes.drop_duplicate_tokens import drop_duplicate_tokens_pass
 from .passes.ffn_to_moe import ffn_to_moe_pass, mark_ffns
 from .passes.find_ffns import NoFFNFoundError, find_ffns_pass
-from .passes.graph import get_by_target
+from .passes.graph import fold_transposed_linears, get_by_target
 from .passes.runner import Pass, run_passes
 from .passes.shard_dropout import shard_dropout_pass
 from .passes.shard_experts import dtd_applies, shard_experts_pass
@@ -85,8 +85,11 @@ def parallel_passes(parallel: ParallelConfig) -> list[Pass]:
 
 def capture_dense(model: nn.Module, example_inputs: tuple[Any, ...],
                   example_kwargs: dict[str, Any] | None = None) -> TedGraphModule:
-    """The model's graph, sharing the model's tensors (`convert_to_moe` copies what it keeps)."""
-    return capture(model, example_inputs, example_kwargs, copy_params=False)
+    """The model's graph, sharing the model's tensors (`convert_to_moe` copies what it keeps); `x @ W.T`
+    projections folded into aten.linear (`fold_transposed_linears`)."""
+    gm = capture(model, example_inputs, example_kwargs, copy_params=False)
+    fold_transposed_linears(gm)
+    return gm
 
 
 def convert_to_moe(gm: TedGraphModule, model: nn.Module, *, moe: MoEConfig, debug: bool = False,

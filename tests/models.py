@@ -403,6 +403,20 @@ def tiny_gptj() -> tuple[nn.Module, tuple[torch.Tensor]]:
     return transformers.GPTJForCausalLM(cfg), (_tokens(),)
 
 
+def tiny_falcon(new_decoder_architecture: bool = False, bias: bool = True) -> tuple[nn.Module, tuple[torch.Tensor]]:
+    """HF Falcon: FalconLinear projects by `input @ self.weight.T` (+ bias), not F.linear; fused query_key_value
+    (multi-query with the old architecture, grouped KV heads with the new one), GELU MLP of width 4 * hidden."""
+    import transformers
+
+    _quiet_transformers()
+    torch.manual_seed(0)
+    cfg = transformers.FalconConfig(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS,
+                                    num_attention_heads=HEADS, num_kv_heads=2 if new_decoder_architecture else None,
+                                    new_decoder_architecture=new_decoder_architecture, bias=bias, alibi=False,
+                                    max_position_embeddings=32, bos_token_id=0, eos_token_id=0)
+    return transformers.FalconForCausalLM(cfg), (_tokens(),)
+
+
 def tiny_t5(attention: str = "sdpa") -> tuple[nn.Module, tuple[torch.Tensor], dict[str, object]]:
     """HF T5 (encoder-decoder: the decoder's residual stream starts after the encoder's, cross-attention reads
     the encoder's output; a per-head relative position bias computed once, added to every attention's scores),

@@ -27,7 +27,7 @@ from tedfx import MoEConfig
 from tedfx.moe.routing import Router
 from tedfx.passes.graph import moe_blocks
 
-from models import VOCAB, patch_capture, tiny_gpt, tiny_gpt2, tiny_llama, tiny_phi3
+from models import VOCAB, patch_capture, tiny_falcon, tiny_gpt, tiny_gpt2, tiny_llama, tiny_phi3
 
 BUILDERS = {
     "gpt-gelu": lambda: tiny_gpt("gelu", n_layer=4),  # 4 FFNs, so "every_other" has two to pick
@@ -92,6 +92,19 @@ def test_upcycled_moe_equals_dense(name, E, k):
         # Batch and sequence differ from the example: the dims stayed dynamic.
         tokens = torch.randint(0, VOCAB, (3, 5), generator=torch.Generator().manual_seed(E * 10 + k))
         torch.testing.assert_close(logits(moe_model(tokens)), logits(model(tokens)), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("new_decoder_architecture, bias", [(False, True), (True, False)],
+                         ids=["multi-query-bias", "grouped-kv-no-bias"])
+def test_upcycled_falcon_equals_dense(new_decoder_architecture, bias):
+    """HF Falcon projects by `x @ W.T` (+ bias), not F.linear: its GELU MLPs still convert (passes/graph.py:
+    fold_transposed_linears), and the upcycled experts equal the dense FFN."""
+    model, inputs = tiny_falcon(new_decoder_architecture, bias)
+    model.eval()
+    moe_model = tedfx.to_moe(model, inputs, moe=exact_moe(4, 2))
+    assert ffn_paths(moe_model) == ["transformer.h.0.mlp", "transformer.h.1.mlp"]
+    with torch.no_grad():
+        torch.testing.assert_close(logits(moe_model(*inputs)), logits(model(*inputs)), rtol=0, atol=1e-5)
 
 
 def test_upcycled_moe_equals_dense_in_train_mode():

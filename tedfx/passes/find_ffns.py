@@ -44,7 +44,7 @@ from torch import nn
 from .._compat import dropout_targets
 from ..moe.ops import ACTIVATIONS as _EXPERT_ACTIVATIONS
 from .context import FFNInfo, PassContext
-from .graph import as_linear, get_by_target, module_path
+from .graph import as_linear, fold_transposed_linears, get_by_target, module_path
 
 __all__ = ["ACTIVATIONS", "FFNMatch", "LinearRef", "NoFFNFoundError", "find_ffns", "find_ffns_pass"]
 
@@ -497,7 +497,10 @@ def find_ffns(gm: fx.GraphModule) -> list[FFNMatch]:
 
 
 def find_ffns_pass(gm: fx.GraphModule, *, ctx: PassContext) -> fx.GraphModule:
-    """Record the FFNs of `gm` in `ctx.records.ffns` (and the matches for ffn_to_moe); the graph is unchanged.
+    """Record the FFNs of `gm` in `ctx.records.ffns` (and the matches for ffn_to_moe).
+
+    The graph is unchanged but for `x @ W.T` projections, folded into aten.linear first
+    (`graph.fold_transposed_linears`; tedfx's own captures have them folded already).
 
     Example:
         >>> ctx = PassContext(moe=MoEConfig())
@@ -505,6 +508,7 @@ def find_ffns_pass(gm: fx.GraphModule, *, ctx: PassContext) -> fx.GraphModule:
         >>> [f.path for f in ctx.records.ffns]
         ['h.0.mlp', 'h.1.mlp']
     """
+    fold_transposed_linears(gm)
     matches = find_ffns(gm)
     ctx.records.ffn_matches = matches
     ctx.records.ffns = [m.info() for m in matches]

@@ -33,7 +33,8 @@ from ..capture import DROPOUT_P_META
 __all__ = [
     "Axis", "DENSE_FFN_META", "DROPOUT_P_META", "FFN_EXIT_META", "GROUP_AXES", "Linear", "MESH_AXES", "MOE_META",
     "MoETag", "REGION_META", "Role",
-    "as_linear", "get_by_target", "has_target", "insert", "module_path", "moe_blocks", "set_by_target",
+    "as_linear", "fold_transposed_linears", "get_by_target", "has_target", "insert", "module_path", "moe_blocks",
+    "set_by_target",
 ]
 
 aten = torch.ops.aten
@@ -169,6 +170,64 @@ def as_linear(node: fx.Node) -> Linear | None:
         w = _get_attr(node.args[1])
         return Linear(node, node.args[0], w, None, transposed=True) if w is not None else None
     return None
+
+
+_TRANSPOSES = (aten.t.default, aten.numpy_T.default, aten.transpose.int, aten.permute.default)
+
+
+def _transposed_weight(gm: fx.GraphModule, node: Any) -> fx.Node | None:
+    """The get_attr of a 2-D module tensor that `node` transposes (`W.T`, `W.t()`, `W.transpose(0, 1)`,
+    `W.permute(1, 0)`), else None."""
+    if not isinstance(node, fx.Node) or node.op != "call_function" or node.target not in _TRANSPOSES:
+        return None
+    w = _get_attr(node.args[0])
+    if w is None or getattr(get_by_target(gm, w.target), "ndim", -1) != 2:
+        return None
+    if node.target is aten.transpose.int and sorted(d % 2 for d in node.args[1:3]) != [0, 1]:
+        return None
+    if node.target is aten.permute.default and [d % 2 for d in node.args[1]] != [1, 0]:
+        return None
+    return w
+
+
+def fold_transposed_linears(gm: fx.GraphModule) -> int:
+    """Rewrite `x @ W.T` (+ a 1-D bias) into `aten.linear(x, W[, b])`, the IR's one form of such a projection.
+
+    Some models project without F.linear (HF Falcon's FalconLinear: `input @ self.weight.T + self.bias`);
+    after this every pass reads them as linears (`as_linear`), so their FFNs convert and tensor
+    parallelism splits them like any other (docs/architecture.md, "One IR"). A transpose that other nodes
+    also read stays for them. Returns the number of projections folded.
+    """
+    graph, folded = gm.graph, 0
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target not in (aten.matmul.default, aten.mm.default) or node.kwargs:
+            continue
+        x, wt = node.args
+        w = _transposed_weight(gm, wt)
+        if w is None or not isinstance(x, fx.Node):
+            continue
+        out, bias = node, None
+        users = list(node.users)
+        if len(users) == 1 and users[0].op == "call_function" and users[0].target is aten.add.Tensor \
+                and not users[0].kwargs and len(users[0].args) == 2:
+            other = users[0].args[1] if users[0].args[0] is node else users[0].args[0]
+            b = _get_attr(other)
+            if b is not None and getattr(get_by_target(gm, b.target), "shape", None) == \
+                    (get_by_target(gm, w.target).shape[0],):
+                out, bias = users[0], b
+        with graph.inserting_before(out):
+            linear = graph.call_function(aten.linear.default, (x, w) if bias is None else (x, w, bias))
+        linear.meta = dict(node.meta)
+        if "val" in out.meta:
+            linear.meta["val"] = out.meta["val"]
+        out.replace_all_uses_with(linear)
+        for dead in dict.fromkeys((out, node, wt)):
+            if not dead.users:
+                graph.erase_node(dead)
+        folded += 1
+    if folded:
+        gm.recompile()
+    return folded
 
 
 # --- editing -----------------------------------------------------------------------------------------
