@@ -62,6 +62,7 @@ from models import (
     tiny_llama,
     tiny_phi3,
     tiny_qwen3,
+    tiny_t5,
 )
 from moe_reference import reference_grads
 
@@ -90,7 +91,7 @@ class Case:
     """A key of BUILDERS: "gpt" (tests/models.tiny_gpt), "gpt2" or "llama" (HF, dropout off), "dict_blocks" (a GPT
     whose blocks sit in a ModuleDict driven by the parent's forward: activation checkpointing must find them from
     the graph), or one of the models written differently from ours ("explicit", "fused_qkv", "neox", "gqa",
-    "phi3", "qwen3", "gptj")."""
+    "phi3", "qwen3", "gptj", "t5")."""
     tensor: int
     expert: int
     top_k: int = 1
@@ -190,6 +191,17 @@ def _no_dropout(model: nn.Module) -> nn.Module:
     return model
 
 
+class _T5OnTokens(nn.Module):
+    """HF T5 (tests/models.tiny_t5) called on one tensor: the tokens enter the encoder and the decoder."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.t5 = tiny_t5()[0]
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.t5(input_ids=tokens, decoder_input_ids=tokens, use_cache=False).logits
+
+
 BUILDERS: dict[str, Callable[[], nn.Module]] = {
     "gpt": lambda: tiny_gpt()[0],
     "gpt2": lambda: _no_dropout(tiny_gpt2()[0]),
@@ -203,6 +215,7 @@ BUILDERS: dict[str, Callable[[], nn.Module]] = {
     "phi3": lambda: tiny_phi3()[0],
     "qwen3": lambda: tiny_qwen3()[0],
     "gptj": lambda: _no_dropout(tiny_gptj()[0]),
+    "t5": _T5OnTokens,
 }
 TP_SHARDED = {
     # Non-expert weights that Megatron tensor parallelism must split when T > 1 (one per layer).
@@ -222,6 +235,8 @@ TP_SHARDED = {
     "qwen3": ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight",
               "self_attn.o_proj.weight"),
     "gptj": ("attn.q_proj.weight", "attn.k_proj.weight", "attn.v_proj.weight", "attn.out_proj.weight"),  # stack
+    # Self- and cross-attention; the per-head position bias stays whole, each rank narrowing it to its heads.
+    "t5": tuple(f"{a}.{p}.weight" for a in ("SelfAttention", "EncDecAttention") for p in "qkvo"),
 }
 _models: dict[str, nn.Module] = {}
 

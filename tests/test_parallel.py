@@ -64,6 +64,8 @@ WORLD_CASES: dict[int, list[Case | ErrorCase | LossScaleCase | CheckCostCase]] =
         *_zoo_cases(2, 1),
         Case("qwen3", 2, 1, top_k=2),  # per-head q/k RMSNorm (docs/parallelism.md, "Tensor parallelism")
         Case("gptj", 2, 1, top_k=2),  # rotary's rotate_every_two by torch.stack
+        # Encoder-decoder, per-head position bias narrowed per rank, blocks of two residual streams checkpointed.
+        Case("t5", 2, 1, top_k=2, checkpointing="block"),
         ErrorCase("experts_do_not_divide", expert=2),
         ErrorCase("different_weights"),
     ],
