@@ -36,7 +36,7 @@ from typing import Callable, Iterable
 import torch
 import torch.fx as fx
 
-from .graph import DENSE_FFN_META, MOE_META, as_linear, module_path
+from .graph import DENSE_FFN_META, MOE_META, as_linear, get_by_target, module_path
 from .tp_rules import Fail, Placement, Plan, R, all_seeds, node_ndim, node_val, rule_for
 
 __all__ = ["check_nothing_left_whole", "kept_whole_by_config", "linear_path", "plan_tensor_parallel",
@@ -74,9 +74,22 @@ def kept_whole_by_config(gm: fx.GraphModule, patterns: tuple[str, ...]) -> froze
     return frozenset(kept)
 
 
+def _trained(gm: fx.GraphModule) -> frozenset[fx.Node]:
+    """The nodes computed from a parameter that requires grad (a (1 + weight) norm scale as well as the weight)."""
+    out: set[fx.Node] = set()
+    for node in gm.graph.nodes:
+        if node.op == "get_attr":
+            value = get_by_target(gm, node.target)
+            if isinstance(value, torch.Tensor) and value.requires_grad:
+                out.add(node)
+        elif any(a in out for a in node.all_input_nodes):
+            out.add(node)
+    return frozenset(out)
+
+
 def propagate(gm: fx.GraphModule, seeds: set[fx.Node], T: int) -> Plan:
     """Place every node for these column-parallel seeds; raises Fail at the first op a shard cannot pass."""
-    plan = Plan()
+    plan = Plan(trained=_trained(gm))
     for node in gm.graph.nodes:
         ins = [plan.place.get(a, R) if isinstance(a, fx.Node) else R for a in node.args]
         lin = as_linear(node)

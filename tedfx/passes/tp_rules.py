@@ -93,6 +93,9 @@ class Plan:
     asserts: dict[fx.Node, int] = field(default_factory=dict)
     """_assert_tensor_metadata of a sharded tensor -> its sharded dim: shard_tensor_parallel divides the size
     it checks there by T and drops the strides it checks (those of the whole tensor)."""
+    trained: frozenset[fx.Node] = frozenset()
+    """Nodes whose value depends on a parameter that requires grad (export's meta values of activations do not
+    record requires_grad): the operands grad_sums must sum."""
 
 
 # ---------------------------------------------------------------- the rule table
@@ -131,7 +134,7 @@ def _elementwise(node, ins, plan, T):
             aligned = d - (out_nd - node_ndim(a))
             size = node_val(a).shape[aligned] if aligned >= 0 else 1
             if size == 1:
-                if node_val(a).requires_grad:
+                if a in plan.trained:
                     plan.grad_sums.append((node, i))
                 continue
             # Computed whole on every rank (a per-head bias added to sharded attention scores, T5 written with
@@ -415,6 +418,10 @@ def _matmul(node, ins, plan, T):
             raise Fail(p.seeds, node, f"replicated operand of size {other.shape[od]} along the sharded batch dim "
                                       f"is not divisible by T={T}")
         plan.narrow.append((node, 1 - i, od))
+    elif node.args[1 - i] in plan.trained:
+        # Broadcast over the sharded batch dim, or multiplied by this rank's rows or columns only: each rank's
+        # gradient of it is a partial sum (a one-KV-head v kept whole under ParallelConfig.replicate).
+        plan.grad_sums.append((node, 1 - i))
     return p.at(out[i])
 
 

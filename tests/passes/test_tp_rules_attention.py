@@ -388,6 +388,45 @@ def test_replicate_keeps_the_named_projections_whole_and_the_ranks_still_compute
     _assert_ranks_compute_the_reference(tiny_explicit_encoder, ranks)
 
 
+class _BroadcastMQA(nn.Module):
+    """Multi-query attention by broadcasting: one k/v head of shape (B, 1, S, d) against 4 query heads."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(100, 32)
+        self.q, self.o = nn.Linear(32, 32), nn.Linear(32, 32)
+        self.k, self.v = nn.Linear(32, 8), nn.Linear(32, 8)
+        self.mlp = nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 32))
+
+    def forward(self, idx):
+        x = self.embed(idx)
+        B, S, _ = x.shape
+        q = self.q(x).view(B, S, 4, 8).transpose(1, 2)
+        k, v = (proj(x).view(B, S, 1, 8).transpose(1, 2) for proj in (self.k, self.v))
+        probs = torch.softmax(q @ k.transpose(-1, -2) * 8 ** -0.5, dim=-1)
+        x = x + self.o((probs @ v).transpose(1, 2).reshape(B, S, 32))
+        return x + self.mlp(x)
+
+
+def _broadcast_mqa():
+    torch.manual_seed(0)
+    return _BroadcastMQA(), (torch.randint(0, 100, (2, 8), generator=torch.Generator().manual_seed(0)),)
+
+
+def test_a_replicated_operand_a_sharded_matmul_broadcasts_gets_its_gradient_summed_over_tp():
+    """k and v kept whole (one KV head) and broadcast over the 2 ranks' query heads: each rank's gradient of
+    them is its heads' share, so Megatron's f (all-reduce in backward) sits before each, as before the q/k norm
+    weights of Qwen3; the forward still computes the reference."""
+    ranks = _ranks(_broadcast_mqa, 2, replicate=("k", "v"))
+    for gm, _ in ranks:
+        matmuls = [n for n in gm.graph.nodes if n.target is aten.matmul.default]
+        assert len(matmuls) == 2
+        for node, operand in zip(matmuls, (1, 1)):  # q @ k^T: k^T; probs @ v: v
+            f = node.args[operand]
+            assert f.target is collectives.identity_fwd_all_reduce_bwd, (node.name, f.target)
+    _assert_ranks_compute_the_reference(_broadcast_mqa, ranks)
+
+
 def test_a_dense_ffn_projection_left_whole_raises_too():
     # Keeping fc1 of the dense FFN whole leaves fc2 nothing to be row-parallel on: named, with its FFN.
     with pytest.raises(ValueError, match=r"layers\.0\.fc2 \(projection of the dense FFN layers\.0\)"):
