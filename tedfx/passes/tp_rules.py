@@ -382,6 +382,8 @@ def _sdpa(node, ins, plan, T):
                 raise Fail(all_seeds(ins), node, f"per-head attention mask of {mask.shape[1]} heads, not "
                                                  f"divisible by T={T}")
             plan.narrow.append((node, 3, 1))
+        elif ins[3].kind == "R" and node.args[3] in plan.trained:  # a learned bias broadcast over the heads
+            plan.grad_sums.append((node, 3))
     return Placement("S", 1, all_seeds(ins))
 
 

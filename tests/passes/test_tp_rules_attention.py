@@ -427,6 +427,38 @@ def test_a_replicated_operand_a_sharded_matmul_broadcasts_gets_its_gradient_summ
     _assert_ranks_compute_the_reference(_broadcast_mqa, ranks)
 
 
+class _LearnedBiasAttention(nn.Module):
+    """sdpa with a learned bias of shape (1, 1, S, S), scaled, broadcast over every head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(100, 32)
+        self.qkv, self.o = nn.Linear(32, 96), nn.Linear(32, 32)
+        self.bias = nn.Parameter(torch.randn(1, 1, 8, 8) * 0.1)
+        self.mlp = nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 32))
+
+    def forward(self, idx):
+        x = self.embed(idx)
+        B, S, _ = x.shape
+        q, k, v = self.qkv(x).view(B, S, 3, 4, 8).permute(2, 0, 3, 1, 4)
+        y = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=self.bias * 2)
+        x = x + self.o(y.transpose(1, 2).reshape(B, S, 32))
+        return x + self.mlp(x)
+
+
+def _learned_bias():
+    torch.manual_seed(0)
+    return _LearnedBiasAttention(), (torch.randint(0, 100, (2, 8), generator=torch.Generator().manual_seed(0)),)
+
+
+def test_a_learned_attention_bias_broadcast_over_the_heads_gets_its_gradient_summed_over_tp():
+    ranks = _ranks(_learned_bias, 2)
+    for gm, _ in ranks:
+        (sdpa,) = [n for n in gm.graph.nodes if n.target is aten.scaled_dot_product_attention.default]
+        assert sdpa.args[3].target is collectives.identity_fwd_all_reduce_bwd
+    _assert_ranks_compute_the_reference(_learned_bias, ranks)
+
+
 def test_a_dense_ffn_projection_left_whole_raises_too():
     # Keeping fc1 of the dense FFN whole leaves fc2 nothing to be row-parallel on: named, with its FFN.
     with pytest.raises(ValueError, match=r"layers\.0\.fc2 \(projection of the dense FFN layers\.0\)"):
