@@ -60,6 +60,7 @@ from models import (
     tiny_gptj,
     tiny_gqa,
     tiny_llama,
+    tiny_olmo2,
     tiny_phi3,
     tiny_qwen3,
     tiny_t5,
@@ -91,7 +92,7 @@ class Case:
     """A key of BUILDERS: "gpt" (tests/models.tiny_gpt), "gpt2" or "llama" (HF, dropout off), "dict_blocks" (a GPT
     whose blocks sit in a ModuleDict driven by the parent's forward: activation checkpointing must find them from
     the graph), or one of the models written differently from ours ("explicit", "fused_qkv", "neox", "gqa",
-    "phi3", "qwen3", "gptj", "t5")."""
+    "phi3", "qwen3", "olmo2", "gptj", "t5")."""
     tensor: int
     expert: int
     top_k: int = 1
@@ -214,6 +215,7 @@ BUILDERS: dict[str, Callable[[], nn.Module]] = {
     "gqa": lambda: tiny_gqa()[0],
     "phi3": lambda: tiny_phi3()[0],
     "qwen3": lambda: tiny_qwen3()[0],
+    "olmo2": lambda: tiny_olmo2()[0],
     "gptj": lambda: _no_dropout(tiny_gptj()[0]),
     "t5": _T5OnTokens,
 }
@@ -233,6 +235,9 @@ TP_SHARDED = {
     "phi3": ("self_attn.qkv_proj.weight", "self_attn.o_proj.weight"),  # q | k | v sliced; gate_up -> experts
     # Per-head q/k RMSNorm over head_dim (each rank normalises its own heads).
     "qwen3": ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight",
+              "self_attn.o_proj.weight"),
+    # q/k RMSNorm across all heads: each rank's mean of squares all-reduced over "tp".
+    "olmo2": ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight",
               "self_attn.o_proj.weight"),
     "gptj": ("attn.q_proj.weight", "attn.k_proj.weight", "attn.v_proj.weight", "attn.out_proj.weight"),  # stack
     # Self- and cross-attention; the per-head position bias stays whole, each rank narrowing it to its heads.

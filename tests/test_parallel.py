@@ -63,6 +63,7 @@ WORLD_CASES: dict[int, list[Case | ErrorCase | LossScaleCase | CheckCostCase]] =
         *_gpt_cases([(2, 1), (1, 2)]),
         *_zoo_cases(2, 1),
         Case("qwen3", 2, 1, top_k=2),  # per-head q/k RMSNorm (docs/parallelism.md, "Tensor parallelism")
+        Case("olmo2", 2, 1, top_k=2),  # q/k RMSNorm across all heads: statistics all-reduced over "tp"
         Case("gptj", 2, 1, top_k=2),  # rotary's rotate_every_two by torch.stack
         # Encoder-decoder, per-head position bias narrowed per rank, blocks of two residual streams checkpointed.
         Case("t5", 2, 1, top_k=2, checkpointing="block"),

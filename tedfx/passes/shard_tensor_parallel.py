@@ -12,11 +12,15 @@ plan, for the rank at ctx.coords["tp"]:
    column-parallel input, and an all-reduce after every row-parallel output,
    with the bias added after the reduction; f also before a replicated operand
    that requires grad and is broadcast into sharded work (Qwen3's per-head q/k
-   norm weight), whose gradient each rank holds only its heads' share of.
+   norm weight), whose gradient each rank holds only its heads' share of; an
+   all-reduce (and / T for a mean) after a mean or sum over the sharded dim
+   (OLMo2's q/k norm across all heads).
 3. Divide the shape constants of view/reshape/expand/split on sharded dims by T,
    and the bounds of slices that cut a fused projection into chunks; a
    metadata check of a sharded tensor checks this rank's size, not strides.
-4. Narrow replicated k/v (GQA whose KV heads do not divide by T) to this rank's heads.
+4. Narrow replicated operands of sharded work to this rank's share: k/v (GQA whose KV
+   heads do not divide by T), a per-head bias computed whole (T5), a norm weight
+   over all heads (OLMo2).
 5. Record the dropouts and attentions whose activation is now split (shard_dropout
    gives them a mask per shard).
 """
@@ -103,6 +107,12 @@ def shard_tensor_parallel_pass(gm: fx.GraphModule, *, ctx: PassContext) -> fx.Gr
     # 3-4.
     for node, (pos, dim) in plan.shape_edits.items():
         _edit_shape(node, pos, dim, T)
+    for node, divisor in plan.partial_sums.items():  # a mean or sum over the sharded dim: of every rank's share
+        reduced = insert(node, collectives.all_reduce, (node, Axis.TP))
+        out = reduced if divisor == 1 else insert(reduced, aten.div.Tensor, (reduced, divisor), like=node)
+        for n in (reduced, out):
+            n.meta["val"] = node.meta.get("val")
+        node.replace_all_uses_with(out, delete_user_cb=lambda user: user is not reduced)
     for node, i in plan.grad_sums:  # a replicated operand of sharded work: its gradient summed over "tp"
         operand = node.args[i]
         if operand not in f_inputs:

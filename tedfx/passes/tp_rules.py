@@ -93,6 +93,9 @@ class Plan:
     asserts: dict[fx.Node, int] = field(default_factory=dict)
     """_assert_tensor_metadata of a sharded tensor -> its sharded dim: shard_tensor_parallel divides the size
     it checks there by T and drops the strides it checks (those of the whole tensor)."""
+    partial_sums: dict[fx.Node, int] = field(default_factory=dict)
+    """mean or sum over the sharded dim (OLMo2's q/k RMSNorm across all heads) -> the divisor of the all-reduced
+    local results (T for a mean over equal shards, 1 for a sum): shard_tensor_parallel all-reduces them."""
     trained: frozenset[fx.Node] = frozenset()
     """Nodes whose value depends on a parameter that requires grad (export's meta values of activations do not
     record requires_grad): the operands grad_sums must sum."""
@@ -428,8 +431,9 @@ def _matmul(node, ins, plan, T):
 
 
 def _reduce(node, ins, plan, T):
-    """mean/sum/amax over dims other than the sharded one (Qwen3's per-head q/k RMSNorm over head_dim); a
-    reduction over the sharded dim (OLMo2's q/k RMSNorm across all heads) would need every rank's share."""
+    """mean/sum/amax over dims other than the sharded one (Qwen3's per-head q/k RMSNorm over head_dim) keep the
+    shard; a mean or sum over the sharded dim (OLMo2's q/k RMSNorm across all heads) reduces this rank's share
+    and all-reduces it over "tp", replicated after; amax over it is refused."""
     p = ins[0]
     if p.kind != "S":
         return R
@@ -439,8 +443,11 @@ def _reduce(node, ins, plan, T):
     dims = {_norm_dim(d, nd) for d in dims}
     keepdim = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
     if p.dim in dims:
-        raise Fail(p.seeds, node, f"{node.target} over the sharded dim {p.dim} (e.g. a norm across all attention "
-                                  f"heads): its statistics need the whole features")
+        if node.target is aten.amax.default or p.outer != 1:
+            raise Fail(p.seeds, node, f"{node.target} over the sharded dim {p.dim}: its statistics need the "
+                                      f"whole features")
+        plan.partial_sums[node] = T if node.target is aten.mean.dim else 1
+        return R
     return p if keepdim else p.at(p.dim - sum(d < p.dim for d in dims))
 
 

@@ -254,23 +254,23 @@ def test_gptj_rotary_stack_keeps_the_heads_sharded():
     assert not set(flats) & set(plan.shape_edits)  # flatten's sizes come from its input
 
 
-def test_olmo2_norm_across_all_heads_keeps_attention_whole_loudly_and_replicate_still_computes_the_reference():
-    """OLMo2 normalises the whole projected q and k (hidden-size RMSNorm across the heads): a rank holding half
-    the heads would normalise by half the statistics, so its attention is refused, naming the fix."""
-    with pytest.raises(ValueError) as info:
-        _ranks(tiny_olmo2, 2)
-    message = str(info.value)
-    assert "ParallelConfig.tensor=2 would leave 8 projection(s) whole" in message
-    for i in range(2):
-        for p in ("q", "k"):
-            assert (f"model.layers.{i}.self_attn.{p}_proj (attention input projection): aten.mean.dim over the "
-                    f"sharded dim 2 (e.g. a norm across all attention heads): its statistics need the whole "
-                    f"features (at mean") in message
-            assert f"in model.layers.{i}.self_attn.{p}_norm)" in message
-    assert "replicate=('model.layers.*.self_attn.q_proj', 'model.layers.*.self_attn.k_proj', " \
-           "'model.layers.*.self_attn.v_proj', 'model.layers.*.self_attn.o_proj')" in message
-    ranks = _ranks(tiny_olmo2, 2, replicate=("model.layers.*.self_attn.*",))
-    assert _split(ranks[0][1]) == (set(), set())
+def test_olmo2_norm_across_all_heads_all_reduces_its_statistics_and_the_ranks_compute_the_reference():
+    """OLMo2 normalises the whole projected q and k (hidden-size RMSNorm across the heads): each rank takes
+    the mean of squares of its heads, all-reduced over "tp" and divided by T, and narrows the norm weight
+    (hidden size) to its heads."""
+    ranks = _ranks(tiny_olmo2, 2)
+    column, row = (tuple(f"model.layers.{{}}.self_attn.{p}_proj" for p in "qkv"), ("model.layers.{}.self_attn.o_proj",))
+    for gm, ctx in ranks:
+        assert _split(ctx) == ({c.format(i) for c in column for i in range(2)}, {r.format(i) for r in row for i in
+                                                                                 range(2)})
+        means = [n for n in gm.graph.nodes if n.target is aten.mean.dim
+                 and "_norm" in n.meta["nn_module_stack"][next(reversed(n.meta["nn_module_stack"]))][0]]
+        assert len(means) == 4  # q_norm and k_norm of 2 layers
+        for mean in means:
+            (reduced,) = mean.users
+            assert reduced.target is collectives.all_reduce
+            (divided,) = reduced.users
+            assert divided.target is aten.div.Tensor and divided.args[1] == 2
     _assert_ranks_compute_the_reference(tiny_olmo2, ranks)
 
 
@@ -342,7 +342,7 @@ class _Refusals(nn.Module):
                 self.unbind(x).unbind(-1)[0],
                 self.out(s[..., :12] + s[..., 4:]),
                 torch.stack((h, torch.cat((x, x), -1)), dim=-1),  # a shard stacked with a replicated tensor
-                n * torch.rsqrt(n.pow(2).mean(-1, keepdim=True)))  # OLMo2's q/k norm across all heads
+                n / n.abs().amax(-1, keepdim=True))  # a max over all the features
 
 
 def test_ops_a_shard_cannot_pass_keep_their_projections_replicated_with_the_reason():
@@ -357,8 +357,8 @@ def test_ops_a_shard_cannot_pass_keep_their_projections_replicated_with_the_reas
     assert reasons["unbind"].startswith("unbind or select along the sharded dim")
     assert reasons["sliced"].startswith("slice [0:12] spans several chunks of a fused projection")
     assert reasons["stacked"].startswith("stack of operands with different placements")
-    assert reasons["normed"].startswith("aten.mean.dim over the sharded dim 2 (e.g. a norm across all attention "
-                                        "heads): its statistics need the whole features")
+    assert reasons["normed"].startswith("aten.amax.default over the sharded dim 2: its statistics need the whole "
+                                        "features")
 
 
 # --- the loud error, and the opt-out ------------------------------------------------------------------------
