@@ -95,28 +95,27 @@ def tiny_gpt2() -> tuple[nn.Module, tuple[torch.Tensor]]:
     return transformers.GPT2LMHeadModel(cfg), (_tokens(),)
 
 
-def tiny_llama(kv_heads: int = 2) -> tuple[nn.Module, tuple[torch.Tensor]]:
-    """HF Llama (SwiGLU MLP, grouped-query attention with `kv_heads` KV heads, rotary embeddings), FFN width 64."""
+def _hf_lm(name: str, **config) -> tuple[nn.Module, tuple[torch.Tensor]]:
+    """HF `{name}ForCausalLM` at the shared tiny sizes (hidden 32, 2 layers, 4 heads, FFN width 64), seeded."""
     import transformers
 
     _quiet_transformers()
     torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=64,
-                                   num_hidden_layers=LAYERS, num_attention_heads=HEADS, num_key_value_heads=kv_heads,
-                                   max_position_embeddings=32, bos_token_id=0, eos_token_id=0, pad_token_id=0)
-    return transformers.LlamaForCausalLM(cfg), (_tokens(),)
+    cfg = getattr(transformers, f"{name}Config")(
+        vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=64, num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS, max_position_embeddings=32, bos_token_id=0, eos_token_id=0, pad_token_id=0,
+        **config)
+    return getattr(transformers, f"{name}ForCausalLM")(cfg), (_tokens(),)
+
+
+def tiny_llama(kv_heads: int = 2) -> tuple[nn.Module, tuple[torch.Tensor]]:
+    """HF Llama (SwiGLU MLP, grouped-query attention with `kv_heads` KV heads, rotary embeddings), FFN width 64."""
+    return _hf_lm("Llama", num_key_value_heads=kv_heads)
 
 
 def tiny_qwen2() -> tuple[nn.Module, tuple[torch.Tensor]]:
     """HF Qwen2 (biased q/k/v projections, SwiGLU MLP, grouped-query attention), FFN width 64."""
-    import transformers
-
-    _quiet_transformers()
-    torch.manual_seed(0)
-    cfg = transformers.Qwen2Config(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=64,
-                                   num_hidden_layers=LAYERS, num_attention_heads=HEADS, num_key_value_heads=2,
-                                   max_position_embeddings=32, bos_token_id=0, eos_token_id=0, pad_token_id=0)
-    return transformers.Qwen2ForCausalLM(cfg), (_tokens(),)
+    return _hf_lm("Qwen2", num_key_value_heads=2)
 
 
 def tiny_bert() -> tuple[nn.Module, tuple[torch.Tensor]]:
@@ -355,41 +354,17 @@ def tiny_gqa(kv_heads: int = 2) -> tuple[nn.Module, tuple[torch.Tensor]]:
 
 def tiny_phi3(kv_heads: int = 2) -> tuple[nn.Module, tuple[torch.Tensor]]:
     """HF Phi-3: fused qkv_proj sliced into q, k, v (GQA) and fused gate_up_proj chunked; FFN width 64."""
-    import transformers
-
-    _quiet_transformers()
-    torch.manual_seed(0)
-    cfg = transformers.Phi3Config(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=64,
-                                  num_hidden_layers=LAYERS, num_attention_heads=HEADS,
-                                  num_key_value_heads=kv_heads, max_position_embeddings=32,
-                                  original_max_position_embeddings=32, bos_token_id=0, eos_token_id=0,
-                                  pad_token_id=0)
-    return transformers.Phi3ForCausalLM(cfg), (_tokens(),)
+    return _hf_lm("Phi3", num_key_value_heads=kv_heads, original_max_position_embeddings=32)
 
 
 def tiny_qwen3() -> tuple[nn.Module, tuple[torch.Tensor]]:
     """HF Qwen3: per-head RMSNorm of q and k (weight of size head_dim), GQA, SwiGLU MLP, FFN width 64."""
-    import transformers
-
-    _quiet_transformers()
-    torch.manual_seed(0)
-    cfg = transformers.Qwen3Config(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=64,
-                                   num_hidden_layers=LAYERS, num_attention_heads=HEADS, num_key_value_heads=2,
-                                   head_dim=HIDDEN // HEADS, max_position_embeddings=32, bos_token_id=0,
-                                   eos_token_id=0, pad_token_id=0)
-    return transformers.Qwen3ForCausalLM(cfg), (_tokens(),)
+    return _hf_lm("Qwen3", num_key_value_heads=2, head_dim=HIDDEN // HEADS)
 
 
 def tiny_olmo2() -> tuple[nn.Module, tuple[torch.Tensor]]:
     """HF OLMo2: RMSNorm of the whole projected q and k (across all heads), SwiGLU MLP, FFN width 64."""
-    import transformers
-
-    _quiet_transformers()
-    torch.manual_seed(0)
-    cfg = transformers.Olmo2Config(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=64,
-                                   num_hidden_layers=LAYERS, num_attention_heads=HEADS, num_key_value_heads=HEADS,
-                                   max_position_embeddings=32, bos_token_id=0, eos_token_id=0, pad_token_id=0)
-    return transformers.Olmo2ForCausalLM(cfg), (_tokens(),)
+    return _hf_lm("Olmo2", num_key_value_heads=HEADS)
 
 
 def tiny_gptj() -> tuple[nn.Module, tuple[torch.Tensor]]:
