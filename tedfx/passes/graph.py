@@ -212,8 +212,9 @@ def fold_transposed_linears(gm: fx.GraphModule) -> int:
                 and not users[0].kwargs and len(users[0].args) == 2:
             other = users[0].args[1] if users[0].args[0] is node else users[0].args[0]
             b = _get_attr(other)
-            if b is not None and getattr(get_by_target(gm, b.target), "shape", None) == \
-                    (get_by_target(gm, w.target).shape[0],):
+            weight, value = get_by_target(gm, w.target), get_by_target(gm, b.target) if b is not None else None
+            # aten.linear takes one dtype: a bias of another (promoted by the add) stays an add of its own.
+            if isinstance(value, torch.Tensor) and value.shape == (weight.shape[0],) and value.dtype == weight.dtype:
                 out, bias = users[0], b
         with graph.inserting_before(out):
             linear = graph.call_function(aten.linear.default, (x, w) if bias is None else (x, w, bias))

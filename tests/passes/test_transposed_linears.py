@@ -54,6 +54,30 @@ def test_a_matmul_by_a_transposed_weight_is_folded_into_a_linear(transpose):
     assert fold_transposed_linears(gm) == 0  # nothing left to fold
 
 
+class _PromotedBias(nn.Module):
+    """bf16 `x @ W.T` plus an fp32 bias: the add promotes to fp32, which aten.linear (one dtype) cannot do."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.w = nn.Parameter(torch.randn(16, 8, dtype=torch.bfloat16))
+        self.b = nn.Parameter(torch.randn(16))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.w.T + self.b
+
+
+def test_a_bias_of_another_dtype_stays_an_add_after_the_folded_projection():
+    model, x = _PromotedBias(), torch.randn(2, 3, 8, dtype=torch.bfloat16)
+    gm = tedfx.capture(model, (x,))
+    assert fold_transposed_linears(gm) == 1
+    (lin,) = [as_linear(n) for n in gm.graph.nodes if as_linear(n) is not None]
+    assert lin.weight.target == "w" and lin.bias is None
+    out = gm(x)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, model(x), rtol=0, atol=0)
+
+
 def test_falcon_converts_to_moe_with_every_projection_a_linear():
     model, inputs = tiny_falcon()
     gm = capture_dense(model.eval(), inputs)
