@@ -39,6 +39,7 @@ from .context import PassContext
 from .graph import FFN_EXIT_META, Axis, as_linear, get_by_target, insert, set_by_target
 from .runner import requires
 from .tp_plan import check_nothing_left_whole, kept_whole_by_config, plan_tensor_parallel
+from .tp_rules import Plan
 
 __all__ = ["shard_tensor_parallel_pass"]
 
@@ -129,10 +130,33 @@ def shard_tensor_parallel_pass(gm: fx.GraphModule, *, ctx: PassContext) -> fx.Gr
                      *node.args[4:])
     for node, i, dim in plan.narrow:
         operand = node.args[i]
-        local = insert(node, collectives.slice_for_rank, (operand, Axis.TP, dim), before=True)
+        chunks = _fused_chunks(plan, node, operand, dim)
+        if chunks is None:
+            local = insert(node, collectives.slice_for_rank, (operand, Axis.TP, dim), before=True)
+        else:  # the operand spans a fused projection's features: this rank's share of each chunk, as its weight
+            parts = insert(node, aten.split_with_sizes.default, (operand, list(chunks), dim), before=True)
+            shares = [insert(node, collectives.slice_for_rank,
+                             (insert(node, operator.getitem, (parts, j), before=True), Axis.TP, dim), before=True)
+                      for j in range(len(chunks))]
+            local = insert(node, aten.cat.default, (shares, dim), before=True)
         node.args = (*node.args[:i], local, *node.args[i + 1:])
-        records.tp_notes.append(f"{node.name}: replicated operand {i} narrowed to this rank's heads")
+        records.tp_notes.append(f"{node.name}: replicated operand {i} narrowed to this rank's share"
+                                + (f" of each of the chunks {chunks}" if chunks else ""))
     return gm
+
+
+def _fused_chunks(plan: Plan, node: fx.Node, operand: fx.Node, dim: int) -> tuple[int, ...] | None:
+    """The chunks of the fused projection whose whole output features `operand` lines up with (a bias added
+    to q | k | v before they are split), else None: a contiguous share is then this rank's."""
+    seeds = plan.place[node].seeds if node in plan.place else frozenset()
+    patterns = {plan.chunks[s] for s in seeds if s in plan.chunks and len(plan.chunks[s]) > 1}
+    size = operand.meta["val"].shape[dim] if isinstance(operand.meta.get("val"), torch.Tensor) else None
+    matching = {c for c in patterns if sum(c) == size}
+    if len(matching) > 1:
+        raise ValueError(f"tensor parallelism cannot narrow {operand.name} (at {node.name}): it lines up with "
+                         f"fused projections split in different chunks {sorted(matching)}. Keep them whole with "
+                         f"ParallelConfig.replicate.")
+    return matching.pop() if matching else None
 
 
 def _edit_shape(node: fx.Node, pos: int, dim: int, T: int) -> None:

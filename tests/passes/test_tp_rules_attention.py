@@ -287,7 +287,7 @@ def test_kv_heads_not_divisible_by_T_stay_whole_and_each_rank_narrows_them(build
     notes = ranks[0][1].records.tp_notes
     kv = [n for n in notes if "KV heads do not divide" in n]
     assert len(kv) == 4 and all(f"by T={T}" in n for n in kv), notes
-    assert sum("narrowed to this rank's heads" in n for n in notes) == 4
+    assert sum("narrowed to this rank's share" in n for n in notes) == 4
     _assert_ranks_compute_the_reference(builder, ranks, **kwargs)
 
 
@@ -457,6 +457,39 @@ def test_a_learned_attention_bias_broadcast_over_the_heads_gets_its_gradient_sum
         (sdpa,) = [n for n in gm.graph.nodes if n.target is aten.scaled_dot_product_attention.default]
         assert sdpa.args[3].target is collectives.identity_fwd_all_reduce_bwd
     _assert_ranks_compute_the_reference(_learned_bias, ranks)
+
+
+class _FusedQKVSeparateBias(nn.Module):
+    """A fused q | k | v projection without bias, its bias a parameter added before the split into q, k, v."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(100, 32)
+        self.qkv = nn.Linear(32, 96, bias=False)
+        self.qkv_bias = nn.Parameter(torch.randn(96))
+        self.o = nn.Linear(32, 32)
+        self.mlp = nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 32))
+
+    def forward(self, idx):
+        x = self.embed(idx)
+        B, S, _ = x.shape
+        q, k, v = (self.qkv(x) + self.qkv_bias).view(B, S, 3, 4, 8).permute(2, 0, 3, 1, 4).unbind(0)
+        y = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        x = x + self.o(y.transpose(1, 2).reshape(B, S, 32))
+        return x + self.mlp(x)
+
+
+def _fused_qkv_separate_bias():
+    torch.manual_seed(0)
+    return _FusedQKVSeparateBias(), (torch.randint(0, 100, (2, 8), generator=torch.Generator().manual_seed(0)),)
+
+
+def test_a_bias_added_to_a_fused_projection_is_narrowed_per_chunk_as_its_weight_is_split():
+    ranks = _ranks(_fused_qkv_separate_bias, 2)
+    assert ranks[0][1].records.shards["qkv.weight"].chunks == (32, 32, 32)
+    assert "add: replicated operand 1 narrowed to this rank's share of each of the chunks (32, 32, 32)" \
+        in ranks[0][1].records.tp_notes
+    _assert_ranks_compute_the_reference(_fused_qkv_separate_bias, ranks)
 
 
 def test_a_dense_ffn_projection_left_whole_raises_too():
