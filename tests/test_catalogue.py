@@ -92,6 +92,7 @@ TESTED_ELSEWHERE = {
     "cannot be written as MixtralForCausalLM": "test_export.py::test_what_mixtral_cannot_express_is_an_error_...",
     # Warnings
     "FFN-shaped regions left dense": "passes/test_find_ffns.py::test_an_ffn_left_dense_beside_converted_ones_is_a_...",
+    "a named block writes in place": "passes/test_checkpoint_regions.py::test_an_in_place_write_after_a_read_in_...",
     "matmuls in no checkpointed block": "passes/test_checkpoint_regions.py::test_a_matmul_between_blocks_in_none_...",
     "MoELossScaleWarning": "test_moe_losses.py::test_without_the_scale_loss_over_n_warns_and_weighs_the_moe_...",
     "use_cache": "test_to_moe.py::test_the_use_cache_notice_is_printed_once_per_run",

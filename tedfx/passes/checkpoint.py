@@ -163,8 +163,10 @@ def _warn_uncovered(gm: fx.GraphModule, regions: dict[str, list[fx.Node]], order
             f"activation_checkpointing='block': {len(left)} matmul(s) of {_model_name(gm)} between its first and "
             f"last transformer block are in no block, so their activations are kept instead of recomputed: "
             f"{', '.join(where)}. They depend neither on the residual stream entering their block nor on an "
-            f"earlier block. Name the blocks by module path to include them, e.g. "
-            f"ParallelConfig(activation_checkpointing='block', checkpoint_blocks=('layers.*',)).", stacklevel=2)
+            f"earlier block, or their block writes in place, after them, a tensor made outside it (a counter "
+            f"buffer's add_), so it starts after that write. Name the blocks by module path to include them, "
+            f"e.g. ParallelConfig(activation_checkpointing='block', checkpoint_blocks=('layers.*',)), or write "
+            f"such a tensor out of place.", stacklevel=2)
 
 
 def _module_path(node: fx.Node) -> str:
@@ -258,6 +260,11 @@ def _stream_span(after: fx.Node | None, end: fx.Node, seeds: set[fx.Node] | None
     for n in reversed(span):  # read by an in-place op left out (it writes a tensor from before): left out too
         if n in inside and any(u in span and u not in inside for u in n.users):
             inside.discard(n)
+    while (write := _write_after_read(span, inside)) is not None:
+        # The write moves before the block below, so the block's earlier read would see the written value:
+        # the block starts after the write instead.
+        for n in span[:span.index(write)]:
+            inside.discard(n)
     region = [n for n in span if n in inside]
     if region:
         later = set(span[span.index(region[0]) + 1:])
@@ -274,14 +281,40 @@ def _stream_span(after: fx.Node | None, end: fx.Node, seeds: set[fx.Node] | None
 
 def _owns_what_it_writes(node: fx.Node, inside: set[fx.Node]) -> bool:
     """False for an in-place op that writes a tensor made outside the region (HF T5 fills its shifted labels
-    with `fill_` and `masked_fill_`): recomputing it would write that tensor again, and moving the region's
-    outside nodes before it would reorder it with the other writes."""
+    with `fill_` and `masked_fill_`): recomputing it would write that tensor again."""
+    return all(w in inside for w in _written(node))
+
+
+def _written(node: fx.Node) -> list[fx.Node]:
+    """The graph values an in-place op writes (none for any other node)."""
     schema = getattr(node.target, "_schema", None)
     if node.op != "call_function" or schema is None or not schema.is_mutable:
-        return True
+        return []
     written = [node.args[i] if i < len(node.args) else node.kwargs.get(arg.name)
                for i, arg in enumerate(schema.arguments) if arg.alias_info is not None and arg.alias_info.is_write]
-    return all(w in inside for w in written if isinstance(w, fx.Node))
+    return [w for w in written if isinstance(w, fx.Node)]
+
+
+def _storage(node: fx.Node) -> fx.Node:
+    """The node whose tensor `node` is a view of, or that an in-place op returned (itself for any other)."""
+    while node.op == "call_function" and node.args and isinstance(node.args[0], fx.Node):
+        schema = getattr(node.target, "_schema", None)
+        if schema is None or not schema.returns or schema.returns[0].alias_info is None:
+            break
+        node = node.args[0]
+    return node
+
+
+def _write_after_read(span: list[fx.Node], inside: set[fx.Node]) -> fx.Node | None:
+    """The last in-place op left out of the region that writes a tensor a region node before it reads (moving
+    it before the region would reorder that read and the write), else None."""
+    clash, reads = None, set()
+    for n in span:
+        if n in inside:
+            reads.update(_storage(a) for a in n.all_input_nodes)
+        elif _written(n) and any(_storage(w) in reads for w in _written(n)):
+            clash = n
+    return clash
 
 
 def _tensor_inputs(node: fx.Node) -> list[fx.Node]:
@@ -335,6 +368,13 @@ def _named_regions(gm: fx.GraphModule, patterns: tuple[str, ...]) -> dict[str, l
                 f"ParallelConfig.checkpoint_blocks={patterns!r}: the blocks {clash!r} and {block!r} of "
                 f"{_model_name(gm)} interleave in the graph, so they cannot be recomputed one after the other; "
                 f"name modules that run one after another.")
+        writes = [n for n in span if not _owns_what_it_writes(n, set(span))]
+        if writes:
+            raise NoCheckpointRegionError(
+                f"ParallelConfig.checkpoint_blocks={patterns!r}: block {block!r} of {_model_name(gm)} writes in "
+                f"place a tensor made outside it ({', '.join(f'{n.target} at {_module_path(n)}' for n in writes)}), "
+                f"which recomputing the block would write a second time. Write it out of place, or leave "
+                f"checkpoint_blocks empty to find the blocks from the graph (they leave such writes out).")
         taken.update(dict.fromkeys(span, block))
         regions[f"block:{block}"] = span
     return regions

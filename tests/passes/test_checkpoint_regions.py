@@ -368,6 +368,57 @@ def test_a_matmul_between_blocks_in_none_warns_naming_its_module_and_named_block
     assert list(_regions(rank_gm)) == ["block:layers.0", "block:memory_proj", "block:layers.1", "block:layers.2"]
 
 
+class _CountingBlocks(nn.Module):
+    """Each block reads a buffer, then counts its call on it in place (a tensor made outside the block)."""
+
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.ln = nn.LayerNorm(HIDDEN)
+            self.attn = nn.Linear(HIDDEN, HIDDEN)
+            self.mlp = nn.Sequential(nn.Linear(HIDDEN, 64), nn.ReLU(), nn.Linear(64, HIDDEN))
+            self.register_buffer("calls", torch.zeros(()))
+
+        def forward(self, x):
+            x = x + self.attn(self.ln(x) * (1 + self.calls))
+            self.calls.add_(1)
+            return x + self.mlp(x)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, HIDDEN)
+        self.layers = nn.ModuleList(self.Block() for _ in range(2))
+
+    def forward(self, idx):
+        x = self.embed(idx)
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+def test_an_in_place_write_after_a_read_in_a_block_is_not_moved_before_the_read():
+    """The write stays out of the block (recomputing it would count twice) and the block starts after it, so
+    the graph computes what it did: the attention left out is named in the warning. Named blocks would
+    recompute the write: refused."""
+    torch.manual_seed(0)
+    tokens = torch.randint(0, VOCAB, (2, 8), generator=torch.Generator().manual_seed(0))
+    gm, ctx = build_moe_graph(_CountingBlocks().eval(), (tokens,), moe=tedfx.MoEConfig(num_experts=2, top_k=1,
+                                                                                       drop_tokens=False))
+    with torch.no_grad():
+        expected = copy.deepcopy(gm)(tokens)
+    marked = copy.deepcopy(gm)
+    with pytest.warns(UserWarning, match=r"in no block.*layers\.1\.attn.*writes in place"):
+        activation_checkpoint_pass(marked, ctx=ctx, mode="block")
+    marked.recompile()
+    add_ = [n for n in marked.graph.nodes if n.target is torch.ops.aten.add_.Tensor]
+    assert len(add_) == 2 and all(REGION_META not in n.meta for n in add_)
+    with torch.no_grad():
+        torch.testing.assert_close(marked(tokens), expected, rtol=0, atol=0)
+    with pytest.raises(NoCheckpointRegionError, match=r"block 'layers\.0' of _CountingBlocks writes in place a "
+                                                      r"tensor made outside it \(aten\.add_\.Tensor at layers\.0\)"):
+        activation_checkpoint_pass(copy.deepcopy(gm), ctx=ctx, mode="block", blocks=("layers.*",))
+
+
 def test_moe_mode_makes_one_region_per_moe_block():
     gm, ctx, _ = _moe_graph("sequential")
     marked = activation_checkpoint_pass(copy.deepcopy(gm), ctx=ctx, mode="moe")
