@@ -58,11 +58,15 @@ def enter(door: str, group: dist.ProcessGroup | None, timeout_s: float | None) -
         CollectiveCallError: a rank did not come within the timeout (or its connection closed), or the
             ranks entered different calls.
     """
-    mine = torch.tensor([_KIND[door]], dtype=torch.int64)
+    # The mesh's door group is gloo (CPU); the default group of a plain module may be NCCL (the current GPU).
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else "cpu"
+    mine = torch.tensor([_KIND[door]], dtype=torch.int64, device=device)
     every = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
     try:
         dist.all_gather(every, mine, group=group)
     except RuntimeError as e:  # gloo: "Timed out waiting ...", or a peer's connection closed
+        if not any(word in str(e).lower() for word in ("timed out", "timeout", "closed", "connection")):
+            raise
         waited = f"ParallelConfig.timeout={timeout_s:g} s" if timeout_s is not None else "the process group's timeout"
         raise CollectiveCallError(
             f"{door} is a collective: every rank must call it, not rank 0 alone ({_WHY[door]}). Rank "
