@@ -87,9 +87,22 @@ def _trained(gm: fx.GraphModule) -> frozenset[fx.Node]:
     return frozenset(out)
 
 
+_SIZES = (torch.ops.aten.sym_size.int, torch.ops.aten.sym_numel.default, torch.ops.aten.sym_stride.int)
+
+
+def _data(gm: fx.GraphModule) -> frozenset[fx.Node]:
+    """The nodes computed from the values of the graph's inputs; reading an input's size does not count."""
+    out: set[fx.Node] = set()
+    for node in gm.graph.nodes:
+        if node.op == "placeholder" or (node.op != "get_attr" and node.target not in _SIZES
+                                        and any(a in out for a in node.all_input_nodes)):
+            out.add(node)
+    return frozenset(out)
+
+
 def propagate(gm: fx.GraphModule, seeds: set[fx.Node], T: int) -> Plan:
     """Place every node for these column-parallel seeds; raises Fail at the first op a shard cannot pass."""
-    plan = Plan(trained=_trained(gm))
+    plan = Plan(trained=_trained(gm), data=_data(gm))
     for node in gm.graph.nodes:
         ins = [plan.place.get(a, R) if isinstance(a, fx.Node) else R for a in node.args]
         lin = as_linear(node)

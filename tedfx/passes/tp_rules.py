@@ -96,6 +96,9 @@ class Plan:
     partial_sums: dict[fx.Node, int] = field(default_factory=dict)
     """mean or sum over the sharded dim (OLMo2's q/k RMSNorm across all heads) -> the divisor of the all-reduced
     local results (T for a mean over equal shards, 1 for a sum): shard_tensor_parallel all-reduces them."""
+    data: frozenset[fx.Node] = frozenset()
+    """Nodes computed from the values of the graph's inputs (not from their sizes alone): activations, which an
+    elementwise op never narrows (that would split the residual stream; docs/parallelism.md)."""
     trained: frozenset[fx.Node] = frozenset()
     """Nodes whose value depends on a parameter that requires grad (export's meta values of activations do not
     record requires_grad): the operands grad_sums must sum."""
@@ -140,9 +143,10 @@ def _elementwise(node, ins, plan, T):
                 if a in plan.trained:
                     plan.grad_sums.append((node, i))
                 continue
-            # Computed whole on every rank (a per-head bias added to sharded attention scores, T5 written with
-            # matmuls): each rank narrows it to its share, its gradient all-gathered (docs/parallelism.md).
-            if outer == 1 and out is not None and size == out.shape[d] and size % T == 0:
+            # Computed whole on every rank from parameters and sizes (a per-head bias added to sharded attention
+            # scores, T5 written with matmuls): each rank narrows it to its share, its gradient all-gathered
+            # (docs/parallelism.md). An activation is not narrowed: the residual stream stays whole.
+            if outer == 1 and out is not None and size == out.shape[d] and size % T == 0 and a not in plan.data:
                 plan.narrow.append((node, i, aligned))
                 continue
             raise Fail(all_seeds(ins), node, "replicated operand not broadcast along the sharded dim")

@@ -166,8 +166,8 @@ def test_kv_heads_that_do_not_divide_are_narrowed_to_the_rank_s_query_heads(rank
     for i, sdpa in enumerate(sdpas):  # k and v of each attention, narrowed on the heads dim
         assert sdpa.args[1:3] == tuple(slices[2 * i:2 * i + 2])
     notes = rank.ctx.records.tp_notes
-    assert [n for n in notes if "narrowed to this rank's heads" in n] == [
-        f"{sdpa.name}: replicated operand {i} narrowed to this rank's heads" for sdpa in sdpas for i in (1, 2)]
+    assert [n for n in notes if "narrowed to this rank's share" in n] == [
+        f"{sdpa.name}: replicated operand {i} narrowed to this rank's share" for sdpa in sdpas for i in (1, 2)]
     # The loud check lets k_proj and v_proj stay whole for this reason only, and says so.
     assert [n for n in notes if "kept whole" in n] == [
         f"model.layers.{i}.self_attn.{p}_proj: kept whole, its 1 KV heads do not divide by T=2; each rank narrows "
