@@ -102,7 +102,9 @@ def _data(gm: fx.GraphModule) -> frozenset[fx.Node]:
 
 def propagate(gm: fx.GraphModule, seeds: set[fx.Node], T: int) -> Plan:
     """Place every node for these column-parallel seeds; raises Fail at the first op a shard cannot pass."""
-    plan = Plan(trained=_trained(gm), data=_data(gm))
+    attention_inputs = frozenset(n for n, role in projections_to_split(gm).items()
+                                 if role == "attention input projection")
+    plan = Plan(trained=_trained(gm), data=_data(gm), attention_inputs=attention_inputs)
     for node in gm.graph.nodes:
         ins = [plan.place.get(a, R) if isinstance(a, fx.Node) else R for a in node.args]
         lin = as_linear(node)

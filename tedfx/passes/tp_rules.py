@@ -99,6 +99,9 @@ class Plan:
     data: frozenset[fx.Node] = frozenset()
     """Nodes computed from the values of the graph's inputs (not from their sizes alone): activations, which an
     elementwise op never narrows (that would split the residual stream; docs/parallelism.md)."""
+    attention_inputs: frozenset[fx.Node] = frozenset()
+    """The attention input projections (q, k, v): the only seeds whose shard a mean or sum over the sharded dim
+    all-reduces (a q/k norm across all heads); any other (a norm of the residual stream) stays refused."""
     trained: frozenset[fx.Node] = frozenset()
     """Nodes whose value depends on a parameter that requires grad (export's meta values of activations do not
     record requires_grad): the operands grad_sums must sum."""
@@ -447,7 +450,7 @@ def _reduce(node, ins, plan, T):
     dims = {_norm_dim(d, nd) for d in dims}
     keepdim = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
     if p.dim in dims:
-        if node.target is aten.amax.default or p.outer != 1:
+        if node.target is aten.amax.default or p.outer != 1 or not p.seeds <= plan.attention_inputs:
             raise Fail(p.seeds, node, f"{node.target} over the sharded dim {p.dim}: its statistics need the "
                                       f"whole features")
         plan.partial_sums[node] = T if node.target is aten.mean.dim else 1
