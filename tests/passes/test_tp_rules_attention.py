@@ -388,6 +388,16 @@ def test_replicate_keeps_the_named_projections_whole_and_the_ranks_still_compute
     _assert_ranks_compute_the_reference(tiny_explicit_encoder, ranks)
 
 
+def _seeded(cls: type[nn.Module]) -> Callable:
+    """A builder of a model of this file, as tests/models.py builders: seeded weights and a token batch."""
+
+    def build() -> tuple[nn.Module, tuple[torch.Tensor]]:
+        torch.manual_seed(0)
+        return cls(), (torch.randint(0, 100, (2, 8), generator=torch.Generator().manual_seed(0)),)
+
+    return build
+
+
 class _BroadcastMQA(nn.Module):
     """Multi-query attention by broadcasting: one k/v head of shape (B, 1, S, d) against 4 query heads."""
 
@@ -408,9 +418,7 @@ class _BroadcastMQA(nn.Module):
         return x + self.mlp(x)
 
 
-def _broadcast_mqa():
-    torch.manual_seed(0)
-    return _BroadcastMQA(), (torch.randint(0, 100, (2, 8), generator=torch.Generator().manual_seed(0)),)
+_broadcast_mqa = _seeded(_BroadcastMQA)
 
 
 def test_a_replicated_operand_a_sharded_matmul_broadcasts_gets_its_gradient_summed_over_tp():
@@ -446,9 +454,7 @@ class _LearnedBiasAttention(nn.Module):
         return x + self.mlp(x)
 
 
-def _learned_bias():
-    torch.manual_seed(0)
-    return _LearnedBiasAttention(), (torch.randint(0, 100, (2, 8), generator=torch.Generator().manual_seed(0)),)
+_learned_bias = _seeded(_LearnedBiasAttention)
 
 
 def test_a_learned_attention_bias_broadcast_over_the_heads_gets_its_gradient_summed_over_tp():
@@ -479,9 +485,7 @@ class _FusedQKVSeparateBias(nn.Module):
         return x + self.mlp(x)
 
 
-def _fused_qkv_separate_bias():
-    torch.manual_seed(0)
-    return _FusedQKVSeparateBias(), (torch.randint(0, 100, (2, 8), generator=torch.Generator().manual_seed(0)),)
+_fused_qkv_separate_bias = _seeded(_FusedQKVSeparateBias)
 
 
 def test_a_bias_added_to_a_fused_projection_is_narrowed_per_chunk_as_its_weight_is_split():
