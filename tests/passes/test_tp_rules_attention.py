@@ -61,6 +61,14 @@ _T5_ATTENTION = ("encoder.block.{}.layer.0.SelfAttention", "decoder.block.{}.lay
 _T5_COLUMN = tuple(f"{a}.{p}" for a in _T5_ATTENTION for p in "qkv")
 _T5_ROW = tuple(f"{a}.o" for a in _T5_ATTENTION)
 
+
+def _padded(model: nn.Module, inputs: tuple, kwargs: dict) -> tuple[nn.Module, tuple, dict]:
+    """The builder's model with an `attention_mask` that pads the last 2 tokens of the first sequence."""
+    mask = torch.ones_like(inputs[0])
+    mask[0, -2:] = 0
+    return model, inputs, {**kwargs, "attention_mask": mask}
+
+
 # Per model: (builder, column-parallel modules, row-parallel modules) of every layer at T = 2.
 ZOO: dict[str, tuple[Callable, tuple[str, ...], tuple[str, ...]]] = {
     "explicit": (tiny_explicit_encoder, ("layers.{}.attn.query", "layers.{}.attn.key", "layers.{}.attn.value"),
@@ -79,6 +87,7 @@ ZOO: dict[str, tuple[Callable, tuple[str, ...], tuple[str, ...]]] = {
     # as the attention mask of sdpa or as the operand added to the scores of attention written with matmuls.
     "t5": (tiny_t5, _T5_COLUMN, _T5_ROW),
     "t5_eager": (functools.partial(tiny_t5, "eager"), _T5_COLUMN, _T5_ROW),
+    "t5_eager_padded": (lambda: _padded(*tiny_t5("eager")), _T5_COLUMN, _T5_ROW),  # a mask read from an input
 }
 
 
