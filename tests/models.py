@@ -378,9 +378,11 @@ def tiny_gptj() -> tuple[nn.Module, tuple[torch.Tensor]]:
     return transformers.GPTJForCausalLM(cfg), (_tokens(),)
 
 
-def tiny_falcon(new_decoder_architecture: bool = False, bias: bool = True) -> tuple[nn.Module, tuple[torch.Tensor]]:
+def tiny_falcon(new_decoder_architecture: bool = False, bias: bool = True,
+                multi_query: bool = True) -> tuple[nn.Module, tuple[torch.Tensor]]:
     """HF Falcon: FalconLinear projects by `input @ self.weight.T` (+ bias), not F.linear; fused query_key_value
-    (multi-query with the old architecture, grouped KV heads with the new one), GELU MLP of width 4 * hidden."""
+    (the old architecture: multi-query, or with `multi_query=False` one key and value per head viewed as
+    (heads, 3, head_dim); the new one: grouped KV heads), GELU MLP of width 4 * hidden."""
     import transformers
 
     _quiet_transformers()
@@ -388,6 +390,7 @@ def tiny_falcon(new_decoder_architecture: bool = False, bias: bool = True) -> tu
     cfg = transformers.FalconConfig(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS,
                                     num_attention_heads=HEADS, num_kv_heads=2 if new_decoder_architecture else None,
                                     new_decoder_architecture=new_decoder_architecture, bias=bias, alibi=False,
+                                    multi_query=multi_query,
                                     max_position_embeddings=32, bos_token_id=0, eos_token_id=0)
     return transformers.FalconForCausalLM(cfg), (_tokens(),)
 

@@ -53,6 +53,7 @@ from models import (
     patch_capture,
     tiny_blocks,
     tiny_explicit_encoder,
+    tiny_falcon,
     tiny_fused_qkv_encoder,
     tiny_gpt,
     tiny_gpt2,
@@ -92,7 +93,7 @@ class Case:
     """A key of BUILDERS: "gpt" (tests/models.tiny_gpt), "gpt2" or "llama" (HF, dropout off), "dict_blocks" (a GPT
     whose blocks sit in a ModuleDict driven by the parent's forward: activation checkpointing must find them from
     the graph), or one of the models written differently from ours ("explicit", "fused_qkv", "neox", "gqa",
-    "phi3", "qwen3", "olmo2", "gptj", "t5")."""
+    "phi3", "qwen3", "olmo2", "gptj", "t5", "falcon_grouped")."""
     tensor: int
     expert: int
     top_k: int = 1
@@ -218,6 +219,7 @@ BUILDERS: dict[str, Callable[[], nn.Module]] = {
     "olmo2": lambda: tiny_olmo2()[0],
     "gptj": lambda: _no_dropout(tiny_gptj()[0]),
     "t5": _T5OnTokens,
+    "falcon_grouped": lambda: tiny_falcon(new_decoder_architecture=True)[0],
 }
 TP_SHARDED = {
     # Non-expert weights that Megatron tensor parallelism must split when T > 1 (one per layer).
@@ -242,6 +244,8 @@ TP_SHARDED = {
     "gptj": ("attn.q_proj.weight", "attn.k_proj.weight", "attn.v_proj.weight", "attn.out_proj.weight"),  # stack
     # Self- and cross-attention; the per-head position bias stays whole, each rank narrowing it to its heads.
     "t5": tuple(f"{a}.{p}.weight" for a in ("SelfAttention", "EncDecAttention") for p in "qkvo"),
+    # Fused q | k | v per KV group, the group's key and value picked by index: split in blocks of groups.
+    "falcon_grouped": ("self_attention.query_key_value.weight", "self_attention.dense.weight"),
 }
 _models: dict[str, nn.Module] = {}
 

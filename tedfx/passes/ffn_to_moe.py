@@ -171,6 +171,7 @@ def _convert(gm: fx.GraphModule, match: FFNMatch, moe: MoEConfig, *, materialize
     y.meta["val"] = match.exit.meta.get("val")
     y.meta[FFN_EXIT_META] = match.path
     match.exit.replace_all_uses_with(y)
+    _copy_if_written(y)
 
     # Erase the dense region, users first.
     for node in reversed(match.nodes):
@@ -185,6 +186,39 @@ def _convert(gm: fx.GraphModule, match: FFNMatch, moe: MoEConfig, *, materialize
         dense_params=dense_params, moe_params=router.weight.numel() + expert_params,
         active_params=router.weight.numel() + expert_params * moe.top_k // moe.num_experts,
     )
+
+
+def _copy_if_written(y: fx.Node) -> None:
+    """Give the model a copy of the block's output if it writes that output in place (Falcon's
+    `mlp_output += attention_output`), directly or through a view of it.
+
+    The output leaves `attach_aux_loss`, a custom autograd Function that returns its input as a view, and autograd
+    forbids writing such a view in place ("... was created inside a custom Function"). A copy costs one
+    activation-sized buffer per block, on such models only (docs/moe.md, "The MoE block")."""
+    if not _written(y):
+        return
+    with y.graph.inserting_after(y):
+        copy = y.graph.call_function(torch.ops.aten.clone.default, (y,))
+    y.replace_all_uses_with(copy, delete_user_cb=lambda user: user is not copy)
+    # The model's own op, after the block: the value leaving the FFN, as the model reads it.
+    copy.meta = {"val": y.meta.get("val"), "nn_module_stack": y.meta.get("nn_module_stack", {}),
+                 FFN_EXIT_META: y.meta.pop(FFN_EXIT_META)}
+
+
+def _written(node: fx.Node) -> bool:
+    """Whether an op writes `node`'s memory in place: its first argument `node` or a view of it."""
+    for user in node.users:
+        target = user.target
+        if target is operator.getitem:  # an item of split/unbind's views
+            if _written(user):
+                return True
+            continue
+        if not isinstance(target, torch._ops.OpOverload) or not user.args or user.args[0] is not node:
+            continue
+        alias = target._schema.arguments[0].alias_info if target._schema.arguments else None
+        if alias is not None and (alias.is_write or _written(user)):  # written, or a view of it written
+            return True
+    return False
 
 
 def _parent_stack(match: FFNMatch) -> dict:

@@ -473,6 +473,25 @@ def _stack(node, ins, plan, T):
     return dataclasses.replace(p, dim=p.dim + (dim <= p.dim), seeds=all_seeds(places))
 
 
+def _index(node, ins, plan, T):
+    """Indexing by tensors off the sharded dim (Falcon's grouped-KV `qkv[:, :, :, [-2]]` picks the key of each
+    group): the indexed dims, if adjacent, are replaced in place by the index's shape, so the shard keeps its
+    place before them or moves by the change in rank after them. Indexing the sharded dim (positions in the
+    whole dim) or with indices apart (numpy moves their result to the front) fails."""
+    p, indices = ins[0], list(node.args[1])
+    if any(isinstance(i, fx.Node) and plan.place.get(i, R).kind == "S" for i in indices):
+        raise Fail(all_seeds([plan.place[i] for i in indices if isinstance(i, fx.Node)] + [p]), node,
+                   "indexing with a sharded index")
+    if p.kind != "S":
+        return R
+    used = [d for d, i in enumerate(indices) if i is not None]
+    if p.dim in used or used != list(range(used[0], used[-1] + 1)):
+        raise Fail(p.seeds, node, "indexing the sharded dim, or by indices on dims apart")
+    if p.dim < used[0]:
+        return p
+    return p.at(p.dim + node_ndim(node) - node_ndim(node.args[0]))
+
+
 def _assert_metadata(node, ins, plan, T):
     """_assert_tensor_metadata (export's check of a cast's input) returns nothing; on a sharded tensor the size
     it may check is the whole tensor's, so the rewrite divides it on the sharded dim (`Plan.asserts`)."""
@@ -568,6 +587,7 @@ RULES: dict[Callable, Callable] = {
     aten._unsafe_view.default: _reshape,
     aten.flatten.using_ints: _flatten,
     aten.expand.default: _expand,
+    aten.broadcast_to.default: _expand,
     aten.scaled_dot_product_attention.default: _sdpa,
     aten.chunk.default: _chunk,
     aten.unbind.int: _unbind,
@@ -584,6 +604,7 @@ RULES: dict[Callable, Callable] = {
     aten.amax.default: _reduce,
     aten.stack.default: _stack,
     aten._assert_tensor_metadata.default: _assert_metadata,
+    aten.index.Tensor: _index,
     operator.getitem: _passthrough,
 }
 """One handler per aten op: (node, input placements, plan, T) -> output placement; raises Fail."""

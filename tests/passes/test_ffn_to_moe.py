@@ -274,3 +274,45 @@ def test_expert_noise_is_seeded_per_expert_and_leaves_biases_exact(dense_graph) 
     for b, key in (("b1", "c_fc.bias"), ("b2", "c_proj.bias")):
         bias = first.state_dict()[f"h.0.mlp.experts.{b}"]
         assert all(torch.equal(bias[e], dense.state_dict()[f"h.0.mlp.{key}"]) for e in range(E))
+
+
+class _WritesItsFFNOutput(torch.nn.Module):
+    """A model that writes its FFN's output in place: `y += x` (Falcon's `mlp_output += attention_output`), or
+    through a view (`y[..., 0] += 1`); "none" adds out of place."""
+
+    def __init__(self, write: str) -> None:
+        super().__init__()
+        self.emb = torch.nn.Embedding(32, H)
+        self.fc1, self.fc2 = torch.nn.Linear(H, 4 * H), torch.nn.Linear(4 * H, H)
+        self.head = torch.nn.Linear(H, 32)
+        self.write = write
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        x = self.emb(tokens)
+        y = self.fc2(torch.nn.functional.gelu(self.fc1(x)))
+        if self.write == "in_place":
+            y += x
+        elif self.write == "through_a_view":
+            y[..., 0] += 1.0
+            y = y + x
+        else:
+            y = y + x
+        return self.head(y)
+
+
+@pytest.mark.parametrize("write", ["in_place", "through_a_view", "none"])
+def test_a_model_that_writes_the_moe_output_in_place_trains_on_a_copy(write) -> None:
+    """The block's output leaves a custom autograd Function as a view, which autograd forbids writing in place
+    ("created inside a custom Function"): a model that writes it gets a copy, one that does not gets none; the
+    MoE still equals the dense model, and a backward with the aux loss runs."""
+    torch.manual_seed(0)
+    model, tokens = _WritesItsFFNOutput(write), torch.randint(0, 32, (2, 8))
+    expected = model(tokens)
+    gm, _ = tedfx.pipeline.build_moe_graph(model, (tokens,), moe=dataclasses.replace(EXACT, aux_loss_coef=0.01))
+    (exit_,) = [n for n in gm.graph.nodes if n.meta.get(MOE_META) and n.meta[MOE_META].role is Role.UNFLATTEN_TOKENS]
+    copies = [n for n in exit_.users if n.target is torch.ops.aten.clone.default]
+    assert len(copies) == (write != "none") and len(exit_.users) == 1
+    out = gm.train()(tokens)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+    out.square().mean().backward()
+    assert gm.get_parameter("router.weight").grad is not None

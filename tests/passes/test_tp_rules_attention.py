@@ -40,6 +40,7 @@ from tedfx.sharding import shard_tensor, unshard_tensor
 
 from models import (
     tiny_explicit_encoder,
+    tiny_falcon,
     tiny_fused_qkv_encoder,
     tiny_gpt,
     tiny_gpt2,
@@ -88,6 +89,14 @@ ZOO: dict[str, tuple[Callable, tuple[str, ...], tuple[str, ...]]] = {
     "t5": (tiny_t5, _T5_COLUMN, _T5_ROW),
     "t5_eager": (functools.partial(tiny_t5, "eager"), _T5_COLUMN, _T5_ROW),
     "t5_eager_padded": (lambda: _padded(*tiny_t5("eager")), _T5_COLUMN, _T5_ROW),  # a mask read from an input
+    # Fused query_key_value viewed as (KV groups, queries per group + 2, head_dim); each group's key and value
+    # picked by index ([-2], [-1]) and broadcast_to the queries: split in contiguous blocks of groups.
+    "falcon_grouped": (functools.partial(tiny_falcon, True), ("transformer.h.{}.self_attention.query_key_value",),
+                       ("transformer.h.{}.self_attention.dense",)),
+    # One key and value per head: the fused output viewed as (heads, 3, head_dim), as GPT-NeoX does.
+    "falcon_per_head": (functools.partial(tiny_falcon, multi_query=False),
+                        ("transformer.h.{}.self_attention.query_key_value",),
+                        ("transformer.h.{}.self_attention.dense",)),
 }
 
 

@@ -89,12 +89,12 @@ def test_falcon_converts_to_moe_with_every_projection_a_linear():
     assert [f.path for f in ctx.records.ffns] == ["transformer.h.0.mlp", "transformer.h.1.mlp"]
 
 
-@pytest.mark.parametrize("new_decoder_architecture", [False, True], ids=["multi-query", "grouped-kv"])
-def test_falcon_tensor_parallel_refuses_its_attention_loudly_and_shards_with_it_replicated(new_decoder_architecture):
-    """Falcon's fused query_key_value is split by slicing (multi-query) or index (grouped KV) ops that the
-    tensor-parallel rules do not shard: T=2 names both projections of each layer and the fix; with them
-    replicated, the MoE experts are split over "tp"."""
-    model, inputs = tiny_falcon(new_decoder_architecture)
+def test_falcon_multi_query_tensor_parallel_refuses_its_attention_loudly_and_shards_with_it_replicated():
+    """Multi-query Falcon views its fused query_key_value as (heads + 2, head_dim) and slices the one key and
+    value off the end: no split of that dim gives each rank whole heads plus the shared key and value, so T=2
+    names both projections of each layer and the fix; with them replicated, the MoE experts are split over "tp".
+    (Grouped-KV and per-head Falcon shard: tests/passes/test_tp_rules_attention.py's zoo.)"""
+    model, inputs = tiny_falcon()
     gm, ctx = build_moe_graph(model.eval(), inputs, moe=tedfx.MoEConfig(num_experts=4, top_k=2))
     par = tedfx.ParallelConfig(tensor=2)
     with pytest.raises(ValueError, match=re.escape(
