@@ -107,12 +107,19 @@ def _expect(error: type[Exception], fn: Callable[[], Any]) -> str | None:
     return None
 
 
-def _train_gpt(pm, batches: list[dict], *, share_targets: bool = False) -> tuple[list[float], dict]:
+def _train_gpt(pm, batches: list[dict], *, share_targets: bool = False,
+               temperature: str | None = None) -> tuple[list[float], dict]:
+    """AdamW steps; `temperature`: the logits divided by 2 "in_place" (`logits.div_(2)`) or "out_of_place"."""
     opt = torch.optim.AdamW(pm.parameters(), lr=1e-3)
     losses = []
     for b in batches:
         x, y = pm.broadcast_batch(b["x"], b["y"]) if share_targets else (b["x"], b["y"])
-        loss = _loss(pm, x, y)
+        if temperature is None:
+            loss = _loss(pm, x, y)
+        else:
+            logits = pm(x)
+            logits = logits.div_(2.0) if temperature == "in_place" else logits / 2.0
+            loss = F.cross_entropy(logits.flatten(0, 1), y.flatten())
         loss.backward()
         opt.step()
         opt.zero_grad()
@@ -142,6 +149,10 @@ def _token_group_cases() -> dict[str, Any]:
     # "verify" is chosen instead of the broadcast: switching the shape checks off does not switch it off.
     out["verify_unchecked_error"] = _expect(ValueError, lambda: build("verify", check_inputs=False)(by_rank[0]["x"]))
     out["targets_error"] = _expect(ValueError, lambda: _train_gpt(build(), by_rank))
+    # The output written in place (a temperature): it trains as out of place, and the gradient check still runs.
+    out["in_place"] = _train_gpt(build(), right, temperature="in_place")
+    out["in_place_reference"] = _train_gpt(build(), right, temperature="out_of_place")
+    out["in_place_targets_error"] = _expect(ValueError, lambda: _train_gpt(build(), by_rank, temperature="in_place"))
     return out
 
 

@@ -85,10 +85,21 @@ def test_data_seeded_by_global_rank_is_verified_on_the_first_step(ranks):
 
 def test_targets_seeded_by_global_rank_fail_in_the_first_backward(ranks):
     for r in ranks:
-        error = r["token_groups"]["targets_error"]
-        assert error and re.search(r"ranks 0 and 1 of token group 0 .* received different gradients at the "
-                                   r"ParallelModule's output", error), error
-        assert "pm.broadcast_batch" in error
+        for case in ("targets_error", "in_place_targets_error"):  # the output written in place: still checked
+            error = r["token_groups"][case]
+            assert error and re.search(r"ranks 0 and 1 of token group 0 .* received different gradients at the "
+                                       r"ParallelModule's output", error), (case, error)
+            assert "pm.broadcast_batch" in error
+
+
+def test_an_output_written_in_place_trains_as_one_written_out_of_place(ranks):
+    """`logits.div_(temperature)` on the ParallelModule's output: the gradient check hooks the output instead of
+    wrapping it in an autograd function, whose output autograd refuses to write in place."""
+    for r in ranks:
+        losses, state = r["token_groups"]["in_place"]
+        ref_losses, ref_state = r["token_groups"]["in_place_reference"]
+        assert losses == ref_losses
+        assert all(torch.equal(state[k], ref_state[k]) for k in ref_state)
 
 
 @pytest.mark.parametrize("tokens, vocab", [(512, 300), (65536, 64)])

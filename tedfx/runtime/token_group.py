@@ -128,9 +128,13 @@ class TokenGroupFeed:
         return out
 
     def watch_outputs(self, out: Any) -> Any:
-        """`out` with a check in the backward that every rank of the token group receives the same gradient."""
-        return pytree.tree_map(lambda x: _WatchGrad.apply(x, self._check_grad)
-                               if isinstance(x, torch.Tensor) and x.requires_grad else x, out)
+        """`out`, each tensor with a hook that checks in the backward that every rank of the token group receives
+        the same gradient. A hook, not an autograd function: a function's output is a view that the user may not
+        write in place (`logits.div_(temperature)`); the hook still sees the gradient of the value returned."""
+        for x in pytree.tree_leaves(out):
+            if isinstance(x, torch.Tensor) and x.requires_grad:
+                x.register_hook(self._check_grad)
+        return out
 
     # --- checks ---------------------------------------------------------------------------------------
 
@@ -196,18 +200,6 @@ class TokenGroupFeed:
                     f"apart. Draw targets by pm.data_parallel_rank as well, send them from the token group's "
                     f"first rank with pm.broadcast_batch(...), or pass them to the model (e.g. labels=...), whose "
                     f"inputs are broadcast.")
-
-
-class _WatchGrad(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, check: Callable[[torch.Tensor], None]) -> torch.Tensor:
-        ctx.check = check
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        ctx.check(grad)
-        return grad, None
 
 
 def _leaf_names(args: tuple, kwargs: dict) -> list[str]:
