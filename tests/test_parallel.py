@@ -67,7 +67,9 @@ WORLD_CASES: dict[int, list[Case | ErrorCase | LossScaleCase | CheckCostCase]] =
         Case("gptj", 2, 1, top_k=2),  # rotary's rotate_every_two by torch.stack
         # Encoder-decoder, per-head position bias narrowed per rank, blocks of two residual streams checkpointed.
         Case("t5", 2, 1, top_k=2, checkpointing="block"),
-        Case("falcon_grouped", 2, 1, top_k=2),  # fused q | k | v per KV group, key and value picked by index
+        # Fused q | k | v per KV group, key and value picked by index; `mlp_output += attention_output` on a copy
+        # of the MoE output, whose exit mark the blocks are found from.
+        Case("falcon_grouped", 2, 1, top_k=2, checkpointing="block"),
         ErrorCase("experts_do_not_divide", expert=2),
         ErrorCase("different_weights"),
     ],
