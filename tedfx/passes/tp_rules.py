@@ -485,7 +485,9 @@ def _index(node, ins, plan, T):
     if p.kind != "S":
         return R
     used = [d for d, i in enumerate(indices) if i is not None]
-    if p.dim in used or used != list(range(used[0], used[-1] + 1)):
+    if any(node_val(i) is None or node_val(i).dtype == torch.bool for i in indices if i is not None):
+        raise Fail(p.seeds, node, "indexing a sharded tensor with a boolean mask")  # a mask spans several dims
+    if not used or p.dim in used or used != list(range(used[0], used[-1] + 1)):
         raise Fail(p.seeds, node, "indexing the sharded dim, or by indices on dims apart")
     if p.dim < used[0]:
         return p

@@ -349,8 +349,8 @@ class _Refusals(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        self.softmax, self.a, self.b, self.unbind, self.sliced, self.stacked, self.normed = (
-            nn.Linear(8, 16) for _ in range(7))
+        self.softmax, self.a, self.b, self.unbind, self.sliced, self.stacked, self.normed, self.picked, \
+            self.masked = (nn.Linear(8, 16) for _ in range(9))
         self.out = nn.Linear(12, 8)  # row-parallel on the slices, so only the slices' bounds can fail
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -360,7 +360,9 @@ class _Refusals(nn.Module):
                 self.unbind(x).unbind(-1)[0],
                 self.out(s[..., :12] + s[..., 4:]),
                 torch.stack((h, torch.cat((x, x), -1)), dim=-1),  # a shard stacked with a replicated tensor
-                n / n.abs().amax(-1, keepdim=True))  # a max over all the features
+                n / n.abs().amax(-1, keepdim=True),  # a max over all the features
+                self.picked(x)[:, :, [0, 5]],  # features picked by index: positions in the whole dim
+                self.masked(x).view(2, 3, 4, 4)[x[..., :4] > 0])  # a boolean mask spans several dims
 
 
 def test_ops_a_shard_cannot_pass_keep_their_projections_replicated_with_the_reason():
@@ -377,6 +379,8 @@ def test_ops_a_shard_cannot_pass_keep_their_projections_replicated_with_the_reas
     assert reasons["stacked"].startswith("stack of operands with different placements")
     assert reasons["normed"].startswith("aten.amax.default over the sharded dim 2: its statistics need the whole "
                                         "features")
+    assert reasons["picked"].startswith("indexing the sharded dim")
+    assert reasons["masked"].startswith("indexing a sharded tensor with a boolean mask")
 
 
 # --- the loud error, and the opt-out ------------------------------------------------------------------------
