@@ -153,6 +153,11 @@ def _token_group_cases() -> dict[str, Any]:
     out["in_place"] = _train_gpt(build(), right, temperature="in_place")
     out["in_place_reference"] = _train_gpt(build(), right, temperature="out_of_place")
     out["in_place_targets_error"] = _expect(ValueError, lambda: _train_gpt(build(), by_rank, temperature="in_place"))
+    # The DDP habit `if rank == 0: torch.save(pm.state_dict())`, loaded on every rank: rank 1 gets rank 0's shards.
+    shared = [pm.state_dict() if rank == 0 else None]
+    dist.broadcast_object_list(shared, src=0)
+    out["rank0_state_dict_error"] = _expect(ValueError, lambda: pm.load_state_dict(shared[0]))
+    out["own_state_dict_error"] = _expect(ValueError, lambda: pm.load_state_dict(pm.state_dict()))
     return out
 
 

@@ -92,6 +92,17 @@ def test_targets_seeded_by_global_rank_fail_in_the_first_backward(ranks):
             assert "pm.broadcast_batch" in error
 
 
+def test_a_state_dict_of_another_ranks_shards_is_refused_naming_the_checkpoint_calls(ranks):
+    """pm.state_dict() is this rank's shards, with the same keys and shapes on every rank: loading rank 0's on
+    rank 1 (torch.save on rank 0 alone, then every rank loads) would train on wrong weights without an error."""
+    assert ranks[0]["token_groups"]["rank0_state_dict_error"] is None
+    error = ranks[1]["token_groups"]["rank0_state_dict_error"]
+    assert error and "holds the shards of another rank ({'tensor': 2, 'expert': 1, 'tp': 0, 'ep': 0}), not this " \
+        "rank's ({'tensor': 2, 'expert': 1, 'tp': 1, 'ep': 0})" in error, error
+    assert "tedfx.save(path, pm, optimizer)" in error and "pm.full_state_dict()" in error
+    assert all(r["token_groups"]["own_state_dict_error"] is None for r in ranks)
+
+
 def test_an_output_written_in_place_trains_as_one_written_out_of_place(ranks):
     """`logits.div_(temperature)` on the ParallelModule's output: the gradient check hooks the output instead of
     wrapping it in an autograd function, whose output autograd refuses to write in place."""

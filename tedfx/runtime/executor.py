@@ -35,6 +35,10 @@ from .token_group import TokenGroup, TokenGroupFeed
 __all__ = ["ParallelModule", "check_same_weights"]
 
 
+SHARDS_OF = "tedfx_shards_of"
+"""Key of `pm.state_dict()`'s metadata: whose shards the dict holds (ParallelModule._shards_of)."""
+
+
 class ParallelModule(nn.Module):
     """One rank's part of a TED-parallel MoE model.
 
@@ -77,6 +81,8 @@ class ParallelModule(nn.Module):
         self.shards = shards
         self.parallel = parallel
         self.check_inputs = check_inputs
+        self.register_state_dict_post_hook(ParallelModule._stamp_state_dict)
+        self.register_load_state_dict_pre_hook(ParallelModule._check_loaded_shards)
         self._dropout = _has_dropout(gm)
         self.token_group = TokenGroup(index=mesh.layout.data_parallel_rank(mesh.rank), count=mesh.size("dp"),
                                       ranks=tuple(mesh.group_ranks("tp")))
@@ -258,6 +264,30 @@ class ParallelModule(nn.Module):
         """
         self.enter_collective("ParallelModule.full_state_dict")
         return self._gather_full_state()
+
+    def _shards_of(self) -> dict[str, int]:
+        """Whose shards this rank holds: the layout's split degrees and the rank's tensor and expert coordinates
+        (ranks that differ only in "edp" hold the same shards)."""
+        layout, coords = self.mesh.layout, self.mesh.coords
+        return {"tensor": layout.tensor, "expert": layout.expert, "tp": coords["tp"], "ep": coords["ep"]}
+
+    @staticmethod
+    def _stamp_state_dict(pm: ParallelModule, state_dict, prefix, local_metadata) -> None:
+        """`pm.state_dict()` holds this rank's shards: its metadata (which torch.save keeps) says whose."""
+        local_metadata[SHARDS_OF] = pm._shards_of()
+
+    @staticmethod
+    def _check_loaded_shards(pm: ParallelModule, state_dict, prefix, local_metadata, *args) -> None:
+        """Refuse a state dict stamped with another rank's shards: `if rank == 0: torch.save(pm.state_dict(), f)`
+        loaded on every rank would give each rank rank 0's pieces of the split weights with no error of torch's
+        (the keys and shapes are the same on every rank). A dict without the stamp is not checked."""
+        theirs, mine = local_metadata.get(SHARDS_OF), pm._shards_of()
+        if theirs is not None and theirs != mine:
+            raise ValueError(
+                f"this state dict holds the shards of another rank ({theirs}), not this rank's ({mine}): "
+                f"pm.state_dict() is one rank's pieces of the split weights. To save and resume, call "
+                f"tedfx.save(path, pm, optimizer) and tedfx.load(path, pm, optimizer) on every rank; for the whole "
+                f"model, pm.full_state_dict() on every rank (docs/checkpoints.md).")
 
     def enter_collective(self, door: str) -> None:
         """Check that every rank entered the public collective `door` (one all-gather of 8 bytes per rank)."""
