@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -153,6 +154,14 @@ def _token_group_cases() -> dict[str, Any]:
     out["in_place"] = _train_gpt(build(), right, temperature="in_place")
     out["in_place_reference"] = _train_gpt(build(), right, temperature="out_of_place")
     out["in_place_targets_error"] = _expect(ValueError, lambda: _train_gpt(build(), by_rank, temperature="in_place"))
+    # Evaluation on data seeded by global rank: no backward to check the targets, so a warning, once.
+    out["eval_warnings"] = {}
+    for name, batches, module in (("right", right, build()), ("by_rank", by_rank, build())):
+        with warnings.catch_warnings(record=True) as caught, torch.no_grad():
+            warnings.simplefilter("always")
+            for b in batches[:2]:
+                module(b["x"])
+        out["eval_warnings"][name] = [str(w.message) for w in caught if "token_group_inputs" in str(w.message)]
     # The DDP habit `if rank == 0: torch.save(pm.state_dict())`, loaded on every rank: rank 1 gets rank 0's shards.
     shared = [pm.state_dict() if rank == 0 else None]
     dist.broadcast_object_list(shared, src=0)

@@ -133,6 +133,17 @@ def test_one_different_target_moves_the_output_gradient_fingerprint_far_past_its
         assert float((moved[:2] - base[:2]).abs().max()) > 50 * GRAD_RTOL * float(base[2]), position
 
 
+def test_evaluation_on_data_seeded_by_global_rank_warns_once_on_the_ranks_whose_inputs_were_replaced(ranks):
+    """No backward checks the targets in evaluation: the rank that runs its token group's first rank's inputs
+    instead of its own says so, once; data drawn by the token group warns nowhere."""
+    assert all(r["token_groups"]["eval_warnings"]["right"] == [] for r in ranks)
+    assert ranks[0]["token_groups"]["eval_warnings"]["by_rank"] == []
+    (message,) = ranks[1]["token_groups"]["eval_warnings"]["by_rank"]
+    assert message.startswith("rank 1 of token group 0 of 1 (ranks [0, 1]) was called with other inputs (input 0) "
+                              "than the group's first rank 0"), message
+    assert "pm.broadcast_batch(x, y)" in message and "pm.data_parallel_rank" in message
+
+
 def test_broadcast_batch_trains_like_a_correctly_fed_run(ranks):
     for r in ranks:
         losses, state = r["token_groups"]["shared"]

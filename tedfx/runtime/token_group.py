@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -85,6 +86,7 @@ class TokenGroupFeed:
         self.device = torch.device("cuda", torch.cuda.current_device()) \
             if dist.get_backend(process_group) == "nccl" else torch.device("cpu")
         self._pending: Callable[[], None] | None = None
+        self._warned = False
 
     def feed(self, args: tuple, kwargs: dict, *, check: bool, check_rng: bool) -> tuple[tuple, dict]:
         """The inputs this rank must run: the source's in "broadcast" mode; checked as `check`/`check_rng` ask.
@@ -97,12 +99,29 @@ class TokenGroupFeed:
         verified = [i for i in tensors if self.mode == "verify" or leaves[i].requires_grad] if check else []
         if self.mode == "broadcast":
             sent = [i for i in tensors if not leaves[i].requires_grad]
+            replaced = []
             for i, t in zip(sent, self.broadcast([leaves[i] for i in sent])):
+                if check and not self._warned and t is not leaves[i] and not torch.equal(t, leaves[i]):
+                    replaced.append(i)
                 leaves[i] = t
+            if replaced:
+                self._warn_replaced([_leaf_names(args, kwargs)[i] for i in replaced])
         if verified or check_rng:
             names = _leaf_names(args, kwargs)
             self._pending = self._compare([leaves[i] for i in verified], [names[i] for i in verified], check_rng)
         return pytree.tree_unflatten(leaves, spec)
+
+    def _warn_replaced(self, names: list[str]) -> None:
+        """Once: this rank's inputs differed from the source's and were replaced. Training raises at the first
+        backward if targets outside the model were drawn the same way; without a backward (evaluation) only this
+        warning tells the metric is computed on another rank's inputs."""
+        self._warned = True
+        warnings.warn(
+            f"rank {self.rank} of {self.group} was called with other inputs ({', '.join(names)}) than the group's "
+            f"first rank {self.group.ranks[0]}, and runs that rank's (ParallelConfig.token_group_inputs="
+            f"\"broadcast\"): targets or labels drawn the same way outside the model do not match its outputs, in "
+            f"evaluation too. Draw data by pm.data_parallel_rank, or send the targets with pm.broadcast_batch(x, y) "
+            f"(docs/parallelism.md, \"Token groups\"). Warned once.", UserWarning, stacklevel=4)
 
     def finish_checks(self) -> None:
         """Wait for the comparison the last `feed` issued, if any, and raise its error on every rank alike."""
