@@ -103,6 +103,21 @@ def test_without_the_scale_loss_over_n_warns_and_weighs_the_moe_losses_n_times(d
                                                            z_weight=Z * M))
 
 
+def test_zero_grad_without_set_to_none_is_not_accumulation(dense):
+    """`opt.zero_grad(set_to_none=False)` leaves a gradient of zeros: one backward per step does not warn; two
+    still do."""
+    moe_model = tedfx.to_moe(dense, (_micro_batches()[0][0],), moe=_moe())
+    opt = torch.optim.SGD(moe_model.parameters(), lr=0.0)
+    (tokens, targets), *_ = _micro_batches()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", tedfx.MoELossScaleWarning)
+        for _ in range(2):
+            opt.zero_grad(set_to_none=False)
+            _ce(moe_model, tokens, targets).backward()
+    with pytest.warns(tedfx.MoELossScaleWarning):
+        _ce(moe_model, tokens, targets).backward()
+
+
 def test_loss_scaler_and_accumulation_with_a_tensor_scale(dense, expected):
     """`scaler.scale(loss / N).backward()` with scale S: set S / N (a 0-dim tensor needs no host sync)."""
     S = torch.tensor(1024.0)

@@ -144,7 +144,7 @@ class MoELossScaleWarning(UserWarning):
 
 ACCUMULATION_WARNING = (
     "tedfx: a backward reached the MoE losses while the router weights already held a gradient (gradient "
-    "accumulation, or zero_grad(set_to_none=False)), and the MoE loss scale was never set. The MoE aux and z "
+    "accumulation), and the MoE loss scale was never set. The MoE aux and z "
     "losses enter every backward with weight 1.0, so if your loop backpropagates loss / N over N micro-batches "
     "they weigh N times too much. Call tedfx.set_moe_loss_scale(model, 1 / N) once (with a loss scaler: "
     "scaler.get_scale() / N each step), or tedfx.set_moe_loss_scale(model, 1.0) if you sum the micro-batch "
@@ -219,8 +219,10 @@ class Router(nn.Module):
 
     def _check_accumulation(self, grad: torch.Tensor) -> None:
         """In the backward, before this one adds to it: a gradient already there means an earlier backward
-        since the last zero_grad, i.e. gradient accumulation, whose loop tedfx cannot see."""
-        if self.weight.grad is not None and self.loss_scale is None and not self._warned:
+        since the last zero_grad, i.e. gradient accumulation, whose loop tedfx cannot see. A gradient of zeros
+        (`zero_grad(set_to_none=False)`) is none; reading it syncs with the device, in that case only."""
+        grad = self.weight.grad
+        if grad is not None and self.loss_scale is None and not self._warned and bool(grad.any()):
             self._warned = True
             warnings.warn(ACCUMULATION_WARNING, MoELossScaleWarning, stacklevel=2)
 
