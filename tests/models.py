@@ -108,6 +108,19 @@ def _hf_lm(name: str, **config) -> tuple[nn.Module, tuple[torch.Tensor]]:
     return getattr(transformers, f"{name}ForCausalLM")(cfg), (_tokens(),)
 
 
+def tiny_persimmon() -> tuple[nn.Module, tuple[torch.Tensor]]:
+    """HF Persimmon: fused query_key_value viewed as (heads, 3, head_dim), a LayerNorm over head_dim of each head's
+    query and key (`qk_layernorm`), partial rotary; its norms' weights and biases drawn at random (HF sets 1 and 0,
+    which would hide a norm weight applied to the wrong heads)."""
+    model, inputs = _hf_lm("Persimmon", partial_rotary_factor=0.5, qk_layernorm=True, hidden_dropout=0.0,
+                           attention_dropout=0.0, use_cache=False)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "layernorm" in name:
+                p.copy_(torch.randn_like(p) * 0.5 + (1.0 if name.endswith("weight") else 0.0))
+    return model, inputs
+
+
 def tiny_llama(kv_heads: int = 2) -> tuple[nn.Module, tuple[torch.Tensor]]:
     """HF Llama (SwiGLU MLP, grouped-query attention with `kv_heads` KV heads, rotary embeddings), FFN width 64."""
     return _hf_lm("Llama", num_key_value_heads=kv_heads)

@@ -62,6 +62,7 @@ from models import (
     tiny_gqa,
     tiny_llama,
     tiny_olmo2,
+    tiny_persimmon,
     tiny_phi3,
     tiny_qwen3,
     tiny_t5,
@@ -93,7 +94,7 @@ class Case:
     """A key of BUILDERS: "gpt" (tests/models.tiny_gpt), "gpt2" or "llama" (HF, dropout off), "dict_blocks" (a GPT
     whose blocks sit in a ModuleDict driven by the parent's forward: activation checkpointing must find them from
     the graph), or one of the models written differently from ours ("explicit", "fused_qkv", "neox", "gqa",
-    "phi3", "qwen3", "olmo2", "gptj", "t5", "falcon_grouped")."""
+    "phi3", "qwen3", "olmo2", "gptj", "t5", "falcon_grouped", "persimmon")."""
     tensor: int
     expert: int
     top_k: int = 1
@@ -220,6 +221,7 @@ BUILDERS: dict[str, Callable[[], nn.Module]] = {
     "gptj": lambda: _no_dropout(tiny_gptj()[0]),
     "t5": _T5OnTokens,
     "falcon_grouped": lambda: tiny_falcon(new_decoder_architecture=True)[0],
+    "persimmon": lambda: tiny_persimmon()[0],
 }
 TP_SHARDED = {
     # Non-expert weights that Megatron tensor parallelism must split when T > 1 (one per layer).
@@ -246,6 +248,8 @@ TP_SHARDED = {
     "t5": tuple(f"{a}.{p}.weight" for a in ("SelfAttention", "EncDecAttention") for p in "qkvo"),
     # Fused q | k | v per KV group, the group's key and value picked by index: split in blocks of groups.
     "falcon_grouped": ("self_attention.query_key_value.weight", "self_attention.dense.weight"),
+    # (heads, 3, head_dim) with a LayerNorm over head_dim of each head's q and k: its weight and bias get f.
+    "persimmon": ("self_attn.query_key_value.weight", "self_attn.dense.weight"),
 }
 _models: dict[str, nn.Module] = {}
 

@@ -70,6 +70,7 @@ WORLD_CASES: dict[int, list[Case | ErrorCase | LossScaleCase | CheckCostCase]] =
         # Fused q | k | v per KV group, key and value picked by index; `mlp_output += attention_output` on a copy
         # of the MoE output, whose exit mark the blocks are found from.
         Case("falcon_grouped", 2, 1, top_k=2, checkpointing="block"),
+        Case("persimmon", 2, 1, top_k=2),  # a LayerNorm per head: its weight's gradient summed over "tp"
         ErrorCase("experts_do_not_divide", expert=2),
         ErrorCase("different_weights"),
     ],

@@ -458,6 +458,23 @@ def _reduce(node, ins, plan, T):
     return p if keepdim else p.at(p.dim - sum(d < p.dim for d in dims))
 
 
+def _norm(node, ins, plan, T):
+    """layer_norm / rms_norm over trailing dims without the sharded one (Persimmon's per-head q/k LayerNorm over
+    head_dim) keep the shard; their weight and bias, one per normalized element and shared by every head, get
+    Megatron's f (each rank's gradient covers its own heads). A norm over the sharded dim (of the residual
+    stream) is refused: its statistics need the whole features."""
+    p = ins[0]
+    if p.kind != "S":
+        return R
+    if p.dim >= node_ndim(node.args[0]) - len(node.args[1]):
+        raise Fail(p.seeds, node, f"{node.target} over the sharded dim {p.dim}: its statistics need the whole "
+                                  f"features")
+    for i in (2, 3):  # weight, bias (rms_norm's 3 is eps)
+        if i < len(node.args) and isinstance(node.args[i], fx.Node) and node.args[i] in plan.trained:
+            plan.grad_sums.append((node, i))
+    return p
+
+
 def _stack(node, ins, plan, T):
     """stack (GPT-J's rotate_every_two stacks (-x2, x1) on a new last dim): a new dim never cuts the sharded
     one, so operands sharded alike stay sharded, the shard moving up when the new dim comes before it."""
@@ -607,6 +624,8 @@ RULES: dict[Callable, Callable] = {
     aten.stack.default: _stack,
     aten._assert_tensor_metadata.default: _assert_metadata,
     aten.index.Tensor: _index,
+    aten.layer_norm.default: _norm,
+    aten.rms_norm.default: _norm,
     operator.getitem: _passthrough,
 }
 """One handler per aten op: (node, input placements, plan, T) -> output placement; raises Fail."""

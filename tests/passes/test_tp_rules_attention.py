@@ -49,6 +49,7 @@ from models import (
     tiny_gqa,
     tiny_llama,
     tiny_olmo2,
+    tiny_persimmon,
     tiny_phi3,
     tiny_qwen3,
     tiny_t5,
@@ -93,6 +94,8 @@ ZOO: dict[str, tuple[Callable, tuple[str, ...], tuple[str, ...]]] = {
     # picked by index ([-2], [-1]) and broadcast_to the queries: split in contiguous blocks of groups.
     "falcon_grouped": (functools.partial(tiny_falcon, True), ("transformer.h.{}.self_attention.query_key_value",),
                        ("transformer.h.{}.self_attention.dense",)),
+    # A LayerNorm over head_dim of each head's query and key (weights drawn at random).
+    "persimmon": (tiny_persimmon, ("model.layers.{}.self_attn.query_key_value",), ("model.layers.{}.self_attn.dense",)),
     # One key and value per head: the fused output viewed as (heads, 3, head_dim), as GPT-NeoX does.
     "falcon_per_head": (functools.partial(tiny_falcon, multi_query=False),
                         ("transformer.h.{}.self_attention.query_key_value",),
