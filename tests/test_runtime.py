@@ -533,6 +533,22 @@ def test_launch_reports_a_dead_rank():
         launch(_rank1_dies, 2, backend="gloo", timeout=60)
 
 
+def test_a_function_the_ranks_cannot_import_is_named_with_the_fix(tmp_path):
+    """A script that defines its function under `if __name__ == "__main__":`: the started ranks import the script
+    without running that block, so they cannot unpickle the function. Each says so, not "died without raising"."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "train.py"
+    script.write_text('import tedfx\n\nif __name__ == "__main__":\n    def work():\n        return 1\n\n'
+                      '    tedfx.launch(work, 2, backend="gloo", timeout=60)\n')
+    run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert run.returncode != 0
+    assert "RuntimeError: this rank cannot find the function to run (Can't get attribute 'work' on <module " \
+           "'__mp_main__'" in run.stderr, run.stderr[-2000:]
+    assert 'not under `if __name__ == "__main__":`' in run.stderr
+
+
 def test_launch_ends_a_hang_after_the_timeout():
     start = time.monotonic()
     with pytest.raises(LaunchError, match=r"ranks \[1\] of 2 were still running 5 s after another rank finished"):

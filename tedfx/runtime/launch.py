@@ -67,7 +67,8 @@ class RankError(LaunchError):
 
 @dataclass(frozen=True)
 class _WorkerSpec:
-    fn: Callable[..., Any]
+    fn: bytes | Callable[..., Any]
+    """The function to run, pickled (launch), or as it is."""
     args: tuple
     nprocs: int
     backend: str
@@ -203,7 +204,9 @@ def launch(
         raise ValueError(f"nprocs={nprocs!r} is invalid: expected an int >= 1.")
     backend = backend or default_backend(nprocs)
     with tempfile.TemporaryDirectory(prefix="tedfx-launch-") as result_dir:
-        spec = _WorkerSpec(fn, args, nprocs, backend, seconds, _free_port(), result_dir, dict(os.environ))
+        # fn pickled here and unpickled inside the rank's error handling: a rank that cannot find it reports why.
+        spec = _WorkerSpec(pickle.dumps(fn), args, nprocs, backend, seconds, _free_port(), result_dir,
+                           dict(os.environ))
         method = _start_method(start_method)
         context = mp.start_processes(_worker, args=(spec,), nprocs=nprocs, join=False, start_method=method)
         try:
@@ -266,7 +269,8 @@ def _worker(rank: int, spec: _WorkerSpec) -> None:
     path = os.path.join(spec.result_dir, f"rank{rank}.pkl")
     try:
         init_distributed(spec.timeout_s, spec.backend)
-        payload = {"ok": True, "result": _to_cpu(spec.fn(*spec.args))}
+        fn = _load_fn(spec.fn) if isinstance(spec.fn, bytes) else spec.fn
+        payload = {"ok": True, "result": _to_cpu(fn(*spec.args))}
     except BaseException as exc:  # noqa: BLE001 - every failure must reach the parent
         # Report before exiting: once this rank is gone its peers fail too, and the parent
         # names the earliest report. No teardown: a failed process group may not shut down.
@@ -279,6 +283,17 @@ def _worker(rank: int, spec: _WorkerSpec) -> None:
     _write_report(path, payload)
     if not payload["ok"]:
         raise SystemExit(1)
+
+
+def _load_fn(pickled: bytes) -> Callable[..., Any]:
+    """The function to run, found by its module and name as pickle recorded them."""
+    try:
+        return pickle.loads(pickled)
+    except (AttributeError, ImportError) as e:
+        raise RuntimeError(
+            f"this rank cannot find the function to run ({e}): a launched rank imports it by name, so define it "
+            f"at the top level of a module or of the script, not under `if __name__ == \"__main__\":` or inside "
+            f"another function (the rank imports the script without running that block)") from e
 
 
 def _failure_report(exc: BaseException) -> dict[str, Any]:
