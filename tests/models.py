@@ -121,6 +121,31 @@ def tiny_persimmon() -> tuple[nn.Module, tuple[torch.Tensor]]:
     return model, inputs
 
 
+def tiny_codegen() -> tuple[nn.Module, tuple[torch.Tensor]]:
+    """HF CodeGen: fused qkv_proj laid out for its own model parallelism, (mp_num=4 blocks, q|v|k, local heads *
+    head_dim), reshaped and split by it; 8 heads of 8 (2 per block), rotary on 4 dims, FFN width 4 * 64."""
+    import transformers
+
+    _quiet_transformers()
+    torch.manual_seed(0)
+    cfg = transformers.CodeGenConfig(vocab_size=VOCAB, n_positions=32, n_ctx=32, n_embd=64, n_layer=LAYERS, n_head=8,
+                                     rotary_dim=4, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, use_cache=False,
+                                     bos_token_id=0, eos_token_id=0)
+    return transformers.CodeGenForCausalLM(cfg), (_tokens(),)
+
+
+def tiny_mpt() -> tuple[nn.Module, tuple[torch.Tensor]]:
+    """HF MPT: fused Wqkv, attention written as matmuls with an ALiBi bias added to the scores, FFN width 2 * 32."""
+    import transformers
+
+    _quiet_transformers()
+    torch.manual_seed(0)
+    cfg = transformers.MptConfig(vocab_size=VOCAB, d_model=HIDDEN, n_heads=HEADS, n_layers=LAYERS, expansion_ratio=2,
+                                 max_seq_len=32, resid_pdrop=0.0, emb_pdrop=0.0, use_cache=False, bos_token_id=0,
+                                 eos_token_id=0, pad_token_id=0)
+    return transformers.MptForCausalLM(cfg), (_tokens(),)
+
+
 def tiny_llama(kv_heads: int = 2) -> tuple[nn.Module, tuple[torch.Tensor]]:
     """HF Llama (SwiGLU MLP, grouped-query attention with `kv_heads` KV heads, rotary embeddings), FFN width 64."""
     return _hf_lm("Llama", num_key_value_heads=kv_heads)

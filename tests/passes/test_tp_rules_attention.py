@@ -39,6 +39,7 @@ from tedfx.runtime.mesh import Layout
 from tedfx.sharding import shard_tensor, unshard_tensor
 
 from models import (
+    tiny_codegen,
     tiny_explicit_encoder,
     tiny_falcon,
     tiny_fused_qkv_encoder,
@@ -48,6 +49,7 @@ from models import (
     tiny_gptj,
     tiny_gqa,
     tiny_llama,
+    tiny_mpt,
     tiny_olmo2,
     tiny_persimmon,
     tiny_phi3,
@@ -94,6 +96,9 @@ ZOO: dict[str, tuple[Callable, tuple[str, ...], tuple[str, ...]]] = {
     # picked by index ([-2], [-1]) and broadcast_to the queries: split in contiguous blocks of groups.
     "falcon_grouped": (functools.partial(tiny_falcon, True), ("transformer.h.{}.self_attention.query_key_value",),
                        ("transformer.h.{}.self_attention.dense",)),
+    # CodeGen's qkv_proj in (mp_num, q|v|k, local dims) blocks; MPT's ALiBi bias added to scores from matmuls.
+    "codegen": (tiny_codegen, ("transformer.h.{}.attn.qkv_proj",), ("transformer.h.{}.attn.out_proj",)),
+    "mpt": (tiny_mpt, ("transformer.blocks.{}.attn.Wqkv",), ("transformer.blocks.{}.attn.out_proj",)),
     # A LayerNorm over head_dim of each head's query and key (weights drawn at random).
     "persimmon": (tiny_persimmon, ("model.layers.{}.self_attn.query_key_value",), ("model.layers.{}.self_attn.dense",)),
     # One key and value per head: the fused output viewed as (heads, 3, head_dim), as GPT-NeoX does.
