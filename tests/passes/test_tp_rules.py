@@ -291,7 +291,8 @@ def test_a_norm_keeps_both_linears_replicated_with_notes() -> None:
     assert plan.column == {} and plan.row == []
     by_weight = linears(gm)
     assert notes == [
-        f"kept replicated ['{by_weight['up.weight'].name}']: no sharding rule for aten.layer_norm.default",
+        f"kept replicated ['{by_weight['up.weight'].name}']: aten.layer_norm.default over the sharded dim 2: its "
+        f"statistics need the whole features",
         f"kept replicated ['{by_weight['down.weight'].name}']: sharded value reaches an op that needs it whole",
     ]
     assert all(p.kind == "R" for p in plan.place.values())
