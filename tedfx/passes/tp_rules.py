@@ -206,14 +206,15 @@ def _slice(node, ins, plan, T):
 def _check_fused(node, p: Placement, size: int) -> None:
     """Chunks of a fused projection are chunks of its output features: the sharded dim must hold all of them."""
     if p.outer != 1 or any(node_val(s) is None or node_val(s).shape[-1] != size for s in p.seeds):
-        raise Fail(p.seeds, node, "split of a sharded dim that is not a projection's whole output features")
+        raise Fail(p.seeds, node, "split of a sharded dim that is not a projection's whole output features (the "
+                                  "heads split apart, e.g. to normalize each with a module of its own)")
 
 
 def _record_chunks(node, p: Placement, sizes: list, plan, T) -> None:
     """The seeds' output features come in `sizes` chunks, each split over T on its own."""
+    _check_fused(node, p, sum(sizes))
     if any(not isinstance(s, int) or s % T for s in sizes):
         raise Fail(p.seeds, node, f"chunks {sizes} of a fused projection are not divisible by T={T}")
-    _check_fused(node, p, sum(sizes))
     for seed in p.seeds:
         if plan.chunks.get(seed, tuple(sizes)) != tuple(sizes):
             raise Fail(p.seeds, node, "a fused projection split two different ways")

@@ -358,7 +358,7 @@ class _Refusals(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.softmax, self.a, self.b, self.unbind, self.sliced, self.stacked, self.normed, self.picked, \
-            self.masked = (nn.Linear(8, 16) for _ in range(9))
+            self.masked, self.heads = (nn.Linear(8, 16) for _ in range(10))
         self.out = nn.Linear(12, 8)  # row-parallel on the slices, so only the slices' bounds can fail
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -370,7 +370,8 @@ class _Refusals(nn.Module):
                 torch.stack((h, torch.cat((x, x), -1)), dim=-1),  # a shard stacked with a replicated tensor
                 n / n.abs().amax(-1, keepdim=True),  # a max over all the features
                 self.picked(x)[:, :, [0, 5]],  # features picked by index: positions in the whole dim
-                self.masked(x).view(2, 3, 4, 4)[x[..., :4] > 0])  # a boolean mask spans several dims
+                self.masked(x).view(2, 3, 4, 4)[x[..., :4] > 0],  # a boolean mask spans several dims
+                torch.cat([h * (i + 1) for i, h in enumerate(self.heads(x).view(2, 3, 4, 4).split(1, dim=2))], 2))
 
 
 def test_ops_a_shard_cannot_pass_keep_their_projections_replicated_with_the_reason():
@@ -389,6 +390,9 @@ def test_ops_a_shard_cannot_pass_keep_their_projections_replicated_with_the_reas
                                         "features")
     assert reasons["picked"].startswith("indexing the sharded dim")
     assert reasons["masked"].startswith("indexing a sharded tensor with a boolean mask")
+    # StableLM's qk_layernorm: the heads split one by one, each normalized by its own module.
+    assert reasons["heads"].startswith("split of a sharded dim that is not a projection's whole output features "
+                                       "(the heads split apart")
 
 
 # --- the loud error, and the opt-out ------------------------------------------------------------------------
