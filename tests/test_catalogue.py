@@ -11,6 +11,7 @@ that test; where it costs nothing they are asserted here too (every config row i
 from __future__ import annotations
 
 import copy
+import pickle
 import re
 
 import pytest
@@ -452,7 +453,7 @@ def test_a_precision_parallel_config_refuses():
 
 
 def test_a_rank_that_left_no_result(tmp_path):
-    spec = _WorkerSpec(print, (), 2, "gloo", 30.0, 0, str(tmp_path), {})
+    spec = _WorkerSpec(pickle.dumps(print), (), 2, "gloo", 30.0, 0, str(tmp_path), {})
     with pytest.raises(LaunchError, match=re.escape("rank 1 of 2 exited cleanly but left no result; this is a bug in "
                                                     "tedfx.launch.")):
         _read_result(spec, 1)

@@ -118,6 +118,22 @@ def test_zero_grad_without_set_to_none_is_not_accumulation(dense):
         _ce(moe_model, tokens, targets).backward()
 
 
+def test_the_accumulation_check_stops_reading_zero_gradients_after_a_few_backwards(dense):
+    """Each read of the router's gradient is a host sync: after ZERO_GRAD_CHECKS backwards onto zeros (a loop that
+    does not accumulate) the check no longer reads it, so a later accumulation goes unwarned."""
+    from tedfx.moe.routing import ZERO_GRAD_CHECKS
+
+    moe_model = tedfx.to_moe(dense, (_micro_batches()[0][0],), moe=_moe())
+    opt = torch.optim.SGD(moe_model.parameters(), lr=0.0)
+    (tokens, targets), *_ = _micro_batches()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", tedfx.MoELossScaleWarning)
+        for _ in range(ZERO_GRAD_CHECKS + 1):  # the first backward finds no gradient yet
+            opt.zero_grad(set_to_none=False)
+            _ce(moe_model, tokens, targets).backward()
+        _ce(moe_model, tokens, targets).backward()  # accumulates: no longer checked
+
+
 def test_loss_scaler_and_accumulation_with_a_tensor_scale(dense, expected):
     """`scaler.scale(loss / N).backward()` with scale S: set S / N (a 0-dim tensor needs no host sync)."""
     S = torch.tensor(1024.0)

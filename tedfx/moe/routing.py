@@ -138,6 +138,11 @@ def route(
     return RoutePlan(expert_SK, slot_SK, gate_SK, capacity, probs_SE)
 
 
+ZERO_GRAD_CHECKS = 8
+"""Backwards that found the router's gradient all zeros (zero_grad(set_to_none=False), no accumulation) after
+which the accumulation check stops reading it (each read is a host sync)."""
+
+
 class MoELossScaleWarning(UserWarning):
     """The MoE losses may weigh N times too much: a backward ran on top of an earlier one (see the message)."""
 
@@ -170,6 +175,7 @@ class Router(nn.Module):
         self.loss_scale: float | torch.Tensor | None = None
         """Weight of this block's MoE loss in the backward (set_moe_loss_scale); None: 1.0, never set."""
         self._warned = False
+        self._zero_grads_seen = 0
 
     def reset_parameters(self, generator: torch.Generator) -> None:
         with torch.no_grad():
@@ -220,11 +226,16 @@ class Router(nn.Module):
     def _check_accumulation(self, grad: torch.Tensor) -> None:
         """In the backward, before this one adds to it: a gradient already there means an earlier backward
         since the last zero_grad, i.e. gradient accumulation, whose loop tedfx cannot see. A gradient of zeros
-        (`zero_grad(set_to_none=False)`) is none; reading it syncs with the device, in that case only."""
+        (`zero_grad(set_to_none=False)`) is none; reading it syncs with the device, so after ZERO_GRAD_CHECKS
+        backwards that found zeros (a loop that does not accumulate) it is no longer read."""
         grad = self.weight.grad
-        if grad is not None and self.loss_scale is None and not self._warned and bool(grad.any()):
+        if grad is None or self.loss_scale is not None or self._warned or self._zero_grads_seen >= ZERO_GRAD_CHECKS:
+            return
+        if bool(grad.any()):
             self._warned = True
             warnings.warn(ACCUMULATION_WARNING, MoELossScaleWarning, stacklevel=2)
+        else:
+            self._zero_grads_seen += 1
 
 
 def moe_losses(module: nn.Module) -> dict[str, float]:

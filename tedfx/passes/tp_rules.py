@@ -498,7 +498,7 @@ def _index(node, ins, plan, T):
     whole dim) or with indices apart (numpy moves their result to the front) fails."""
     p, indices = ins[0], list(node.args[1])
     if any(isinstance(i, fx.Node) and plan.place.get(i, R).kind == "S" for i in indices):
-        raise Fail(all_seeds([plan.place[i] for i in indices if isinstance(i, fx.Node)] + [p]), node,
+        raise Fail(all_seeds([plan.place.get(i, R) for i in indices if isinstance(i, fx.Node)] + [p]), node,
                    "indexing with a sharded index")
     if p.kind != "S":
         return R

@@ -67,8 +67,8 @@ class RankError(LaunchError):
 
 @dataclass(frozen=True)
 class _WorkerSpec:
-    fn: bytes | Callable[..., Any]
-    """The function to run, pickled (launch), or as it is."""
+    fn: bytes
+    """The function to run, pickled: each rank unpickles it where its failure is reported (_load_fn)."""
     args: tuple
     nprocs: int
     backend: str
@@ -204,7 +204,6 @@ def launch(
         raise ValueError(f"nprocs={nprocs!r} is invalid: expected an int >= 1.")
     backend = backend or default_backend(nprocs)
     with tempfile.TemporaryDirectory(prefix="tedfx-launch-") as result_dir:
-        # fn pickled here and unpickled inside the rank's error handling: a rank that cannot find it reports why.
         spec = _WorkerSpec(pickle.dumps(fn), args, nprocs, backend, seconds, _free_port(), result_dir,
                            dict(os.environ))
         method = _start_method(start_method)
@@ -269,8 +268,7 @@ def _worker(rank: int, spec: _WorkerSpec) -> None:
     path = os.path.join(spec.result_dir, f"rank{rank}.pkl")
     try:
         init_distributed(spec.timeout_s, spec.backend)
-        fn = _load_fn(spec.fn) if isinstance(spec.fn, bytes) else spec.fn
-        payload = {"ok": True, "result": _to_cpu(fn(*spec.args))}
+        payload = {"ok": True, "result": _to_cpu(_load_fn(spec.fn)(*spec.args))}
     except BaseException as exc:  # noqa: BLE001 - every failure must reach the parent
         # Report before exiting: once this rank is gone its peers fail too, and the parent
         # names the earliest report. No teardown: a failed process group may not shut down.

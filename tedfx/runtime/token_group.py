@@ -87,6 +87,8 @@ class TokenGroupFeed:
             if dist.get_backend(process_group) == "nccl" else torch.device("cpu")
         self._pending: Callable[[], None] | None = None
         self._warned = False
+        self._compared: set[bool] = set()
+        """Grad modes (torch.is_grad_enabled()) whose first forward compared the inputs with the received ones."""
 
     def feed(self, args: tuple, kwargs: dict, *, check: bool, check_rng: bool) -> tuple[tuple, dict]:
         """The inputs this rank must run: the source's in "broadcast" mode; checked as `check`/`check_rng` ask.
@@ -99,9 +101,13 @@ class TokenGroupFeed:
         verified = [i for i in tensors if self.mode == "verify" or leaves[i].requires_grad] if check else []
         if self.mode == "broadcast":
             sent = [i for i in tensors if not leaves[i].requires_grad]
+            # Compared on the first forward with and without gradients (training, evaluation) until it warns:
+            # torch.equal reads a device flag, a host sync the per-step path does not take.
+            compare = check and not self._warned and torch.is_grad_enabled() not in self._compared
+            self._compared.add(torch.is_grad_enabled())
             replaced = []
             for i, t in zip(sent, self.broadcast([leaves[i] for i in sent])):
-                if check and not self._warned and t is not leaves[i] and not torch.equal(t, leaves[i]):
+                if compare and t is not leaves[i] and not torch.equal(t, leaves[i]):
                     replaced.append(i)
                 leaves[i] = t
             if replaced:
@@ -112,7 +118,8 @@ class TokenGroupFeed:
         return pytree.tree_unflatten(leaves, spec)
 
     def _warn_replaced(self, names: list[str]) -> None:
-        """Once: this rank's inputs differed from the source's and were replaced. Training raises at the first
+        """Once: this rank's inputs differed from the source's and were replaced (compared on the first forward
+        with gradients and the first without). Training raises at the first
         backward if targets outside the model were drawn the same way; without a backward (evaluation) only this
         warning tells the metric is computed on another rank's inputs."""
         self._warned = True
